@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="hlb-gpt",
+    version="0.1.0",
+    description="A small, fast GPT trainer for WikiText ablations, with Grokfast gradient filters.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hlb_gpt", "hlb_gpt.*"]),
+    package_data={"hlb_gpt": ["assets/*", "assets/*/*"]},
+    install_requires=[
+        # A range 2.13.0 satisfies; an open range would pull a multi-GB CUDA build on CPU-only machines.
+        "torch>=2.4,<=2.13.0",
+        "datasets>=2.14",
+        "tiktoken>=0.5",
+        "click>=8.1",
+        "tqdm>=4.60",
+        "wandb>=0.15",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "matplotlib>=3.7",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["hlb-gpt = hlb_gpt.cli:main"]},
+)
