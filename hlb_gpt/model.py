@@ -1,0 +1,183 @@
+"""The hlb GPT: a stack of fused "latent attention" blocks (after hlb-gpt v0.4, SPEC §3).
+
+Read bottom-up: config → block → model. Each block is a whole transformer layer in one unit:
+a single matrix produces queries, keys and a GeGLU whose last `width` channels are the
+attention values; the rest of the GeGLU stays local (the "MLP" part). Positions enter only
+through a learned linear attention bias (one scalar per block), so there is no positional
+embedding. All initialisation happens in `GPT._init_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GATES = ("none", "relu", "sigmoid")
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round a vocabulary size up to a multiple (50,257 -> 50,304) so the head's matmul tiles evenly."""
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    """Rows of the embedding and the head; pad with `pad_vocab` (the tokenizer's ids stay below it)."""
+    depth: int = 8
+    """Number of blocks (--depth)."""
+    width: int = 384
+    """Residual stream width (--width)."""
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts; sizes the precomputed distance table (--seq-len)."""
+    qk_div: int = 8
+    """Queries and keys have width // qk_div channels."""
+    expand: int = 2
+    """Each GeGLU half (a and b) has expand * width channels."""
+    gate: str = "none"
+    """Gate each block's output by act(W x) of its input: none, relu or sigmoid (--gate)."""
+
+    def __post_init__(self) -> None:
+        flags = {
+            "vocab_size": "vocab_size",
+            "depth": "--depth",
+            "width": "--width",
+            "max_seq_len": "--seq-len",
+            "qk_div": "qk_div",
+            "expand": "expand",
+        }
+        for field, flag in flags.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be a positive integer (got {value!r})")
+        if self.width % self.qk_div:
+            raise ValueError(f"--width must be divisible by {self.qk_div} (got {self.width})")
+        if self.gate not in GATES:
+            raise ValueError(f"--gate must be one of {', '.join(GATES)} (got {self.gate!r})")
+
+
+class Block(nn.Module):
+    """One fused latent-attention layer: x + project([u_local, attention(q, k, u_values)]).
+
+    With `gate` relu or sigmoid, the update is multiplied elementwise by act(W x) before the
+    residual add, where x is the block's input (the un-normalised residual stream) and W a
+    bias-free width x width matrix: y = project(...) * act(x @ W.T); output x + y. The gate
+    reads the same x the update is added to, so a block can decide per channel how much to
+    write from what is already in the stream.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.qk_dim = config.width // config.qk_div
+        self.hidden = config.expand * config.width  # channels of each GeGLU half
+        self.width = config.width
+        self.norm = nn.LayerNorm(config.width, bias=False)
+        self.expand = nn.Parameter(torch.empty(2 * self.qk_dim + 2 * self.hidden, config.width))
+        self.project = nn.Parameter(torch.empty(config.width, self.hidden))
+        # m in softplus(m) * -distance: each block learns its own attention range.
+        self.position_bias = nn.Parameter(torch.tensor(1.0))
+        self.gate = nn.Parameter(torch.empty(config.width, config.width)) if config.gate != "none" else None
+        self.gate_act = {"none": None, "relu": F.relu, "sigmoid": torch.sigmoid}[config.gate]
+
+    def attention_bias(self, distance: Tensor) -> Tensor:
+        """Additive mask from a (T, T) table of i - j: -softplus(m) * (i - j) on and below the diagonal, -inf above."""
+        bias = -F.softplus(self.position_bias) * distance  # (T, T)
+        # masked_fill, not a multiply by an infinite table: its backward gives the masked entries
+        # a zero gradient, where 0 * inf would make the gradient of m NaN.
+        return bias.masked_fill(distance < 0, float("-inf"))
+
+    def forward(self, x: Tensor, distance: Tensor) -> Tensor:
+        h = self.norm(x)  # (B, T, C)
+        q, k, a, b = F.linear(h, self.expand).split((self.qk_dim, self.qk_dim, self.hidden, self.hidden), dim=-1)
+        u = a * F.gelu(b)  # (B, T, hidden)
+        u_local, v = u.split((self.hidden - self.width, self.width), dim=-1)  # (B, T, hidden - C), (B, T, C)
+        # One head. The head axis is made explicit (B, 1, T, ·) because SDPA's fused kernels
+        # accept only 4-D inputs; the mask follows q's dtype (bf16 under autocast) for the same reason.
+        mask = self.attention_bias(distance).to(q.dtype)
+        att = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=mask)
+        y = F.linear(torch.cat([u_local, att.squeeze(1)], dim=-1), self.project)  # (B, T, C)
+        if self.gate is not None:  # fixed at construction, so no branch in the compiled graph
+            y = y * self.gate_act(F.linear(x, self.gate))
+        return x + y
+
+
+class GPT(nn.Module):
+    """Token embedding -> blocks -> LayerNorm -> head (untied, no positional embedding)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Not hlb-gpt's scale_grad_by_freq: averaging a token's gradient over its occurrences in the
+        # *micro*-batch would make gradient accumulation and DDP shards differ from one big batch.
+        self.embed = nn.Embedding(config.vocab_size, config.width)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(config.width, bias=False)
+        self.head = nn.Linear(config.width, config.vocab_size, bias=False)
+        # distance[i, j] = i - j, built once and sliced per forward. An integer buffer keeps the
+        # table exact whatever dtype the model is cast to; non-persistent keeps it out of state_dict.
+        pos = torch.arange(config.max_seq_len, dtype=torch.int32)
+        self.register_buffer("distance", pos[:, None] - pos[None, :], persistent=False)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """Every initial value in one place, scaled by width, expand factor and depth as in hlb-gpt."""
+        c = self.config
+        unit = 1.0 / math.sqrt(c.width)  # keeps a fan-in-`width` matmul's output near its input's scale
+        nn.init.normal_(self.embed.weight, std=0.25 * unit)
+        nn.init.normal_(self.head.weight, std=0.5 * unit)  # small logits: loss starts near ln(vocab)
+        for block in self.blocks:
+            nn.init.normal_(block.expand, std=0.5 * unit / c.expand)
+            # Each block adds its output to the same residual stream; shrinking the output projection
+            # with depth keeps the stream's scale at the end roughly independent of the number of blocks.
+            nn.init.normal_(block.project, std=unit / c.expand / c.depth)
+            block.position_bias.fill_(1.0)
+            if block.gate is not None:
+                # Fan-in scaling: W x has the scale of the residual stream x itself, so the gate's
+                # input does not grow with width and a sigmoid gate starts unsaturated at ~0.5.
+                # A relu gate starts ~x-sized (~0.005 at width 384), so gated blocks begin nearly off.
+                nn.init.normal_(block.gate, std=unit)
+        for norm in [self.norm, *(block.norm for block in self.blocks)]:
+            nn.init.ones_(norm.weight)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), the mean cross-entropy (float32)."""
+        T = idx.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.config.max_seq_len} (--seq-len)")
+        distance = self.distance[:T, :T]  # (T, T)
+        x = self.embed(idx)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, distance)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        # In float32 even under bf16 autocast: log-softmax over 50k classes loses too much in bf16.
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def num_params(self) -> int:
+        """All parameters, embedding and head included (they are separate matrices)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+_BLOCK_NAME = re.compile(r"blocks\.(\d+)\.")
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrap the model under these
+
+
+def block_index(name: str, depth: int) -> int:
+    """Layer of a parameter by name: embed -> 0, blocks.i.* -> i + 1, final norm and head -> depth + 1."""
+    bare = name
+    while bare.startswith(_WRAPPER_PREFIXES):
+        bare = bare.split(".", 1)[1]
+    if bare.startswith("embed."):
+        return 0
+    if match := _BLOCK_NAME.match(bare):
+        return int(match.group(1)) + 1
+    if bare.startswith(("norm.", "head.")):
+        return depth + 1
+    raise ValueError(f"not a GPT parameter name: {name!r}")
