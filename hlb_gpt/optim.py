@@ -1,0 +1,547 @@
+"""Optimizer side of a run: parameter groups (SPEC §3), the learning-rate schedule, GrokAdamW (SPEC §6).
+
+Everything here works from ``named_parameters()`` names, so the model never has to know about its
+optimizer and this module never imports the model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "GROUP_NAMES",
+    "GrokAdamW",
+    "PowerLawSchedule",
+    "grok_alpha",
+    "grokking_signal",
+    "group_of",
+    "layer_index",
+    "lr_lambda",
+    "make_optimizer",
+    "make_scheduler",
+    "model_depth",
+    "param_groups",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Parameter groups
+
+
+@dataclass(frozen=True)
+class _GroupRule:
+    lr_mult: float
+    decays: bool
+    betas: tuple[float, float]
+
+
+# SPEC §3, after hlb-gpt v0.4. The order is the order of the groups handed to the optimizer.
+_RULES: dict[str, _GroupRule] = {
+    "matrices": _GroupRule(lr_mult=1.0, decays=True, betas=(0.9, 0.95)),
+    "norms_embeddings": _GroupRule(lr_mult=32.0, decays=False, betas=(0.9, 0.95)),
+    "position_bias": _GroupRule(lr_mult=100.0, decays=False, betas=(0.9, 0.95)),
+    "head": _GroupRule(lr_mult=2.0, decays=False, betas=(0.6, 0.95)),
+}
+GROUP_NAMES: tuple[str, ...] = tuple(_RULES)
+_EPS = 1e-9
+
+_LEAF_GROUP = {
+    "expand": "matrices",
+    "project": "matrices",
+    "gate": "matrices",
+    "norm": "norms_embeddings",
+    "embed": "norms_embeddings",
+    "position_bias": "position_bias",
+    "head": "head",
+}
+# Prefixes added by DDP (`module.`) and torch.compile (`_orig_mod.`); they say nothing about the role.
+_WRAPPERS = frozenset({"module", "_orig_mod"})
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)(?:\.|$)")
+
+
+def _parts(name: str) -> list[str]:
+    parts = name.split(".")
+    while len(parts) > 1 and parts[0] in _WRAPPERS:
+        parts = parts[1:]
+    return parts
+
+
+def group_of(name: str, ndim: int) -> str:
+    """The group a parameter belongs to, from its name (`blocks.3.expand`, `head.weight`, ...).
+
+    Unknown names go by shape: matrices if ``ndim >= 2`` (they get weight decay), else norms.
+    """
+    parts = _parts(name)
+    leaf = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
+    if leaf in _LEAF_GROUP:
+        return _LEAF_GROUP[leaf]
+    return "matrices" if ndim >= 2 else "norms_embeddings"
+
+
+def param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float
+) -> list[dict]:
+    """Optimizer parameter groups with the per-group lr multipliers, betas and weight decay of SPEC §3.
+
+    Each group carries ``name`` (one of `GROUP_NAMES`) and ``names`` (its parameters' names, used by
+    GrokAdamW for the layer index). Frozen parameters are left out, as are empty groups.
+    """
+    members: dict[str, tuple[list[nn.Parameter], list[str]]] = {g: ([], []) for g in _RULES}
+    seen: set[int] = set()
+    for name, p in named_params:
+        if not p.requires_grad or id(p) in seen:  # a tied weight is optimized once
+            continue
+        seen.add(id(p))
+        params, names = members[group_of(name, p.ndim)]
+        params.append(p)
+        names.append(name)
+    groups = []
+    for group_name, (params, names) in members.items():
+        if not params:
+            continue
+        rule = _RULES[group_name]
+        groups.append(
+            {
+                "params": params,
+                "names": names,
+                "name": group_name,
+                "lr": lr * rule.lr_mult,
+                "weight_decay": weight_decay if rule.decays else 0.0,
+                "betas": rule.betas,
+                "eps": _EPS,
+            }
+        )
+    return groups
+
+
+def _fused_device_types() -> frozenset[str]:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a private helper; fall back to what torch 2.13 lists
+        return frozenset({"cuda", "cpu", "mps", "xpu"})
+    return frozenset(_get_fused_kernels_supported_devices())
+
+
+def make_optimizer(
+    groups: list[dict], kind: str = "adamw", device_type: str = "cpu", **grok_kwargs: Any
+) -> torch.optim.Optimizer:
+    """The optimizer for `groups` (from `param_groups`): ``"adamw"`` or ``"grokadamw"``.
+
+    AdamW is fused where torch has fused kernels for `device_type` (only the fused kernel honours
+    ``optimizer.found_inf``, which the trainer uses to skip non-finite steps without a host sync),
+    else multi-tensor (foreach). The extra group keys ``name``/``names`` are kept by both.
+    """
+    if kind == "grokadamw":
+        return GrokAdamW(groups, **grok_kwargs)
+    if kind != "adamw":
+        raise ValueError(f"--optimizer must be 'adamw' or 'grokadamw' (got {kind!r})")
+    if grok_kwargs:
+        raise ValueError(f"options {sorted(grok_kwargs)} only apply to --optimizer grokadamw")
+    if device_type in _fused_device_types():
+        try:
+            return torch.optim.AdamW(groups, fused=True)
+        except RuntimeError:  # e.g. a dtype the fused kernel does not take
+            pass
+    return torch.optim.AdamW(groups, foreach=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+@dataclass(frozen=True)
+class PowerLawSchedule:
+    """lr multiplier: linear warmup from `start_mult` to 1, then ``(step + 1 - warmup_steps) ** exponent``.
+
+    hlb-gpt's "infinite" schedule: no end point, so a run can be extended. A dataclass rather than a
+    lambda so that `LambdaLR.state_dict()` saves it and checkpoints restore it.
+    """
+
+    warmup_steps: int = 100
+    start_mult: float = 0.02
+    exponent: float = -0.08
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if not 0.0 <= self.start_mult <= 1.0:
+            raise ValueError(f"start_mult must be in [0, 1] (got {self.start_mult})")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.start_mult + (1.0 - self.start_mult) * step / self.warmup_steps
+        return float((step + 1 - self.warmup_steps) ** self.exponent)
+
+
+def lr_lambda(
+    warmup_steps: int = 100, start_mult: float = 0.02, exponent: float = -0.08
+) -> Callable[[int], float]:
+    """The SPEC §3 schedule as a picklable callable (see `PowerLawSchedule`)."""
+    return PowerLawSchedule(warmup_steps, start_mult, exponent)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int = 100
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The same warmup + power-law multiplier for every group (each keeps its own base lr)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# GrokAdamW
+
+
+def layer_index(name: str, depth: int) -> int:
+    """The "layer" of a parameter for layer-wise momentum: embeddings 0, block i -> i + 1,
+    the final norm and the head -> depth + 1; any other name -> 0."""
+    match = _BLOCK.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    return depth + 1 if _parts(name)[0] in ("norm", "head") else 0
+
+
+def model_depth(names: Iterable[str]) -> int:
+    """Number of blocks implied by parameter names: the largest block index + 1 (0 if none)."""
+    return max((int(m.group(1)) + 1 for m in map(_BLOCK.search, names) if m), default=0)
+
+
+def grokking_signal(train_loss: float, val_loss: float) -> float:
+    """SPEC §6: ``max(0, val - train) / max(val, train)``, 0 when both losses are 0."""
+    scale = max(val_loss, train_loss)
+    return max(0.0, val_loss - train_loss) / scale if scale > 0 else 0.0
+
+
+def grok_alpha(alpha_init: float, kappa: float, signal: float) -> float:
+    """SPEC §6: ``alpha_init * exp(-kappa * s)`` clamped to [0, alpha_init]."""
+    alpha = alpha_init * math.exp(min(-kappa * signal, 700.0))  # 700: keep exp finite for kappa < 0
+    return min(max(alpha, 0.0), alpha_init)
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+@dataclass
+class _Coefficients:
+    """Scalars of one update for params sharing (device, dtype, layer).
+
+    The ``*_decay`` factors and `keep` are 0-dim tensors when a skip flag is in play (they become
+    exactly 1 / 0 on a skipped step), python floats otherwise. The ``*_weight`` factors multiply a
+    gradient that is zero on a skipped step, so they can stay floats.
+    """
+
+    mu_decay: float | Tensor  # alpha_t
+    mu_weight: float  # 1 - alpha_t
+    lamb: float
+    m_decay: float | Tensor  # beta1_l
+    m_weight: float  # 1 - beta1_l
+    v_decay: float | Tensor  # beta2
+    v_weight: float  # 1 - beta2
+    param_decay: float | Tensor  # 1 - lr * weight_decay
+    lr: float
+    eps: float
+    log_beta1: float  # log(beta1_l): 1 - beta1_l**t = -expm1(t * log beta1_l), accurate for beta -> 1
+    log_beta2: float
+    found: Tensor | None  # bool, True = skip this step
+    keep: float | Tensor  # 1.0, or 0-dim tensor 0./1.
+
+
+class _SkipFlag:
+    """`found_inf` on each device, and exact step-or-skip scalars made from it, all without a host sync."""
+
+    def __init__(self, found_inf: Tensor | None) -> None:
+        self.found_inf = found_inf
+        self._found: dict[torch.device, Tensor] = {}
+        self._picks: dict[tuple, Tensor] = {}
+
+    def found(self, device: torch.device) -> Tensor | None:
+        if self.found_inf is None:
+            return None
+        if device not in self._found:
+            self._found[device] = self.found_inf.to(device, non_blocking=True) != 0
+        return self._found[device]
+
+    def pick(self, device: torch.device, dtype: torch.dtype, value: float, if_skipped: float) -> float | Tensor:
+        """`value`, or `if_skipped` on a skipped step; exact in both cases (no arithmetic on the flag)."""
+        found = self.found(device)
+        if found is None:
+            return value
+        # float64 params need float64 factors to match python scalars; bf16/fp16 get float32 (see GrokAdamW).
+        dtype = torch.promote_types(dtype, torch.float32)
+        key = (device, dtype, value, if_skipped)
+        if key not in self._picks:
+            full = torch.full((), value, dtype=dtype, device=device)
+            self._picks[key] = full.masked_fill_(found, if_skipped)
+        return self._picks[key]
+
+
+class GrokAdamW(torch.optim.Optimizer):
+    """AdamW on a Grokfast-EMA-amplified gradient with layer-wise momentum (SPEC §6).
+
+    Per parameter, with ``l`` its layer (`layer_index`: embeddings 0, block i -> i + 1, final norm and
+    head -> depth + 1) and ``t`` its step::
+
+        alpha_t = clamp(alpha_init * exp(-kappa * s), 0, alpha_init)
+        mu      = alpha_t * mu + (1 - alpha_t) * g
+        g_hat   = g + lamb * mu
+        p      *= 1 - lr * weight_decay
+        beta1_l = beta1 * (1 - gamma) ** l
+        m       = beta1_l * m + (1 - beta1_l) * g_hat
+        v       = beta2 * v + (1 - beta2) * g_hat ** 2
+        p      -= lr / (1 - beta1_l ** t) * m / (sqrt(v / (1 - beta2 ** t)) + eps)
+
+    ``s`` is the grokking signal handed over by `set_grokking_signal` (0 until then).
+
+    ``mu`` starts at zeros, like Adam's moments (and the published GrokAdamW), so the first step gives
+    ``mu = (1 - alpha_t) * g``: the amplification ramps in over about ``1 / (1 - alpha_t)`` steps,
+    alongside the lr warmup, instead of starting at full strength. This differs on purpose from the
+    standalone Grokfast filter (SPEC §5, ``mu_1 = g``).
+
+    Layers come from parameter names: a group's ``names`` (as made by `param_groups`) or torch's
+    ``param_names`` (when built from ``named_parameters()``); ``depth`` is taken from all groups' names.
+    Parameters without names are layer 0. ``l`` is fixed in each parameter's state at its first step.
+
+    All state lives in ``self.state[p]`` (``step``, ``exp_avg``, ``exp_avg_sq``, ``mu``, ``layer``) and
+    the signal in every group's ``grokking_signal``, so ``state_dict()`` holds everything.
+
+    Skipping non-finite steps: if ``optimizer.found_inf`` is set (a 0-dim tensor, non-zero = skip),
+    params and state are left bit-for-bit unchanged on a skip, decided on the device with no host sync
+    (the decay factors become 0-dim tensors selected by the flag). ``grad_scale`` (unscaling inside the
+    step) is not supported: unscale first.
+
+    ``foreach=True`` (default) updates the tensors of each (device, dtype, layer) with ``torch._foreach_*``
+    ops; ``foreach=False`` is the single-tensor reference; for float32/float64 parameters they give
+    identical results. Steps live on the parameter's device (no sync to read them), so the bias-corrected
+    step size is a 0-dim tensor; with bfloat16/float16 *parameters* foreach kernels round tensor factors
+    (the step size always, the decay factors when ``found_inf`` is set) to the parameter dtype, as
+    torch's capturable AdamW does (0.9 becomes 0.8984 in bfloat16). Float32 master weights (autocast)
+    are unaffected.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict] | Iterable[tuple[str, Tensor]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        alpha_init: float = 0.98,
+        lamb: float = 2.0,
+        gamma: float = 0.1,
+        kappa: float = 0.1,
+        *,
+        foreach: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            alpha_init=alpha_init,
+            lamb=lamb,
+            gamma=gamma,
+            kappa=kappa,
+            grokking_signal=0.0,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # A group added after the first follows the signal the others already have.
+        inherit = bool(self.param_groups) and "grokking_signal" not in param_group
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if inherit:
+            group["grokking_signal"] = self.param_groups[0]["grokking_signal"]
+        _check_group(group)
+        names = group.get("names")
+        if names is not None and len(names) != len(group["params"]):
+            raise ValueError(
+                f"group {group.get('name', len(self.param_groups) - 1)!r} has {len(group['params'])} "
+                f"params but {len(names)} names"
+            )
+
+    def set_grokking_signal(self, train_loss: float | Tensor, val_loss: float | Tensor) -> float:
+        """Feed the latest evaluation: sets ``s = max(0, val - train) / max(val, train)`` for every group.
+
+        Non-finite losses (a diverging run) leave the signal as it was. Returns the signal in use.
+        """
+        train, val = float(train_loss), float(val_loss)
+        if math.isfinite(train) and math.isfinite(val):
+            signal = grokking_signal(train, val)
+            for group in self.param_groups:
+                group["grokking_signal"] = signal
+        return self.param_groups[0]["grokking_signal"]
+
+    def _names(self, group: dict) -> list[str] | None:
+        return group.get("names") or group.get("param_names")
+
+    def _depth(self) -> int:
+        return model_depth(n for g in self.param_groups for n in (self._names(g) or ()))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError("GrokAdamW does not unscale gradients: unscale them before step()")
+        skip = _SkipFlag(getattr(self, "found_inf", None))
+        depth: int | None = None
+        for group in self.param_groups:
+            names = self._names(group)
+            buckets: dict[tuple[torch.device, torch.dtype, int], list[tuple[Tensor, dict]]] = {}
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or p.is_complex():
+                    raise RuntimeError("GrokAdamW supports dense real parameters only")
+                state = self.state[p]
+                if not state:
+                    if depth is None:
+                        depth = self._depth()
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["mu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["layer"] = layer_index(names[i], depth) if names else 0
+                elif state["step"].device != p.device:  # load_state_dict keeps `step` where it was saved
+                    state["step"] = state["step"].to(p.device)
+                buckets.setdefault((p.device, p.dtype, state["layer"]), []).append((p, state))
+            update = _foreach_update if group["foreach"] else _single_tensor_update
+            for (device, dtype, layer), members in buckets.items():
+                states = [s for _, s in members]
+                update(
+                    [p for p, _ in members],
+                    [p.grad for p, _ in members],
+                    [s["mu"] for s in states],
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [s["step"] for s in states],
+                    _coefficients(group, layer, skip, device, dtype),
+                )
+        return loss
+
+
+def _check_group(group: dict) -> None:
+    beta1, beta2 = group["betas"]
+    checks = {
+        "lr": group["lr"] >= 0,
+        "eps": group["eps"] >= 0,
+        "betas": 0 <= beta1 < 1 and 0 <= beta2 < 1,
+        "weight_decay": group["weight_decay"] >= 0,
+        "alpha_init": 0 <= group["alpha_init"] < 1,
+        "lamb": group["lamb"] >= 0,
+        "gamma": 0 <= group["gamma"] <= 1,
+        "kappa": math.isfinite(group["kappa"]),
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ValueError(f"GrokAdamW: invalid {key} {group[key]!r}")
+
+
+def _coefficients(
+    group: dict, layer: int, skip: _SkipFlag, device: torch.device, dtype: torch.dtype
+) -> _Coefficients:
+    alpha = grok_alpha(group["alpha_init"], group["kappa"], group["grokking_signal"])
+    beta1, beta2 = group["betas"]
+    beta1_l = beta1 * (1.0 - group["gamma"]) ** layer
+    return _Coefficients(
+        mu_decay=skip.pick(device, dtype, alpha, 1.0),
+        mu_weight=1.0 - alpha,
+        lamb=group["lamb"],
+        m_decay=skip.pick(device, dtype, beta1_l, 1.0),
+        m_weight=1.0 - beta1_l,
+        v_decay=skip.pick(device, dtype, beta2, 1.0),
+        v_weight=1.0 - beta2,
+        param_decay=skip.pick(device, dtype, 1.0 - group["lr"] * group["weight_decay"], 1.0),
+        lr=group["lr"],
+        eps=group["eps"],
+        log_beta1=_log(beta1_l),
+        log_beta2=_log(beta2),
+        found=skip.found(device),
+        keep=skip.pick(device, dtype, 1.0, 0.0),
+    )
+
+
+# Both update functions run the same ops in the same order, so they agree bit for bit. On a skipped
+# step the gradient is replaced by zeros (inf * 0 would be nan), g_hat is zeroed, every decay factor
+# is 1, the step counter adds 0 and the step size is 0: nothing changes.
+
+
+def _single_tensor_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    mus: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    c: _Coefficients,
+) -> None:
+    for p, g, mu, m, v, step in zip(params, grads, mus, exp_avgs, exp_avg_sqs, steps):
+        if c.found is not None:
+            g = torch.where(c.found, 0.0, g)
+        mu.mul_(c.mu_decay).add_(g, alpha=c.mu_weight)
+        g_hat = g.add(mu, alpha=c.lamb)
+        if c.found is not None:
+            g_hat.mul_(c.keep)
+        p.mul_(c.param_decay)
+        m.mul_(c.m_decay).add_(g_hat, alpha=c.m_weight)
+        v.mul_(c.v_decay).addcmul_(g_hat, g_hat, value=c.v_weight)
+        step.add_(c.keep)
+        t = step.clamp_min(1.0)  # a skipped first step leaves t = 0, where 1 - beta**t = 0
+        neg_step_size = torch.expm1(t * c.log_beta1).reciprocal_().mul_(c.lr)  # -lr / (1 - beta1_l**t)
+        if c.found is not None:
+            neg_step_size.mul_(c.keep)
+        bias_correction2_sqrt = torch.expm1(t * c.log_beta2).neg_().sqrt_()
+        denom = v.sqrt().div_(bias_correction2_sqrt).add_(c.eps).div_(neg_step_size)
+        p.addcdiv_(m, denom)
+
+
+def _foreach_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    mus: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    c: _Coefficients,
+) -> None:
+    if c.found is not None:
+        grads = [torch.where(c.found, 0.0, g) for g in grads]
+    torch._foreach_mul_(mus, c.mu_decay)
+    torch._foreach_add_(mus, grads, alpha=c.mu_weight)
+    g_hat = torch._foreach_add(grads, mus, alpha=c.lamb)
+    if c.found is not None:
+        torch._foreach_mul_(g_hat, c.keep)
+    torch._foreach_mul_(params, c.param_decay)
+    torch._foreach_mul_(exp_avgs, c.m_decay)
+    torch._foreach_add_(exp_avgs, g_hat, alpha=c.m_weight)
+    torch._foreach_mul_(exp_avg_sqs, c.v_decay)
+    torch._foreach_addcmul_(exp_avg_sqs, g_hat, g_hat, value=c.v_weight)
+    del g_hat
+    torch._foreach_add_(steps, c.keep)
+    t = torch._foreach_clamp_min(steps, 1.0)
+    neg_step_size = torch._foreach_mul(t, c.log_beta1)
+    torch._foreach_expm1_(neg_step_size)
+    torch._foreach_reciprocal_(neg_step_size)
+    torch._foreach_mul_(neg_step_size, c.lr)
+    if c.found is not None:
+        torch._foreach_mul_(neg_step_size, c.keep)
+    bias_correction2_sqrt = torch._foreach_mul(t, c.log_beta2)
+    torch._foreach_expm1_(bias_correction2_sqrt)
+    torch._foreach_neg_(bias_correction2_sqrt)
+    torch._foreach_sqrt_(bias_correction2_sqrt)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, c.eps)
+    torch._foreach_div_(denom, neg_step_size)
+    torch._foreach_addcdiv_(params, exp_avgs, denom)
