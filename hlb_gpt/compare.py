@@ -1,0 +1,866 @@
+"""`hlb-gpt compare`: group runs by configuration, compare each with its unfiltered baseline, tabulate, plot.
+
+Reads run folders only through `hlb_gpt.records` (config.json, metrics.jsonl, summary.json). Needs numpy and
+scipy; matplotlib is imported only when plotting. The rules, decided once here:
+
+Loading (`load_runs`)
+- A path is a run folder (it holds config.json) or a folder searched recursively for run folders (a sweep, or
+  a folder of sweeps). The same run reached twice counts once.
+- A run without summary.json (still running, or killed) is *included* with a note: its metrics rows are
+  flushed one at a time, so the rows it has are valid, and a window such as `first:K` compares it fairly.
+  Interrupted and failed runs with evaluations are included the same way. Their note names the epoch they
+  reached, because `final` and `last:K` of a run that stopped early are not those of a finished one.
+- A run with no evaluation is skipped with a note, except a diverged one (below).
+
+Per-run statistic (`Metric` over `Window`, on one `Column`, by default `val_loss`)
+- Rows are deduplicated by step (a resumed run may write a step twice; the later row wins), ordered by epoch.
+- A missing or non-finite value counts as the worst possible (+inf for a lower-is-better column). A diverged
+  run also gets a +inf row at the epoch where it stopped, so a run that blew up never looks good: its
+  `final` and `mean` are +inf in any window that reaches that point, and `best:N` is +inf when fewer than N
+  finite evaluations precede it. `best` stays the best value the run reached before diverging.
+- Windows are measured on the run's own epochs: `first:K` keeps rows with epoch <= K, `last:K` rows with
+  epoch >= (its last epoch) - K. Evaluations fall on the first optimizer step past their nominal epoch, so
+  each bound is widened by one optimizer step (epoch / step of the run's rows): `first:1` keeps the
+  evaluation taken at epoch 1.0004.
+- `final` is the last value in the window, `best` the lowest, `best:N` the mean of the N lowest (all of them
+  when the window holds fewer, with a note), `mean` the mean of all. For a higher-is-better column (a future
+  accuracy), "lowest" reads "highest" and +inf reads -inf.
+
+Configurations
+- The group key is the config without the seed and without settings that do not change the experiment
+  (`IRRELEVANT_KEYS`). Settings that a configuration does not use are dropped too: all filter settings when
+  the run is unfiltered (grokfast false, AdamW), `window` for EMA, `alpha` for MA, the GrokAdamW settings
+  for Grokfast runs, and `filter`, `window`, `filter_dtype` for GrokAdamW. So two baselines whose configs
+  carry different, unused alphas are the same configuration.
+- The baseline of a configuration is the unfiltered AdamW configuration equal in every other setting.
+- Per configuration: n runs, mean, sample std (ddof=1; None below 2 runs; None when a run is infinite).
+- Paired test against the baseline over the seeds both have (a seed run twice in one configuration counts
+  with its mean): mean of (config - baseline), so negative means the filter helped a loss; a 95% interval
+  from scipy's t distribution; the two-sided p-value of `scipy.stats.ttest_rel`. One pair gives the
+  difference only; no pairs, an infinite statistic or identical differences (the t statistic is undefined)
+  give None with a note.
+- Filter state MB is the recorded `filter_bytes` / 2**20 (mean over runs); for GrokAdamW, whose filter lives
+  in the optimizer state, it is the optimizer state in excess of the baseline's. Its share is of the
+  baseline's mean `peak_bytes`. Step-time overhead is mean `step_time_s` / the baseline's - 1, in percent.
+- Rows are sorted by the statistic's mean, best first; ties keep baselines first, then label order, and get
+  a note. Configurations without a value sort last.
+
+Output: `format_table` gives markdown (title, table, notes) or CSV (table only; `format_notes` gives the
+notes, for stderr). `plot` writes PNGs; `curves_figure` and `gain_figure` build the figures it saves.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import warnings
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from hlb_gpt.config import RunConfig
+from hlb_gpt.records import Run, is_run_dir, read_run
+
+CONFIDENCE = 0.95
+
+# Settings that do not change what is measured (where it ran, how it was logged, bookkeeping).
+IRRELEVANT_KEYS = frozenset({
+    "seed", "versions", "resolved_device", "device", "compile", "data_cache", "data_dir", "wandb",
+    "wandb_project", "max_bad_steps", "n_params", "train_tokens",
+})
+FILTER_SETTINGS = ("filter", "alpha", "gain", "window", "filter_dtype", "grok_kappa", "grok_gamma")
+# Settings the short label already says (or that decide which label is used).
+IDENTITY_KEYS = frozenset({"grokfast", "optimizer", "filter", "alpha", "gain", "window"})
+
+
+# ----------------------------------------------------------------------------------------------- choices
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metrics.jsonl column that can be compared, and which direction is better."""
+
+    name: str
+    lower_is_better: bool = True
+
+    @property
+    def worst(self) -> float:
+        return math.inf if self.lower_is_better else -math.inf
+
+
+# Adding a column here is all `compare` needs (e.g. a future `val_acc`, higher is better).
+COLUMNS: dict[str, Column] = {
+    "val_loss": Column("val_loss"),
+    "train_loss": Column("train_loss"),
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The per-run statistic: `final`, `best`, `best` with `n` (mean of the n best) or `mean`."""
+
+    kind: str
+    n: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.n}" if self.n is not None else self.kind
+
+    def describe(self, column: Column) -> str:
+        if self.n is not None:
+            return f"mean of the {self.n} {'lowest' if column.lower_is_better else 'highest'} {column.name}"
+        return f"{self.kind} {column.name}"
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which evaluations of a run count: all, the first `k` epochs or the last `k` epochs."""
+
+    kind: str
+    k: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.k:g}" if self.k is not None else self.kind
+
+    def describe(self) -> str:
+        return "all evaluations" if self.kind == "all" else f"{self.kind} {self.k:g} epochs"
+
+
+def parse_metric(text: str) -> Metric:
+    text = text.strip().lower()
+    if text in ("final", "best", "mean"):
+        return Metric(text)
+    if text.startswith("best:"):
+        n = text.partition(":")[2]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--metric best:N needs a whole number N >= 1 (got {text!r})")
+        return Metric("best", int(n))
+    raise ValueError(f"--metric must be final, best, best:N or mean (got {text!r})")
+
+
+def parse_window(text: str) -> Window:
+    text = text.strip().lower()
+    if text == "all":
+        return Window("all")
+    kind, sep, k = text.partition(":")
+    if kind in ("first", "last") and sep:
+        try:
+            value = float(k)
+        except ValueError:
+            value = math.nan
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"--window {kind}:K needs a number of epochs K > 0 (got {text!r})")
+        return Window(kind, value)
+    raise ValueError(f"--window must be all, first:K or last:K with K in epochs (got {text!r})")
+
+
+def parse_column(text: str) -> Column:
+    if text not in COLUMNS:
+        raise ValueError(f"--column must be one of {', '.join(COLUMNS)} (got {text!r})")
+    return COLUMNS[text]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_runs(paths: Sequence[Path | str]) -> tuple[list[Run], list[str]]:
+    """The runs under `paths` (run folders, sweep folders or folders of sweeps) and notes on what was skipped."""
+    notes: list[str] = []
+    dirs: list[Path] = []
+    seen: set[Path] = set()
+    for path in map(Path, paths):
+        if not path.exists():
+            notes.append(f"{path}: no such folder, skipped")
+            continue
+        found = [path] if is_run_dir(path) else sorted(p.parent for p in path.rglob("config.json"))
+        if not found:
+            notes.append(f"{path}: no run folders (with config.json) found")
+        for run_dir in found:
+            if run_dir.resolve() not in seen:
+                seen.add(run_dir.resolve())
+                dirs.append(run_dir)
+    runs = []
+    for run_dir in dirs:
+        try:
+            run = read_run(run_dir)
+        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            notes.append(f"{run_name(run_dir)}: unreadable ({type(exc).__name__}: {exc}), skipped")
+            continue
+        if not isinstance(run.config, dict):
+            notes.append(f"{run_name(run_dir)}: config.json is not an object, skipped")
+            continue
+        keep, note = _status(run)
+        if keep:
+            runs.append(run)
+        if note:
+            notes.append(note)
+    return runs, notes
+
+
+def run_name(run: Run | Path) -> str:
+    """`<sweep>/<run>`: sweeps name runs alike (`baseline-s0`), so the sweep tells them apart."""
+    path = run.path if isinstance(run, Run) else Path(run)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def _status(run: Run) -> tuple[bool, str | None]:
+    """Whether to keep the run, and a note on anything but a completed run."""
+    name, rows = run_name(run), len(run.metrics)
+    reached = _last_epoch(run)
+    planned = run.config.get("epochs")
+    of = f" of {planned:g}" if isinstance(planned, (int, float)) else ""
+    if run.status == "completed":
+        return True, None
+    if run.status == "diverged":  # kept even without evaluations: leaving it out would flatter its configuration
+        return True, f"{name}: diverged at epoch {reached:g}; it counts as the worst value (+inf loss) from there"
+    if not rows:
+        why = "no summary.json" if run.summary is None else f"{run.status}: {run.summary.get('error')}"
+        return False, f"{name}: no evaluations yet ({why}), skipped"
+    if run.summary is None:
+        return True, (f"{name}: unfinished (no summary.json): included with its {rows} evaluations "
+                      f"up to epoch {reached:g}{of}")
+    return True, f"{name}: {run.status} at epoch {reached:g}{of}: included with its {rows} evaluations"
+
+
+def _last_epoch(run: Run) -> float:
+    epochs = [r["epoch"] for r in _rows(run)]
+    if run.summary and isinstance(run.summary.get("epochs"), (int, float)):
+        epochs.append(run.summary["epochs"])
+    return max(epochs, default=0.0)
+
+
+# ----------------------------------------------------------------------------------------------- per run
+
+
+@dataclass
+class Series:
+    """One run's evaluations of one column: epochs ascending, bad values replaced by the worst value."""
+
+    epochs: np.ndarray
+    values: np.ndarray
+    epochs_per_step: float
+
+
+def _rows(run: Run) -> list[dict[str, Any]]:
+    """Rows with an epoch, one per step (a resumed run may repeat a step: the later row wins), by epoch."""
+    by_step: dict[Any, dict[str, Any]] = {}
+    for row in run.metrics:
+        if isinstance(row, dict) and isinstance(row.get("epoch"), (int, float)):
+            step = row.get("step")
+            by_step[step if step is not None else ("epoch", row["epoch"])] = row
+    return sorted(by_step.values(), key=lambda r: r["epoch"])
+
+
+def run_series(run: Run, column: Column) -> Series:
+    rows = _rows(run)
+    epochs = [float(r["epoch"]) for r in rows]
+    values = [_value_or_worst(r.get(column.name), column) for r in rows]
+    if run.status == "diverged" and not (values and math.isinf(values[-1])):
+        epochs.append(_last_epoch(run))
+        values.append(column.worst)
+    per_step = [r["epoch"] / r["step"] for r in rows if isinstance(r.get("step"), (int, float)) and r["step"] > 0]
+    return Series(np.asarray(epochs, dtype=float), np.asarray(values, dtype=float), max(per_step, default=0.0))
+
+
+def _value_or_worst(value: Any, column: Column) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return column.worst
+
+
+def window_values(series: Series, window: Window) -> np.ndarray:
+    """The values of the evaluations inside `window`, in epoch order."""
+    if window.kind == "all" or len(series.epochs) == 0:
+        return series.values
+    slack = series.epochs_per_step + 1e-9  # the evaluation of epoch K is taken at the step that passes K
+    if window.kind == "first":
+        keep = series.epochs <= window.k + slack
+    else:
+        keep = series.epochs >= series.epochs.max() - window.k - slack
+    return series.values[keep]
+
+
+def run_statistic(values: np.ndarray, metric: Metric, column: Column) -> float:
+    """The statistic of one run's windowed values (NaN for an empty window)."""
+    if len(values) == 0:
+        return math.nan
+    if metric.kind == "final":
+        return float(values[-1])
+    ranked = np.sort(values) if column.lower_is_better else -np.sort(-values)
+    if metric.kind == "best":
+        return float(ranked[: metric.n or 1].mean())
+    if metric.kind == "mean":
+        return float(values.mean())
+    raise ValueError(f"unknown metric {metric}")
+
+
+# ----------------------------------------------------------------------------------------------- configurations
+
+
+def group_key(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The configuration a run belongs to: every setting that changes the experiment, but the seed."""
+    return tuple(sorted((k, _hashable(v)) for k, v in normalise_config(config).items()))
+
+
+def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without irrelevant keys and without settings this kind of run does not use."""
+    cfg = {**_DEFAULTS, **config}  # runs recorded before a setting existed ran with its default
+    drop = set(IRRELEVANT_KEYS)
+    if cfg.get("optimizer") == "grokadamw":
+        drop |= {"filter", "window", "filter_dtype"}  # GrokAdamW filters with its own EMA in param dtype
+    elif not cfg.get("grokfast"):
+        drop |= set(FILTER_SETTINGS)
+    else:
+        drop |= {"grok_kappa", "grok_gamma", "alpha" if cfg.get("filter") == "ma" else "window"}
+    return {k: v for k, v in cfg.items() if k not in drop}
+
+
+def baseline_config(config: dict[str, Any]) -> dict[str, Any]:
+    return normalise_config({**config, "grokfast": False, "optimizer": "adamw"})
+
+
+_DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING and f.default is not None}
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def short_label(config: dict[str, Any], gain: bool = True) -> str:
+    """`baseline`, `ema α0.9 g0.1`, `ma w100 g5` or `grokadamw α0.98 g2` (without ` g…` if not `gain`)."""
+    if not config.get("grokfast") and config.get("optimizer") != "grokadamw":
+        return "baseline"
+    if config.get("optimizer") == "grokadamw":
+        label = f"grokadamw α{config.get('alpha'):g}"
+    elif config.get("filter") == "ma":
+        label = f"ma w{config.get('window')}"
+    else:
+        label = f"ema α{config.get('alpha'):g}"
+    return f"{label} g{config.get('gain'):g}" if gain else label
+
+
+def _format_setting(key: str, value: Any) -> str:
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class PairedTest:
+    """Config minus baseline over shared seeds. Fields are None where undefined; `reason` says why."""
+
+    n_pairs: int
+    seeds: tuple[Any, ...]
+    mean_diff: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    statistic: float | None = None
+    p_value: float | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Group:
+    """One configuration: its runs, their statistic, and the comparison with its baseline."""
+
+    label: str
+    config: dict[str, Any]
+    runs: list[Run]
+    settings: str = ""                                   # the other settings in the label, e.g. "depth=4"
+    seeds: list[Any] = field(default_factory=list)     # of the runs that have a value, parallel to `values`
+    values: list[float] = field(default_factory=list)
+    is_baseline: bool = False
+    baseline: str | None = None                          # label of the baseline group, if present
+    n: int = 0
+    mean: float | None = None
+    std: float | None = None
+    test: PairedTest | None = None                       # None for a baseline itself
+    filter_mb: float | None = None
+    filter_pct_of_peak: float | None = None
+    step_time_overhead_pct: float | None = None
+
+
+@dataclass
+class Comparison:
+    metric: Metric
+    window: Window
+    column: Column
+    groups: list[Group]                                  # sorted, best first
+    notes: list[str]
+
+    def group(self, label: str) -> Group:
+        for g in self.groups:
+            if g.label == label:
+                return g
+        raise KeyError(f"no configuration labelled {label!r} (have {[g.label for g in self.groups]})")
+
+
+# ----------------------------------------------------------------------------------------------- compare
+
+
+def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, column: Column | str = "val_loss",
+            notes: Sequence[str] = ()) -> Comparison:
+    """Group `runs` by configuration, compute the statistic per run and configuration, test against baselines.
+
+    `notes` (e.g. from `load_runs`) are kept at the front of the comparison's notes.
+    """
+    metric = parse_metric(metric) if isinstance(metric, str) else metric
+    window = parse_window(window) if isinstance(window, str) else window
+    column = parse_column(column) if isinstance(column, str) else column
+    notes = list(notes)
+
+    keyed: dict[tuple, list[Run]] = {}
+    for run in runs:
+        keyed.setdefault(group_key(run.config), []).append(run)
+    configs = {key: normalise_config(members[0].config) for key, members in keyed.items()}
+    labels = _labels(configs)
+    groups = {key: Group(labels[key][0], configs[key], members, settings=labels[key][1])
+              for key, members in keyed.items()}
+
+    short_windows, empty = [], []
+    for g in groups.values():
+        for run in g.runs:
+            values = window_values(run_series(run, column), window)
+            if len(values) == 0:
+                empty.append(run_name(run))
+                continue
+            if metric.n is not None and len(values) < metric.n:
+                short_windows.append(len(values))
+            g.seeds.append(run.config.get("seed"))
+            g.values.append(run_statistic(values, metric, column))
+        _describe(g)
+        if len(set(g.seeds)) < len(g.seeds):
+            notes.append(f"{g.label}: a seed appears more than once ({g.n} runs, {len(set(g.seeds))} seeds); "
+                         "every run counts in n, mean and std, and the paired test uses each seed's mean")
+    if empty:
+        notes.append(f"no evaluations in window {window} for {len(empty)} run(s), left out: {', '.join(empty)}")
+    if short_windows:
+        notes.append(f"{metric}: {len(short_windows)} run(s) have fewer than {metric.n} evaluations in window "
+                     f"{window} (fewest {min(short_windows)}); their statistic is the mean of all they have")
+
+    missing = []
+    for key, g in groups.items():
+        base_key = group_key(baseline_config(g.runs[0].config))
+        base = groups.get(base_key)
+        g.is_baseline = base_key == key
+        g.baseline = base.label if base is not None else None
+        if base is None:
+            missing.append(g.label)
+        elif not g.is_baseline:
+            g.test = paired_test(g, base)
+        _costs(g, base)
+    if missing:
+        notes.append("no baseline (the unfiltered AdamW run with the same other settings) for "
+                     f"{', '.join(missing)}: the baseline difference, memory share and step-time columns are n/a")
+
+    ordered = sorted(groups.values(), key=lambda g: _sort_key(g, column))
+    notes += _test_notes(ordered) + _tie_notes(ordered) + _infinite_notes(ordered, column)
+    return Comparison(metric, window, column, ordered, notes)
+
+
+def _labels(configs: dict[tuple, dict[str, Any]]) -> dict[tuple, tuple[str, str]]:
+    """(label, other settings): the short label plus every other setting that differs between the configurations."""
+    values: dict[str, set] = {}
+    for cfg in configs.values():
+        for k, v in cfg.items():
+            if k not in IDENTITY_KEYS:
+                values.setdefault(k, set()).add(_hashable(v))
+    varying = sorted(k for k, vs in values.items() if len(vs) > 1)
+    labels, used = {}, set()
+    for key, cfg in configs.items():
+        settings = " ".join(_format_setting(k, cfg[k]) for k in varying if k in cfg)
+        label = " ".join(filter(None, [short_label(cfg), settings]))
+        base, i = label, 2
+        while label in used:  # only if two settings print alike (e.g. floats equal to 6 digits)
+            label, i = f"{base} #{i}", i + 1
+        used.add(label)
+        labels[key] = (label, settings)
+    return labels
+
+
+def _describe(g: Group) -> None:
+    values = np.asarray(g.values, dtype=float)
+    g.n = len(values)
+    g.mean = float(values.mean()) if g.n else None
+    g.std = float(values.std(ddof=1)) if g.n >= 2 and np.isfinite(values).all() else None
+
+
+def _per_seed(g: Group) -> dict[Any, float]:
+    by_seed: dict[Any, list[float]] = {}
+    for seed, value in zip(g.seeds, g.values):
+        if seed is not None:
+            by_seed.setdefault(seed, []).append(value)
+    return {seed: float(np.mean(v)) for seed, v in by_seed.items()}
+
+
+def paired_test(g: Group, base: Group) -> PairedTest:
+    """Config minus baseline over the seeds both have: mean difference, 95% t interval, ttest_rel p-value."""
+    mine, theirs = _per_seed(g), _per_seed(base)
+    seeds = tuple(sorted(set(mine) & set(theirs), key=str))
+    x = np.array([mine[s] for s in seeds], dtype=float)
+    y = np.array([theirs[s] for s in seeds], dtype=float)
+    test = PairedTest(len(seeds), seeds)
+    d = x - y
+    reasons = []
+    if len(seeds) < max(len(mine), len(theirs)):
+        reasons.append(f"paired over {len(seeds)} shared seed(s) (it has {len(mine)}, the baseline {len(theirs)})")
+    if not seeds:
+        reasons.append("no difference or test without a shared seed")
+    elif not np.isfinite(d).all():
+        reasons.append("a diverged run makes a paired difference infinite: no test")
+    elif len(seeds) == 1:
+        test.mean_diff = float(d[0])
+        reasons.append("1 pair: the difference only, no interval or test")
+    else:
+        mean = float(d.mean())
+        test.mean_diff = mean
+        if np.ptp(d) <= 1e-12 * np.abs(d).max():
+            test.ci_low = test.ci_high = mean
+            reasons.append(f"all {len(d)} paired differences are identical ({mean:+.6g}): "
+                           "no spread, so no p-value (the t statistic is undefined)")
+        else:
+            with warnings.catch_warnings():  # scipy warns on nearly identical data; the numbers are still right
+                warnings.simplefilter("ignore", RuntimeWarning)
+                result = stats.ttest_rel(x, y)
+            n = len(d)
+            scale = float(d.std(ddof=1)) / math.sqrt(n)
+            test.ci_low, test.ci_high = (float(v) for v in stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=scale))
+            test.statistic, test.p_value = float(result.statistic), float(result.pvalue)
+    test.reason = "; ".join(reasons) or None
+    return test
+
+
+def _mean_of(runs: list[Run], *keys: str) -> float | None:
+    values = []
+    for run in runs:
+        node: Any = run.summary or {}
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
+            values.append(float(node))
+    return float(np.mean(values)) if values else None
+
+
+def _costs(g: Group, base: Group | None) -> None:
+    """Filter state (MB, % of the baseline's peak) and step-time overhead, from the runs' summaries."""
+    filter_bytes = _mean_of(g.runs, "memory", "filter_bytes")
+    if g.config.get("optimizer") == "grokadamw":  # its EMA sits in the optimizer state, not in a filter
+        own = _mean_of(g.runs, "memory", "optimizer_bytes")
+        ref = _mean_of(base.runs, "memory", "optimizer_bytes") if base else None
+        filter_bytes = None if own is None or ref is None else (filter_bytes or 0.0) + own - ref
+    g.filter_mb = None if filter_bytes is None else filter_bytes / 2**20
+    if base is None:
+        return
+    peak = _mean_of(base.runs, "memory", "peak_bytes")
+    if filter_bytes is not None and peak:
+        g.filter_pct_of_peak = filter_bytes / peak * 100
+    step, ref_step = _mean_of(g.runs, "step_time_s"), _mean_of(base.runs, "step_time_s")
+    if step is not None and ref_step:
+        g.step_time_overhead_pct = (step / ref_step - 1) * 100
+
+
+def _sort_key(g: Group, column: Column) -> tuple:
+    if g.mean is None:
+        return (1, 0.0, not g.is_baseline, g.label)
+    return (0, g.mean if column.lower_is_better else -g.mean, not g.is_baseline, g.label)
+
+
+def _test_notes(groups: list[Group]) -> list[str]:
+    return [f"{g.label}: {g.test.reason}" for g in groups if g.test is not None and g.test.reason]
+
+
+def _tie_notes(groups: list[Group]) -> list[str]:
+    notes, i = [], 0
+    while i < len(groups):
+        j = i + 1
+        while (j < len(groups) and groups[i].mean is not None and groups[j].mean is not None
+               and math.isclose(groups[i].mean, groups[j].mean, rel_tol=1e-12)):
+            j += 1
+        if j - i > 1:
+            tied = ", ".join(g.label for g in groups[i:j])
+            notes.append(f"tie on the mean ({groups[i].mean:.6g}): {tied}; listed baseline first, then by label")
+        i = j
+    return notes
+
+
+def _infinite_notes(groups: list[Group], column: Column) -> list[str]:
+    notes = []
+    for g in groups:
+        bad = sum(1 for v in g.values if math.isinf(v))
+        if bad:
+            notes.append(f"{g.label}: {bad} of {g.n} run(s) diverged within the window, so its mean is "
+                         f"{'+' if column.lower_is_better else '-'}inf and its std n/a")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+NA = "n/a"
+SELF = "—"
+CSV_FIELDS = ("configuration", "n", "mean", "std", "diff", "ci_low", "ci_high", "p_value", "pairs",
+              "filter_mb", "filter_pct_of_peak", "step_time_overhead_pct", "baseline", "metric", "window", "column")
+
+
+def format_table(comparison: Comparison, fmt: str = "markdown") -> str:
+    """Markdown (title, table, notes) or CSV (one row per configuration; notes via `format_notes`)."""
+    if fmt == "csv":
+        return _csv(comparison)
+    if fmt != "markdown":
+        raise ValueError(f"--format must be markdown or csv (got {fmt!r})")
+    c = comparison
+    title = (f"{c.metric.describe(c.column)}, {c.window.describe()} "
+             f"({'lower' if c.column.lower_is_better else 'higher'} is better); mean ± std over seeds, "
+             f"difference = configuration − baseline, paired over shared seeds")
+    header = ["configuration", "n", f"{c.metric} ({c.window})", "Δ vs baseline", f"{CONFIDENCE:.0%} CI", "p",
+              "pairs", "filter MB", "% of peak", "step time"]
+    rows = [[g.label, str(g.n), _mean_std(g), *_diff_cells(g), _num(g.filter_mb, ".1f"),
+             _pct(g.filter_pct_of_peak, ".2f"), SELF if g.is_baseline else _pct(g.step_time_overhead_pct, "+.1f")]
+            for g in c.groups]
+    lines = [title, "", _md_row(header), _md_row(["---"] * len(header))] + [_md_row(r) for r in rows]
+    notes = format_notes(c)
+    return "\n".join(lines + (["", notes] if notes else [])) + "\n"
+
+
+def format_notes(comparison: Comparison) -> str:
+    return "\n".join(["Notes:"] + [f"- {n}" for n in comparison.notes]) if comparison.notes else ""
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _num(value: float | None, spec: str) -> str:
+    if value is None or math.isnan(value):
+        return NA
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    text = format(value, spec)
+    return format(0.0, spec) if float(text) == 0 else text  # no "-0.0" from rounding noise
+
+
+def _pct(value: float | None, spec: str) -> str:
+    text = _num(value, spec)
+    return text if text == NA else text + "%"
+
+
+def _mean_std(g: Group) -> str:
+    if g.mean is None:
+        return NA
+    return f"{_num(g.mean, '.4f')} ± {_num(g.std, '.4f')}"
+
+
+def _diff_cells(g: Group) -> list[str]:
+    if g.is_baseline:
+        return [SELF, SELF, SELF, SELF]
+    t = g.test
+    if t is None:
+        return [NA, NA, NA, NA]
+    ci = NA if t.ci_low is None else f"[{t.ci_low:+.4f}, {t.ci_high:+.4f}]"
+    p = NA if t.p_value is None else f"{t.p_value:.3g}"
+    return [_num(t.mean_diff, "+.4f"), ci, p, str(t.n_pairs)]
+
+
+def _csv(c: Comparison) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    cell = lambda v: "" if v is None else (repr(v) if isinstance(v, float) else str(v))  # noqa: E731
+    for g in c.groups:
+        t = g.test or PairedTest(0, ())
+        writer.writerow([cell(v) for v in (
+            g.label, g.n, g.mean, g.std, t.mean_diff, t.ci_low, t.ci_high, t.p_value,
+            None if g.test is None else t.n_pairs, g.filter_mb, g.filter_pct_of_peak, g.step_time_overhead_pct,
+            g.baseline, str(c.metric), str(c.window), c.column.name)])
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+# Colour says the gain, line style the alpha (or MA window); baselines are black and thicker. When two
+# configurations would still look alike (another setting varies), a marker tells them apart.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+           "#7f7f7f")
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = (None, "o", "s", "^", "D", "v", "x", "P")
+BASELINE_COLOR, BASELINE_WIDTH, LINE_WIDTH = "black", 2.6, 1.4
+
+
+@dataclass(frozen=True)
+class LineStyle:
+    color: str
+    linestyle: str
+    marker: str | None
+    linewidth: float
+
+
+def line_styles(groups: Sequence[Group]) -> dict[str, LineStyle]:
+    """A distinct (colour, line style, marker) per configuration label."""
+    filtered = [g for g in groups if not g.is_baseline]
+    gains = sorted({g.config.get("gain") for g in filtered}, key=_order)
+    shapes = sorted({_shape(g.config) for g in filtered}, key=lambda s: tuple(map(_order, s)))
+    used: set[tuple[str, str, str | None]] = set()
+    styles = {}
+    for g in sorted(groups, key=lambda g: (not g.is_baseline, g.label)):
+        if g.is_baseline:
+            color, dash, width = BASELINE_COLOR, 0, BASELINE_WIDTH
+        else:
+            color = PALETTE[gains.index(g.config.get("gain")) % len(PALETTE)]
+            dash, width = shapes.index(_shape(g.config)), LINE_WIDTH
+        combo = _free_combo(color, dash, used, fixed_color=g.is_baseline)
+        used.add(combo)
+        styles[g.label] = LineStyle(combo[0], combo[1], combo[2], width)
+    return styles
+
+
+def _shape(config: dict[str, Any]) -> tuple:
+    kind = "grokadamw" if config.get("optimizer") == "grokadamw" else config.get("filter")
+    return (kind, config.get("window") if kind == "ma" else config.get("alpha"))
+
+
+def _order(value: Any) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def _free_combo(color: str, dash: int, used: set, fixed_color: bool) -> tuple[str, str, str | None]:
+    colors = [color] + ([] if fixed_color else [c for c in PALETTE if c != color])
+    for marker in MARKERS:
+        for c in colors:
+            for i in range(len(LINESTYLES)):
+                combo = (c, LINESTYLES[(dash + i) % len(LINESTYLES)], marker)
+                if combo not in used:
+                    return combo
+    raise ValueError("more configurations than distinct line styles")  # 320 combinations: not reached in practice
+
+
+def mean_curve(runs: Sequence[Run], column: Column) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs, mean, min and max over seeds at each evaluation step (finite values only)."""
+    by_step: dict[Any, tuple[list[float], list[float]]] = {}
+    for run in runs:
+        for row in _rows(run):
+            value = row.get(column.name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                step = row.get("step")
+                epochs, values = by_step.setdefault(step if step is not None else ("epoch", row["epoch"]), ([], []))
+                epochs.append(float(row["epoch"]))
+                values.append(float(value))
+    points = sorted((np.mean(e), np.mean(v), np.min(v), np.max(v)) for e, v in by_step.values())
+    if not points:
+        return tuple(np.empty(0) for _ in range(4))  # type: ignore[return-value]
+    return tuple(np.array(col) for col in zip(*points))  # type: ignore[return-value]
+
+
+def curves_figure(comparison: Comparison, log_x: bool = False, zoom: float | None = None):
+    """Value against epoch: one line per configuration (mean over seeds) with a min–max band."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    c = comparison
+    fig = Figure(figsize=(11, 6.5), layout="constrained")
+    FigureCanvasAgg(fig)  # headless: never touches pyplot or the user's backend
+    ax = fig.add_subplot()
+    styles = line_styles(c.groups)
+    y_seen: list[np.ndarray] = []
+    for g in c.groups:
+        s = styles[g.label]
+        x, mean, low, high = mean_curve(g.runs, c.column)
+        ax.plot(x, mean, label=f"{g.label} (n={len(g.runs)})", color=s.color, linestyle=s.linestyle,
+                marker=s.marker, markevery=max(1, len(x) // 12), markersize=4, linewidth=s.linewidth,
+                zorder=3 if g.is_baseline else 2)
+        ax.fill_between(x, low, high, color=s.color, alpha=0.12 if g.is_baseline else 0.08, linewidth=0)
+        keep = (x <= zoom) if zoom is not None else np.ones_like(x, dtype=bool)
+        y_seen += [low[keep], high[keep]]
+    if log_x:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if zoom is not None:
+        ys = np.concatenate(y_seen) if y_seen else np.empty(0)
+        left = ax.get_xlim()[0] if log_x else 0.0
+        ax.set_xlim(left, zoom)
+        if ys.size:
+            pad = 0.05 * (ys.max() - ys.min()) or 0.05 * abs(ys.max()) or 0.1
+            ax.set_ylim(ys.min() - pad, ys.max() + pad)
+    ax.set_xlabel("epoch" + (" (log scale)" if log_x else ""))
+    ax.set_ylabel(c.column.name)
+    ax.set_title(f"{c.column.name} against epoch" + (f", first {zoom:g} epochs" if zoom is not None else "")
+                 + ": mean over seeds, band min–max")
+    ax.grid(True, alpha=0.3, which="both" if log_x else "major")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False,
+              ncols=1 if len(c.groups) <= 24 else 2)
+    return fig
+
+
+def gain_figure(comparison: Comparison):
+    """The statistic against gain, one line per alpha (or MA window), baselines as black horizontal lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    c = comparison
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    series: dict[str, list[Group]] = {}
+    for g in c.groups:
+        if not g.is_baseline and g.mean is not None and isinstance(g.config.get("gain"), (int, float)):
+            series.setdefault(_series_label(g), []).append(g)
+    shapes = sorted({_shape(g.config) for v in series.values() for g in v}, key=lambda s: tuple(map(_order, s)))
+    dashes = {shape: LINESTYLES[i % len(LINESTYLES)] for i, shape in enumerate(shapes)}
+    for i, (label, members) in enumerate(sorted(series.items())):
+        members.sort(key=lambda g: g.config["gain"])
+        gains = [g.config["gain"] for g in members]
+        means = [g.mean for g in members]
+        errors = [g.std if g.std is not None else 0.0 for g in members]
+        ax.errorbar(gains, means, yerr=errors, label=label, color=PALETTE[i % len(PALETTE)],
+                    linestyle=dashes[_shape(members[0].config)], marker=MARKERS[1 + i % (len(MARKERS) - 1)],
+                    capsize=3, linewidth=LINE_WIDTH)
+    for g in c.groups:
+        if g.is_baseline and g.mean is not None and math.isfinite(g.mean):
+            ax.axhline(g.mean, color=BASELINE_COLOR, linewidth=BASELINE_WIDTH, label=f"{g.label} (mean)")
+            if g.std is not None:
+                ax.axhspan(g.mean - g.std, g.mean + g.std, color=BASELINE_COLOR, alpha=0.08, linewidth=0)
+    gains = [g.config["gain"] for v in series.values() for g in v]
+    if gains and min(gains) > 0:  # gains are chosen on a log grid (0.1, 0.5, 2, 5)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(set(gains)), labels=[f"{v:g}" for v in sorted(set(gains))])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("gain")
+    ax.set_ylabel(f"{c.metric} {c.column.name}")
+    ax.set_title(f"{c.metric.describe(c.column)}, {c.window.describe()}: mean ± std over seeds")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", frameon=False)
+    return fig
+
+
+def _series_label(g: Group) -> str:
+    """A gain chart series: the configuration label without its gain."""
+    return " ".join(filter(None, [short_label(g.config, gain=False), g.settings]))
+
+
+def plot(comparison: Comparison, out_dir: Path | str, log_x: bool = False, zoom: float | None = None) -> list[Path]:
+    """Write the PNGs into `out_dir` and return their paths.
+
+    `<column>_vs_epoch.png` always; `<column>_vs_epoch_first<K>.png` with `zoom`; `<column>_vs_gain.png`
+    when filtered configurations with a gain are compared.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = comparison.column.name
+    figures = [(f"{name}_vs_epoch.png", curves_figure(comparison, log_x=log_x))]
+    if zoom is not None:
+        figures.append((f"{name}_vs_epoch_first{zoom:g}.png", curves_figure(comparison, log_x=log_x, zoom=zoom)))
+    if any(not g.is_baseline and g.mean is not None for g in comparison.groups):
+        figures.append((f"{name}_vs_gain.png", gain_figure(comparison)))
+    paths = []
+    for filename, fig in figures:
+        fig.savefig(out_dir / filename, dpi=120)
+        paths.append(out_dir / filename)
+    return paths

@@ -1,0 +1,503 @@
+import csv
+import io
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from matplotlib.colors import to_rgba
+from scipy import stats
+
+from hlb_gpt.compare import (Column, Metric, Window, compare, curves_figure, format_notes, format_table, gain_figure,
+                             load_runs, parse_metric, parse_window, plot)
+from hlb_gpt.config import RunConfig
+
+MiB = 2**20
+EPOCHS = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # evaluations once per epoch, 100 optimizer steps per epoch
+SEEDS = [0, 1, 2]
+
+# val_loss per seed (rows) and evaluation (columns), written by hand.
+CURVES = {
+    "baseline": [[5.0, 4.2, 3.9, 3.7, 3.6, 3.55],
+                 [5.1, 4.3, 3.95, 3.8, 3.65, 3.6],
+                 [4.9, 4.1, 3.85, 3.75, 3.58, 3.5]],
+    "ema α0.9 g0.1": [[4.9, 4.1, 3.8, 3.65, 3.55, 3.52],
+                      [5.0, 4.25, 3.9, 3.7, 3.61, 3.57],
+                      [4.8, 4.05, 3.8, 3.7, 3.54, 3.49]],
+    "ema α0.99 g5": [[5.5, 4.8, 4.6, 4.7, 4.5, 4.65],
+                     [5.6, 4.9, 4.5, 4.8, 4.6, 4.55],
+                     [5.4, 4.7, 4.7, 4.4, 4.9, 4.6]],
+    "ma w100 g5": [[5.05, 4.3, 4.0, 3.9, 3.95, 3.8],
+                   [5.2, 4.4, 4.1, 3.85, 3.9, 3.88],
+                   [5.0, 4.2, 3.9, 3.8, 3.7, 3.75]],
+}
+SETTINGS = {
+    # The baselines record different, unused filter settings: they are still one configuration.
+    "baseline": [dict(alpha=0.98), dict(alpha=0.9, gain=5.0), dict(filter="ma", window=7)],
+    "ema α0.9 g0.1": [dict(grokfast=True, alpha=0.9, gain=0.1)] * 3,
+    "ema α0.99 g5": [dict(grokfast=True, alpha=0.99, gain=5.0, window=3)] * 3,
+    "ma w100 g5": [dict(grokfast=True, filter="ma", window=100, gain=5.0, alpha=0.5)] * 3,
+}
+# Per seed: filter bytes, peak bytes, step time.
+COSTS = {
+    "baseline": [(0, 400 * MiB, 0.100), (0, 410 * MiB, 0.102), (0, 390 * MiB, 0.098)],
+    "ema α0.9 g0.1": [(8 * MiB, 420 * MiB, 0.110)] * 3,
+    "ema α0.99 g5": [(8 * MiB, 420 * MiB, 0.105)] * 3,
+    "ma w100 g5": [(16 * MiB, 430 * MiB, 0.125)] * 3,
+}
+FOLDER = {"baseline": "baseline", "ema α0.9 g0.1": "ema-a0.9-g0.1", "ema α0.99 g5": "ema-a0.99-g5",
+          "ma w100 g5": "ma-w100-g5"}
+
+
+def write_run(folder, settings, values, seed, epochs=EPOCHS, steps_per_epoch=100, costs=(0, 400 * MiB, 0.1),
+              status="completed", device="cpu", planned=6.0, optimizer_bytes=8000):
+    folder.mkdir(parents=True)
+    config = {
+        **RunConfig(dataset="mini", tokenizer="bytes", preset="tiny", epochs=planned, seed=seed,
+                    device=device, **settings).to_dict(),
+        "resolved_device": device, "n_params": 1000, "train_tokens": 10_000,
+        "versions": {"hlb_gpt": "0.1.0", "torch": f"2.{seed}"},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    rows = [{"epoch": e, "step": round(e * steps_per_epoch), "tokens": 0, "train_loss": v, "val_loss": v, "lr": 1e-3,
+             "grad_norm": 1.0, "ema_ratio": None, "time_s": e, "tokens_per_s": 1.0} for e, v in zip(epochs, values)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if status is not None:
+        filter_bytes, peak, step_time = costs
+        summary = {"status": status, "error": None, "epochs": max(epochs, default=0.0), "step_time_s": step_time,
+                   "memory": {"params_bytes": 4000, "grads_bytes": 4000, "optimizer_bytes": optimizer_bytes,
+                              "filter_bytes": filter_bytes, "peak_bytes": peak, "peak_kind": "process_peak_rss"}}
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    for label, curves in CURVES.items():
+        for seed, values, settings, costs in zip(SEEDS, curves, SETTINGS[label], COSTS[label]):
+            write_run(root / f"{FOLDER[label]}-s{seed}", settings, values, seed, costs=costs,
+                      device="cpu" if seed else "cuda")
+    return root
+
+
+def runs_of(*paths):
+    runs, notes = load_runs(paths)
+    return runs, notes
+
+
+# ----------------------------------------------------------------------------------------------- expected numbers
+
+
+def window_slice(window):
+    """Column indices of EPOCHS inside the window, by hand: first:3 is epochs 1-3, last:2 is epochs 4-6."""
+    return {"all": slice(0, 6), "first:3": slice(0, 3), "last:2": slice(3, 6)}[window]
+
+
+def expected_per_run(label, metric, window):
+    w = np.array(CURVES[label])[:, window_slice(window)]
+    if metric == "final":
+        return w[:, -1]
+    if metric == "best":
+        return w.min(axis=1)
+    if metric == "best:2":
+        return np.sort(w, axis=1)[:, :2].mean(axis=1)
+    return w.mean(axis=1)
+
+
+def expected_paired(label, metric, window):
+    d = expected_per_run(label, metric, window) - expected_per_run("baseline", metric, window)
+    n = len(d)
+    sd = d.std(ddof=1)
+    t = d.mean() / (sd / math.sqrt(n))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return d.mean(), d.mean() - half, d.mean() + half, 2 * stats.t.sf(abs(t), n - 1)
+
+
+METRICS = ["final", "best", "best:2", "mean"]
+WINDOWS = ["all", "first:3", "last:2"]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_every_metric_and_window_reproduces_hand_computed_means_stds_and_paired_tests(sweep, metric, window):
+    runs, _ = runs_of(sweep)
+    c = compare(runs, parse_metric(metric), parse_window(window))
+    assert sorted(g.label for g in c.groups) == sorted(CURVES)
+    for label in CURVES:
+        g = c.group(label)
+        per_run = expected_per_run(label, metric, window)
+        assert g.n == 3
+        assert sorted(g.values) == pytest.approx(sorted(per_run), rel=1e-12)
+        assert g.mean == pytest.approx(per_run.mean(), rel=1e-12)
+        assert g.std == pytest.approx(per_run.std(ddof=1), rel=1e-9)
+        if label == "baseline":
+            assert g.is_baseline and g.test is None
+            continue
+        mean_diff, low, high, p = expected_paired(label, metric, window)
+        assert g.test.n_pairs == 3 and g.test.seeds == (0, 1, 2)
+        assert g.test.mean_diff == pytest.approx(mean_diff, rel=1e-9, abs=1e-12)
+        assert g.test.ci_low == pytest.approx(low, rel=1e-9, abs=1e-12)
+        assert g.test.ci_high == pytest.approx(high, rel=1e-9, abs=1e-12)
+        assert g.test.p_value == pytest.approx(p, rel=1e-9, abs=1e-15)
+    means = [g.mean for g in c.groups]
+    assert means == sorted(means)
+
+
+def test_final_over_all_epochs_matches_numbers_worked_out_on_paper(sweep):
+    runs, _ = runs_of(sweep)
+    c = compare(runs, Metric("final"), Window("all"))
+    base, ema = c.group("baseline"), c.group("ema α0.9 g0.1")
+    assert base.mean == pytest.approx(3.55, abs=1e-12) and base.std == pytest.approx(0.05, abs=1e-12)
+    # differences -0.03, -0.03, -0.01: mean -0.07/3, sd 0.02/sqrt(3), so t = -3.5 with 2 degrees of freedom,
+    # where the t distribution has the closed form p = 1 - |t| / sqrt(t^2 + 2).
+    assert ema.test.mean_diff == pytest.approx(-0.07 / 3, abs=1e-12)
+    assert ema.test.statistic == pytest.approx(-3.5, rel=1e-9)
+    assert ema.test.p_value == pytest.approx(1 - 3.5 / math.sqrt(3.5**2 + 2), rel=1e-9)
+    assert [g.label for g in c.groups] == ["ema α0.9 g0.1", "baseline", "ma w100 g5", "ema α0.99 g5"]
+
+
+def test_filter_memory_and_step_time_are_measured_against_the_baseline(sweep):
+    runs, _ = runs_of(sweep)
+    c = compare(runs, Metric("final"), Window("all"))
+    ema, ma, base = c.group("ema α0.9 g0.1"), c.group("ma w100 g5"), c.group("baseline")
+    assert ema.filter_mb == pytest.approx(8.0) and ma.filter_mb == pytest.approx(16.0)
+    assert ema.filter_pct_of_peak == pytest.approx(8 / 400 * 100)  # the baseline's mean peak is 400 MiB
+    assert ma.filter_pct_of_peak == pytest.approx(16 / 400 * 100)
+    assert ema.step_time_overhead_pct == pytest.approx((0.110 / 0.100 - 1) * 100)
+    assert ma.step_time_overhead_pct == pytest.approx(25.0)
+    assert base.filter_mb == 0 and base.step_time_overhead_pct == pytest.approx(0.0)
+
+
+def test_settings_that_do_not_change_the_experiment_do_not_split_a_configuration(sweep):
+    runs, _ = runs_of(sweep)
+    c = compare(runs, "final", "all")
+    # the baselines differ in unused alpha/gain/filter/window, device and versions; the EMA runs in window
+    assert len(c.groups) == 4 and all(g.n == 3 for g in c.groups)
+    assert "alpha" not in c.group("baseline").config and "window" not in c.group("ema α0.99 g5").config
+    assert "alpha" not in c.group("ma w100 g5").config
+
+
+def test_markdown_table_has_one_row_per_configuration_in_sorted_order(sweep):
+    runs, _ = runs_of(sweep)
+    c = compare(runs, "best:2", "last:2")
+    text = format_table(c)
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    rows = table[2:]  # after the header and the separator
+    assert [r.split(" | ")[0][2:] for r in rows] == [g.label for g in c.groups]
+    ema = next(r for r in rows if r.startswith("| ema α0.9 g0.1 "))
+    g = c.group("ema α0.9 g0.1")
+    assert f"{g.mean:.4f} ± {g.std:.4f}" in ema and f"{g.test.mean_diff:+.4f}" in ema and "8.0" in ema
+    assert "+10.0%" in ema and "2.00%" in ema
+
+
+def test_csv_output_parses_back_to_the_same_numbers(sweep):
+    runs, _ = runs_of(sweep)
+    c = compare(runs, "mean", "first:3")
+    rows = list(csv.DictReader(io.StringIO(format_table(c, "csv"))))
+    assert [r["configuration"] for r in rows] == [g.label for g in c.groups]
+    for row, g in zip(rows, c.groups):
+        assert int(row["n"]) == g.n and float(row["mean"]) == g.mean and float(row["std"]) == g.std
+        assert row["metric"] == "mean" and row["window"] == "first:3" and row["column"] == "val_loss"
+        if g.is_baseline:
+            assert row["diff"] == row["p_value"] == row["pairs"] == ""
+        else:
+            assert float(row["diff"]) == g.test.mean_diff and float(row["p_value"]) == g.test.p_value
+            assert float(row["ci_low"]) == g.test.ci_low and int(row["pairs"]) == 3
+            assert float(row["filter_pct_of_peak"]) == g.filter_pct_of_peak
+
+
+def test_unknown_format_is_refused_naming_the_flag(sweep):
+    runs, _ = runs_of(sweep)
+    with pytest.raises(ValueError, match="--format"):
+        format_table(compare(runs, "final", "all"), "html")
+
+
+# ----------------------------------------------------------------------------------------------- edge cases
+
+
+def test_a_configuration_without_baseline_gets_na_and_a_note_saying_why(sweep, tmp_path):
+    for seed in SEEDS:
+        write_run(tmp_path / "deep" / f"ema-a0.9-g0.1-d2-s{seed}", dict(grokfast=True, alpha=0.9, gain=0.1, depth=2),
+                  CURVES["ema α0.9 g0.1"][seed], seed)
+    runs, _ = runs_of(sweep, tmp_path / "deep")
+    c = compare(runs, "final", "all")
+    orphan = c.group("ema α0.9 g0.1 depth=2")
+    assert orphan.baseline is None and orphan.test is None and orphan.filter_pct_of_peak is None
+    assert c.group("baseline depth=4").is_baseline and c.group("ema α0.9 g0.1 depth=4").test.n_pairs == 3
+    assert any("no baseline" in n and "ema α0.9 g0.1 depth=2" in n for n in c.notes)
+    csv_row = next(r for r in csv.DictReader(io.StringIO(format_table(c, "csv")))
+                   if r["configuration"] == "ema α0.9 g0.1 depth=2")
+    assert csv_row["diff"] == csv_row["pairs"] == csv_row["baseline"] == ""
+    row = next(line for line in format_table(c).splitlines() if line.startswith("| ema α0.9 g0.1 depth=2 "))
+    assert row.count("n/a") >= 5
+
+
+def test_identical_paired_differences_give_no_p_value_a_degenerate_interval_and_a_note(sweep, tmp_path):
+    shifted = tmp_path / "shifted"
+    for seed in SEEDS:
+        write_run(shifted / f"ema-a0.8-g0.5-s{seed}", dict(grokfast=True, alpha=0.8, gain=0.5),
+                  [v + 0.25 for v in CURVES["baseline"][seed]], seed)
+    runs, _ = runs_of(sweep, shifted)
+    c = compare(runs, "final", "all")
+    t = c.group("ema α0.8 g0.5").test
+    assert t.mean_diff == pytest.approx(0.25) and t.ci_low == t.ci_high == t.mean_diff and t.p_value is None
+    assert any("ema α0.8 g0.5" in n and "identical" in n for n in c.notes)
+
+
+def test_a_configuration_tied_with_the_baseline_is_listed_after_it_with_a_note(sweep, tmp_path):
+    for seed in SEEDS:  # gain 0 leaves the gradient unchanged: the same numbers as the baseline
+        write_run(tmp_path / "g0" / f"ema-a0.9-g0-s{seed}", dict(grokfast=True, alpha=0.9, gain=0.0),
+                  CURVES["baseline"][seed], seed)
+    runs, _ = runs_of(sweep, tmp_path / "g0")
+    c = compare(runs, "final", "all")
+    labels = [g.label for g in c.groups]
+    assert labels.index("ema α0.9 g0") == labels.index("baseline") + 1
+    assert c.group("ema α0.9 g0").test.mean_diff == 0 and c.group("ema α0.9 g0").test.p_value is None
+    assert any("tie" in n and "baseline" in n and "ema α0.9 g0" in n for n in c.notes)
+
+
+def test_one_shared_seed_gives_the_difference_but_no_interval_or_p_value(sweep, tmp_path):
+    write_run(tmp_path / "one" / "ema-a0.5-g1-s1", dict(grokfast=True, alpha=0.5, gain=1.0), [4.0] * 6, 1)
+    runs, _ = runs_of(sweep, tmp_path / "one")
+    c = compare(runs, "final", "all")
+    g = c.group("ema α0.5 g1")
+    assert g.n == 1 and g.std is None
+    assert g.test.n_pairs == 1 and g.test.mean_diff == pytest.approx(4.0 - 3.6)
+    assert g.test.ci_low is None and g.test.p_value is None
+    row = next(line for line in format_table(c).splitlines() if line.startswith("| ema α0.5 g1 "))
+    assert "± n/a" in row and row.split(" | ")[4:7] == ["n/a", "n/a", "1"]
+    assert any("ema α0.5 g1" in n and "1 pair" in n for n in c.notes)
+
+
+def test_seeds_missing_on_one_side_are_left_out_of_the_pairing_with_a_note(sweep, tmp_path):
+    for seed in (1, 2, 3):
+        write_run(tmp_path / "other" / f"ema-a0.7-g2-s{seed}", dict(grokfast=True, alpha=0.7, gain=2.0),
+                  [3.0 + seed / 10] * 6, seed)
+    runs, _ = runs_of(sweep, tmp_path / "other")
+    c = compare(runs, "final", "all")
+    t = c.group("ema α0.7 g2").test
+    assert t.seeds == (1, 2) and t.n_pairs == 2
+    d = np.array([3.1 - 3.6, 3.2 - 3.5])
+    assert t.mean_diff == pytest.approx(d.mean())
+    assert t.p_value == pytest.approx(2 * stats.t.sf(abs(d.mean() / (d.std(ddof=1) / math.sqrt(2))), 1), rel=1e-9)
+    assert any("ema α0.7 g2: paired over 2 shared seed(s)" in n for n in c.notes)
+
+
+def test_a_run_without_summary_is_included_with_a_note_and_an_empty_one_is_skipped(sweep):
+    (sweep / "ma-w100-g5-s2" / "summary.json").unlink()
+    write_run(sweep / "ma-w100-g5-s9", SETTINGS["ma w100 g5"][0], [], 9, status=None)
+    runs, notes = runs_of(sweep)
+    assert len(runs) == 12
+    assert any("ma-w100-g5-s2" in n and "unfinished" in n and "epoch 6" in n for n in notes)
+    assert any("ma-w100-g5-s9" in n and "skipped" in n for n in notes)
+    c = compare(runs, "final", "all", notes=notes)
+    assert c.group("ma w100 g5").n == 3 and any("unfinished" in n for n in c.notes)
+    # its costs come from the runs that recorded them
+    assert c.group("ma w100 g5").filter_mb == pytest.approx(16.0)
+    assert "unfinished" in format_table(c) and "unfinished" in format_notes(c)
+
+
+def test_a_diverged_run_counts_as_infinite_loss_from_where_it_stopped(sweep, tmp_path):
+    # it stopped after epoch 3 without writing a non-finite row (too many bad steps)
+    write_run(tmp_path / "div" / "ema-a0.99-g50-s0", dict(grokfast=True, alpha=0.99, gain=50.0),
+              [4.0, 3.0, 3.2], 0, epochs=[1.0, 2.0, 3.0], status="diverged")
+    write_run(tmp_path / "div" / "ema-a0.99-g50-s1", dict(grokfast=True, alpha=0.99, gain=50.0),
+              [4.0, 3.4, 3.3, 3.3, 3.3, 3.3], 1)
+    runs, notes = runs_of(sweep, tmp_path / "div")
+    assert any("ema-a0.99-g50-s0" in n and "diverged" in n for n in notes)
+    final = compare(runs, "final", "all").group("ema α0.99 g50")
+    assert math.inf in final.values and final.mean == math.inf and final.std is None
+    assert final.test.p_value is None and final.test.mean_diff is None
+    c = compare(runs, "best", "all")
+    assert sorted(c.group("ema α0.99 g50").values) == [3.0, 3.3]  # the best it reached before diverging
+    assert compare(runs, "final", "first:2").group("ema α0.99 g50").values == [3.0, 3.4]
+    ordered = compare(runs, "final", "all")
+    assert ordered.groups[-1].label == "ema α0.99 g50" and any("+inf" in n for n in ordered.notes)
+
+
+def test_grokadamw_is_compared_with_the_adamw_baseline_and_its_filter_is_its_extra_optimizer_state(sweep, tmp_path):
+    for seed in SEEDS:
+        write_run(tmp_path / "gadam" / f"grokadamw-a0.98-g2-s{seed}",
+                  dict(optimizer="grokadamw", alpha=0.98, gain=2.0, window=5, filter="ma"),
+                  [v - 0.1 for v in CURVES["baseline"][seed]], seed, optimizer_bytes=8000 + 3 * MiB,
+                  costs=(0, 500 * MiB, 0.12))
+    runs, _ = runs_of(sweep, tmp_path / "gadam")
+    g = compare(runs, "final", "all").group("grokadamw α0.98 g2")
+    assert g.baseline == "baseline" and g.test.n_pairs == 3 and g.test.mean_diff == pytest.approx(-0.1)
+    assert g.filter_mb == pytest.approx(3.0) and g.filter_pct_of_peak == pytest.approx(3 / 400 * 100)
+    assert g.step_time_overhead_pct == pytest.approx(20.0)
+
+
+def test_a_higher_is_better_column_ranks_and_sorts_the_other_way(tmp_path):
+    accuracy = {"baseline": [[0.2, 0.5, 0.4], [0.3, 0.6, 0.5]],
+                "ema α0.98 g2": [[0.5, 0.9, 0.95], [0.6, 0.8, 0.9]]}
+    settings = {"baseline": {}, "ema α0.98 g2": dict(grokfast=True)}
+    for label, curves in accuracy.items():
+        for seed, values in enumerate(curves):
+            run = tmp_path / "acc" / f"{label.split()[0]}-s{seed}"
+            write_run(run, settings[label], [1.0, 1.0, 1.0], seed, epochs=[1.0, 2.0, 3.0])
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            (run / "metrics.jsonl").write_text("".join(json.dumps({**r, "val_acc": v}) + "\n"
+                                                       for r, v in zip(rows, values)))
+    runs, _ = runs_of(tmp_path / "acc")
+    c = compare(runs, "best:2", "all", column=Column("val_acc", lower_is_better=False))
+    assert [g.label for g in c.groups] == ["ema α0.98 g2", "baseline"]
+    assert sorted(c.group("baseline").values) == pytest.approx([0.45, 0.55])  # the two highest of each run
+    assert c.group("ema α0.98 g2").test.mean_diff == pytest.approx(np.mean([0.925 - 0.45, 0.85 - 0.55]))
+    assert "higher is better" in format_table(c)
+
+
+def test_a_null_val_loss_counts_as_infinite_not_as_missing(tmp_path):
+    write_run(tmp_path / "s" / "baseline-s0", {}, [3.0, 2.5], 0, epochs=[1.0, 2.0])
+    rows = (tmp_path / "s" / "baseline-s0" / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(rows[-1])
+    last["val_loss"] = None
+    (tmp_path / "s" / "baseline-s0" / "metrics.jsonl").write_text(rows[0] + "\n" + json.dumps(last) + "\n")
+    runs, _ = runs_of(tmp_path / "s")
+    assert compare(runs, "final", "all").groups[0].values == [math.inf]
+    assert compare(runs, "mean", "all").groups[0].values == [math.inf]
+    assert compare(runs, "best", "all").groups[0].values == [3.0]
+
+
+def test_window_bounds_include_the_evaluation_taken_on_the_step_that_crosses_them(tmp_path):
+    # 250 steps per epoch: evaluations land one step past each whole epoch, as in training
+    epochs = [1.004, 2.004, 3.004]
+    write_run(tmp_path / "s" / "baseline-s0", {}, [3.0, 2.0, 1.0], 0, epochs=epochs, steps_per_epoch=249.0)
+    runs, _ = runs_of(tmp_path / "s")
+    assert compare(runs, "mean", "first:1").groups[0].values == [3.0]
+    assert compare(runs, "mean", "first:2").groups[0].values == [2.5]
+    assert compare(runs, "mean", "last:1").groups[0].values == [1.5]
+    assert compare(runs, "mean", "last:0.5").groups[0].values == [1.0]
+
+
+def test_best_n_with_fewer_evaluations_in_the_window_uses_all_of_them_with_a_note(sweep):
+    runs, _ = runs_of(sweep)
+    c = compare(runs, "best:5", "first:3")
+    assert c.group("baseline").mean == pytest.approx(np.array(CURVES["baseline"])[:, :3].mean())
+    assert any("fewer than 5" in n for n in c.notes)
+
+
+def test_a_window_with_no_evaluations_leaves_the_run_out_with_a_note(sweep):
+    runs, _ = runs_of(sweep)
+    c = compare(runs, "final", "first:0.5")
+    assert all(g.n == 0 and g.mean is None for g in c.groups)
+    assert any("no evaluations in window first:0.5" in n for n in c.notes)
+    assert "n/a" in format_table(c)
+
+
+def test_the_same_run_given_twice_counts_once_and_missing_paths_get_a_note(sweep, tmp_path):
+    runs, notes = runs_of(sweep, sweep / "baseline-s0", tmp_path / "nowhere")
+    assert len(runs) == 12
+    assert any("nowhere" in n for n in notes)
+
+
+def test_a_seed_run_twice_in_a_configuration_pairs_by_its_mean_with_a_note(sweep, tmp_path):
+    write_run(tmp_path / "again" / "ema-a0.9-g0.1-s0", SETTINGS["ema α0.9 g0.1"][0], [3.0] * 6, 0)
+    runs, _ = runs_of(sweep, tmp_path / "again")
+    c = compare(runs, "final", "all")
+    g = c.group("ema α0.9 g0.1")
+    assert g.n == 4 and g.mean == pytest.approx(np.mean([3.52, 3.57, 3.49, 3.0]))
+    d = np.array([(3.52 + 3.0) / 2 - 3.55, 3.57 - 3.6, 3.49 - 3.5])
+    assert g.test.n_pairs == 3 and g.test.mean_diff == pytest.approx(d.mean())
+    assert any("ema α0.9 g0.1: a seed appears more than once" in n for n in c.notes)
+
+
+def test_a_folder_of_sweeps_is_searched_for_runs(sweep):
+    runs, _ = runs_of(sweep.parent)
+    assert len(runs) == 12
+
+
+@pytest.mark.parametrize("text", ["median", "best:0", "best:x", "best:-1", "final:3"])
+def test_a_bad_metric_is_refused_naming_the_flag(text):
+    with pytest.raises(ValueError, match="--metric"):
+        parse_metric(text)
+
+
+@pytest.mark.parametrize("text", ["middle", "first:0", "last:-2", "first:", "last:inf", "first:x"])
+def test_a_bad_window_is_refused_naming_the_flag(text):
+    with pytest.raises(ValueError, match="--window"):
+        parse_window(text)
+
+
+def test_metric_and_window_text_round_trips():
+    assert parse_metric("best:4") == Metric("best", 4) and str(parse_metric("best:4")) == "best:4"
+    assert parse_window("last:2.5") == Window("last", 2.5) and str(parse_window("first:10")) == "first:10"
+
+
+def test_compare_module_imports_neither_torch_nor_click_nor_matplotlib():
+    code = ("import sys, hlb_gpt.compare; "
+            "print(sorted(m for m in ('torch', 'click', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+@pytest.fixture
+def grid(tmp_path):
+    """Thirteen configurations: the baseline and EMA alpha 0.8/0.9/0.99 x gain 0.1/0.5/2/5, two seeds each."""
+    root = tmp_path / "grid"
+    for seed in (0, 1):
+        write_run(root / f"baseline-s{seed}", {}, [5.0, 4.0, 3.6, 3.5], seed, epochs=[0.25, 1.0, 2.0, 4.0])
+        for alpha in (0.8, 0.9, 0.99):
+            for gain in (0.1, 0.5, 2.0, 5.0):
+                values = [5.0 + gain / 10, 4.0 + alpha, 3.6 + gain * alpha / 10 + seed / 100, 3.5 + gain / 20]
+                write_run(root / f"ema-a{alpha}-g{gain}-s{seed}", dict(grokfast=True, alpha=alpha, gain=gain),
+                          values, seed, epochs=[0.25, 1.0, 2.0, 4.0])
+    runs, _ = load_runs([root])
+    return compare(runs, "final", "all")
+
+
+def test_plot_writes_valid_pngs_of_sensible_size(grid, tmp_path):
+    paths = plot(grid, tmp_path / "plots", zoom=1.0)
+    assert [p.name for p in paths] == ["val_loss_vs_epoch.png", "val_loss_vs_epoch_first1.png", "val_loss_vs_gain.png"]
+    for path in paths:
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_curves_have_one_line_per_configuration_with_its_label(grid):
+    ax = curves_figure(grid).axes[0]
+    lines = ax.get_lines()
+    assert len(grid.groups) == 13 and len(lines) == 13
+    assert sorted(line.get_label().rsplit(" (n=", 1)[0] for line in lines) == sorted(g.label for g in grid.groups)
+    baseline = next(line for line in lines if line.get_label().startswith("baseline"))
+    # mean over seeds at each evaluation, against the mean epoch
+    assert list(baseline.get_xdata()) == [0.25, 1.0, 2.0, 4.0] and list(baseline.get_ydata()) == [5.0, 4.0, 3.6, 3.5]
+
+
+def test_thirteen_configurations_stay_distinguishable_and_the_baseline_stands_out(grid):
+    lines = curves_figure(grid).axes[0].get_lines()
+    looks = {(to_rgba(line.get_color()), line.get_linestyle(), line.get_marker()) for line in lines}
+    assert len(looks) == len(lines) == 13
+    baseline = next(line for line in lines if line.get_label().startswith("baseline"))
+    others = [line for line in lines if line is not baseline]
+    assert to_rgba(baseline.get_color()) == (0.0, 0.0, 0.0, 1.0)
+    assert all(to_rgba(line.get_color()) != (0.0, 0.0, 0.0, 1.0) for line in others)
+    assert baseline.get_linewidth() > max(line.get_linewidth() for line in others)
+
+
+def test_log_x_sets_a_logarithmic_epoch_axis(grid):
+    assert curves_figure(grid, log_x=True).axes[0].get_xscale() == "log"
+    assert curves_figure(grid).axes[0].get_xscale() == "linear"
+
+
+def test_zoom_limits_the_epoch_axis_to_the_first_k_epochs(grid):
+    low, high = curves_figure(grid, zoom=1.0).axes[0].get_xlim()
+    assert low >= 0 and high == 1.0
+    assert curves_figure(grid, log_x=True, zoom=2.0).axes[0].get_xlim()[1] == 2.0
+
+
+def test_gain_chart_has_one_series_per_alpha_over_the_gains_and_the_baseline(grid):
+    ax = gain_figure(grid).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["baseline (mean)", "ema α0.8", "ema α0.9", "ema α0.99"]
+    series = next(c for c in ax.containers if c.get_label() == "ema α0.9")
+    data_line = series.lines[0]
+    assert list(data_line.get_xdata()) == [0.1, 0.5, 2.0, 5.0]
+    expected = [grid.group(f"ema α0.9 g{g:g}").mean for g in (0.1, 0.5, 2.0, 5.0)]
+    assert list(data_line.get_ydata()) == pytest.approx(expected)
+    assert ax.get_xscale() == "log"
