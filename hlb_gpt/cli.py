@@ -1,0 +1,259 @@
+"""The command line: flags → validated configs → a sweep of training runs (or `compare`).
+
+Only this module knows about click. Bad input is rejected before any work with one line on stderr and exit
+code 2; a data source that cannot be reached exits with 1; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from hlb_gpt import __version__
+from hlb_gpt.config import (DATASETS, DEVICES, FILTER_DTYPES, FILTERS, GATES, OPTIMIZERS, PRECISIONS, PRESETS,
+                            TOKENIZERS, ConfigError, RunConfig)
+
+LIST_KEYS = ("seed", "alpha", "gain", "depth", "width", "gate", "filter", "window")
+
+
+class CommaList(click.ParamType):
+    """A comma-separated list of values of one type, e.g. `--alpha 0.8,0.9,0.99`."""
+
+    def __init__(self, item: click.ParamType):
+        self.item = item
+        self.name = f"{item.name}[,...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[Any]:
+        if isinstance(value, list):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            self.fail("expected at least one value", param, ctx)
+        return [self.item.convert(v, param, ctx) for v in items]
+
+
+FLOATS, INTS = CommaList(click.FLOAT), CommaList(click.INT)
+
+
+def _options(fn: Callable) -> Callable:
+    """The training flags, in the order --help shows them."""
+    opts = [
+        # data
+        click.option("--dataset", type=click.Choice(DATASETS), default="wikitext-103", show_default=True,
+                     help="Training corpus. `mini` is bundled (WikiText-2 test as train, valid as valid) and works offline."),
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Folder with wiki.train.raw and wiki.valid.raw, used instead of the hub (offline clusters)."),
+        click.option("--data-cache", type=click.Path(file_okay=False), default="data", show_default=True,
+                     help="Where tokenized splits are cached."),
+        click.option("--tokenizer", type=click.Choice(TOKENIZERS), default="gpt2", show_default=True,
+                     help="gpt2: GPT-2 BPE (bundled ranks, no download); bytes: UTF-8 bytes, vocab 256."),
+        # model and batch
+        click.option("--preset", type=click.Choice(tuple(PRESETS)), default="hlb", show_default=True,
+                     help="hlb: hlb-gpt's 46M model (8 x 384); tiny: laptop scale (4 x 128, seq 256, batch 16)."),
+        click.option("--depth", type=INTS, default=None, help="Number of blocks [preset]. List for a grid."),
+        click.option("--width", type=INTS, default=None, help="Residual width, divisible by 8 [preset]. List for a grid."),
+        click.option("--gate", type=CommaList(click.Choice(GATES)), default="none", show_default=True,
+                     help="Gate each block's output: y * act(W x). List for a grid."),
+        click.option("--seq-len", type=int, default=None, help="Sequence length [preset]."),
+        click.option("--batch-size", type=int, default=None, help="Sequences per optimizer step at full length [preset]."),
+        click.option("--grad-accum", type=int, default=1, show_default=True,
+                     help="Micro-batches per optimizer step (divides --batch-size)."),
+        click.option("--seq-warmup/--no-seq-warmup", default=True, show_default=True,
+                     help="hlb-gpt's schedule: sequences start at 32 tokens and double every 80 steps, same tokens per step."),
+        # optimiser
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
+                     help="grokadamw: AdamW with a built-in Grokfast EMA (uses --alpha, --gain)."),
+        click.option("--lr", type=float, default=None, help="Base learning rate of the block matrices [preset]."),
+        click.option("--weight-decay", type=float, default=0.01, show_default=True,
+                     help="Decoupled weight decay of the block matrices (constant: not loss-dependent as in hlb-gpt)."),
+        click.option("--warmup-steps", type=int, default=100, show_default=True, help="Linear learning-rate warmup."),
+        click.option("--clip", type=float, default=None, help="Clip the global gradient norm after the filter [off]."),
+        click.option("--grok-kappa", type=float, default=0.1, show_default=True,
+                     help="GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal)."),
+        click.option("--grok-gamma", type=float, default=0.1, show_default=True,
+                     help="GrokAdamW: layer-wise beta1_l = beta1 * (1 - gamma)^l."),
+        # grokfast
+        click.option("--grokfast", is_flag=True, help="Filter gradients with Grokfast (the filtered configurations)."),
+        click.option("--baseline", is_flag=True, help="With --grokfast: also run the unfiltered configuration per seed."),
+        click.option("--filter", "filter_", type=CommaList(click.Choice(FILTERS)), default="ema", show_default=True,
+                     help="ema: exponential moving average; ma: mean of the last --window gradients."),
+        click.option("--alpha", type=FLOATS, default="0.98", show_default=True, help="EMA momentum in [0, 1). List for a grid."),
+        click.option("--gain", type=FLOATS, default="2.0", show_default=True, help="Amplification (lambda) >= 0. List for a grid."),
+        click.option("--window", type=INTS, default="100", show_default=True, help="MA window in steps. List for a grid."),
+        click.option("--filter-dtype", type=click.Choice(FILTER_DTYPES), default="float32", show_default=True,
+                     help="Dtype of the filter state (param: the parameter's dtype)."),
+        # run
+        click.option("--epochs", type=float, default=1.0, show_default=True, help="Training length in epochs (a float)."),
+        click.option("--evals-per-epoch", type=int, default=1, show_default=True,
+                     help="Evaluations per epoch (one more at the end)."),
+        click.option("--eval-tokens", type=int, default=None,
+                     help="Validation tokens per evaluation, from the start of the split; 0 = all [preset]."),
+        click.option("--seed", type=INTS, default="0", show_default=True, help="Seed(s); shared by all configurations."),
+        click.option("--max-bad-steps", type=int, default=10, show_default=True,
+                     help="Consecutive non-finite steps before a run counts as diverged."),
+        click.option("--out", type=click.Path(file_okay=False), default=None,
+                     help="Sweep folder [runs/<time>-<dataset>-<preset>]. Re-running with it skips completed runs."),
+        # hardware and logging
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                     help="auto: cuda, then mps, then cpu."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                     help="auto: bf16 autocast on CUDA, fp32 elsewhere."),
+        click.option("--compile/--no-compile", default=None, help="torch.compile the model and filter [on for CUDA]."),
+        click.option("--wandb", "use_wandb", is_flag=True, help="Also log to Weights & Biases (WANDB_MODE=offline works)."),
+        click.option("--wandb-project", default="hlb-gpt", show_default=True, help="wandb project."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@_options
+@click.version_option(__version__, prog_name="hlb-gpt")
+@click.pass_context
+def cli(ctx: click.Context, **flags: Any) -> None:
+    """Train small GPTs on WikiText, with and without Grokfast, and record every run.
+
+    \b
+    Examples:
+      hlb-gpt --dataset mini --preset tiny --tokenizer bytes --epochs 1
+      hlb-gpt --grokfast --alpha 0.9 --gain 0.1 --epochs 260
+      hlb-gpt --grokfast --baseline --alpha 0.8,0.99 --gain 0.1,5 --seed 0,1,2 --out runs/grid
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from hlb_gpt.sweep import expand_grid, run_name, run_sweep  # imports torch: only when training
+
+    base, grid = configs_from_flags(flags)
+    configs = expand_grid(base, grid, grokfast=flags["grokfast"], baseline=flags["baseline"])
+    vary = [k for k in ("depth", "width", "gate") if len(grid.get(k) or []) > 1]
+    if len({run_name(c, vary) for c in configs}) != len(configs):
+        raise ConfigError("two grid points would share a run folder; remove repeated values from the lists")
+    out = Path(flags["out"] or default_out(base, flags["grokfast"]))
+    check_writable(out)
+    results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"])
+    for r in results:
+        s = r.summary or {}
+        click.echo(f"{r.name}: {r.status}, best val {_fmt(s.get('best_val_loss'))}, "
+                   f"final val {_fmt(s.get('final_val_loss'))}")
+    click.echo(f"records: {out}")
+    if any(r.status != "completed" for r in results):
+        sys.exit(1)
+
+
+@cli.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--metric", default="final", show_default=True,
+              help="Per-run statistic: final, best, best:N (mean of the N lowest evaluations) or mean.")
+@click.option("--window", "window_", default="all", show_default=True,
+              help="Epochs the statistic covers: all, first:K or last:K (K in epochs).")
+@click.option("--column", default="val_loss", show_default=True, help="The metrics.jsonl column compared.")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "csv"]), default="markdown", show_default=True)
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write PNG plots (val loss vs epoch, final metric vs gain) into this folder.")
+@click.option("--log-x", is_flag=True, help="Plots: logarithmic epoch axis (the first epochs stay visible).")
+@click.option("--zoom", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Plots: also draw the first K epochs on their own.")
+def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: str, fmt: str,
+                    plot_dir: Path | None, log_x: bool, zoom: float | None) -> None:
+    """Compare runs: per configuration mean ± std over seeds, and the paired difference to the baseline.
+
+    RUNS are sweep folders or run folders. Runs are grouped by every setting but the seed; each filtered
+    configuration is tested against the unfiltered one over the seeds both have (paired t-test, 95% interval).
+
+    \b
+    Example:
+      hlb-gpt compare runs/grid --metric best:5 --window last:50 --plot runs/grid/plots --log-x
+    """
+    from hlb_gpt import compare as cmp
+
+    try:
+        parsed = cmp.parse_metric(metric), cmp.parse_window(window_), cmp.parse_column(column)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    loaded, notes = cmp.load_runs(runs)
+    if not loaded:
+        raise click.UsageError(f"no run folders (with config.json) under {', '.join(map(str, runs))}")
+    comparison = cmp.compare(loaded, *parsed, notes=notes)
+    click.echo(cmp.format_table(comparison, fmt))
+    if fmt == "csv" and comparison.notes:
+        click.echo(cmp.format_notes(comparison), err=True)
+    if plot_dir is not None:
+        for path in cmp.plot(comparison, plot_dir, log_x=log_x, zoom=zoom):
+            click.echo(f"wrote {path}", err=True)
+
+
+def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list[Any]]]:
+    """The base config (first value of every list) and the lists that make the grid. Validates every value."""
+    grid = {k: flags["filter_" if k == "filter" else k] for k in LIST_KEYS}
+    grid = {k: v for k, v in grid.items() if v is not None}
+    first = {k: v[0] for k, v in grid.items()}
+    base = RunConfig(
+        dataset=flags["dataset"], data_dir=flags["data_dir"], data_cache=flags["data_cache"],
+        tokenizer=flags["tokenizer"], preset=flags["preset"], depth=first.get("depth"), width=first.get("width"),
+        gate=first["gate"], seq_len=flags["seq_len"], batch_size=flags["batch_size"], grad_accum=flags["grad_accum"],
+        seq_warmup=flags["seq_warmup"], optimizer=flags["optimizer"], lr=flags["lr"],
+        weight_decay=flags["weight_decay"], warmup_steps=flags["warmup_steps"], clip=flags["clip"],
+        grok_kappa=flags["grok_kappa"], grok_gamma=flags["grok_gamma"], grokfast=flags["grokfast"],
+        filter=first["filter"], alpha=first["alpha"], gain=first["gain"], window=first["window"],
+        filter_dtype=flags["filter_dtype"], epochs=flags["epochs"], evals_per_epoch=flags["evals_per_epoch"],
+        eval_tokens=flags["eval_tokens"], seed=first["seed"], max_bad_steps=flags["max_bad_steps"],
+        device=flags["device"], precision=flags["precision"], compile=flags["compile"],
+        wandb=flags["use_wandb"], wandb_project=flags["wandb_project"],
+    )
+    for key, vals in grid.items():  # every grid value must be valid on its own, before any run starts
+        for v in vals[1:]:
+            base.replace(**{key: v})
+    return base, grid
+
+
+def default_out(base: RunConfig, grokfast: bool) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{base.dataset}-{base.preset}{'-grokfast' if grokfast else ''}"
+
+
+def check_writable(out: Path) -> None:
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--out {out}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"--out {out}: {probe} is not writable")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `hlb-gpt`, `python -m hlb_gpt` and `python cli.py`."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        code = cli.main(args=argv, prog_name="hlb-gpt", standalone_mode=False, auto_envvar_prefix="HLB_GPT")
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:  # usage errors: one line, not click's three
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        code = exc.exit_code
+    except ConfigError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        code = 2
+    except Exception as exc:
+        from hlb_gpt.data import DataUnavailable  # imports torch: not at start-up
+
+        if not isinstance(exc, DataUnavailable):
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        code = 1
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("Interrupted.", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

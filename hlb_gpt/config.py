@@ -1,0 +1,176 @@
+"""Every setting of one run as a typed dataclass, with presets and validation.
+
+`RunConfig` is what `train()` takes and what `config.json` records. Fields left as `None` are filled from the
+preset when the config is built, so a config is always fully resolved. Validation happens in `__post_init__`,
+before any work, and every message names the flag that fixes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("wikitext-103", "wikitext-2", "mini")
+TOKENIZERS = ("gpt2", "bytes")
+GATES = ("none", "relu", "sigmoid")
+OPTIMIZERS = ("adamw", "grokadamw")
+FILTERS = ("ema", "ma")
+FILTER_DTYPES = ("float32", "bfloat16", "param")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A setting or combination of settings the user must change; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    depth: int
+    width: int
+    seq_len: int
+    batch_size: int
+    lr: float
+    eval_tokens: int
+
+
+PRESETS: dict[str, Preset] = {
+    # hlb-gpt v0.4's 46M model. Its base lr follows hlb-gpt's fit 9e7 / ln(n_params)^8.8 * 2.62 at 46M
+    # parameters; its batch of 64 x 1024 tokens is about what hlb-gpt fits on a 40 GB A100.
+    "hlb": Preset(depth=8, width=384, seq_len=1024, batch_size=64, lr=2.5e-3, eval_tokens=153_600),
+    # Laptop scale: an epoch of `mini` with --tokenizer bytes in well under a minute on 2 CPU cores.
+    "tiny": Preset(depth=4, width=128, seq_len=256, batch_size=16, lr=2e-3, eval_tokens=65_536),
+}
+
+
+@dataclass
+class RunConfig:
+    """One training run. Field names match the CLI flags (underscores become dashes)."""
+
+    # data
+    dataset: str = "wikitext-103"
+    data_dir: str | None = None
+    data_cache: str = "data"
+    tokenizer: str = "gpt2"
+    # model and batch (None: the preset's value)
+    preset: str = "hlb"
+    depth: int | None = None
+    width: int | None = None
+    gate: str = "none"
+    seq_len: int | None = None
+    batch_size: int | None = None
+    grad_accum: int = 1
+    seq_warmup: bool = True
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    clip: float | None = None
+    grok_kappa: float = 0.1
+    grok_gamma: float = 0.1
+    # Grokfast
+    grokfast: bool = False
+    filter: str = "ema"
+    alpha: float = 0.98
+    gain: float = 2.0
+    window: int = 100
+    filter_dtype: str = "float32"
+    # schedule of the run
+    epochs: float = 1.0
+    evals_per_epoch: int = 1
+    eval_tokens: int | None = None
+    seed: int = 0
+    max_bad_steps: int = 10
+    # hardware
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool | None = None
+    # logging
+    wandb: bool = False
+    wandb_project: str = "hlb-gpt"
+
+    def __post_init__(self) -> None:
+        _choice("--dataset", self.dataset, DATASETS)
+        _choice("--tokenizer", self.tokenizer, TOKENIZERS)
+        _choice("--preset", self.preset, tuple(PRESETS))
+        _choice("--gate", self.gate, GATES)
+        _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _choice("--filter", self.filter, FILTERS)
+        _choice("--filter-dtype", self.filter_dtype, FILTER_DTYPES)
+        _choice("--precision", self.precision, PRECISIONS)
+        _choice("--device", self.device, DEVICES)
+        preset = PRESETS[self.preset]
+        for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(preset, name))
+        self._validate()
+
+    def _validate(self) -> None:
+        _positive("--depth", self.depth)
+        _positive("--width", self.width)
+        if self.width % 8:
+            raise ConfigError(f"--width must be divisible by 8, the query/key split (got {self.width})")
+        _positive("--seq-len", self.seq_len)
+        _positive("--batch-size", self.batch_size)
+        _positive("--grad-accum", self.grad_accum)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"--batch-size ({self.batch_size}) must be divisible by --grad-accum ({self.grad_accum})"
+            )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number (got {self.lr})")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be >= 0 (got {self.warmup_steps})")
+        if self.clip is not None and not self.clip > 0:
+            raise ConfigError(f"--clip must be > 0 (got {self.clip})")
+        if not (0 <= self.alpha < 1):
+            raise ConfigError(f"--alpha must be in [0, 1) for the Grokfast filter (got {self.alpha})")
+        if not self.gain >= 0:
+            raise ConfigError(f"--gain must be >= 0 (got {self.gain})")
+        _positive("--window", self.window)
+        if self.grokfast and self.optimizer == "grokadamw":
+            raise ConfigError("--optimizer grokadamw filters gradients itself; drop --grokfast "
+                              "(its --alpha and --gain set GrokAdamW's filter)")
+        if not self.grok_kappa >= 0:
+            raise ConfigError(f"--grok-kappa must be >= 0 (got {self.grok_kappa})")
+        if not (0 <= self.grok_gamma < 1):
+            raise ConfigError(f"--grok-gamma must be in [0, 1) (got {self.grok_gamma})")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ConfigError(f"--epochs must be > 0 (got {self.epochs})")
+        _positive("--evals-per-epoch", self.evals_per_epoch)
+        if self.eval_tokens < 0:
+            raise ConfigError(f"--eval-tokens must be >= 0, 0 meaning the whole validation split (got {self.eval_tokens})")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0 (got {self.seed})")
+        _positive("--max-bad-steps", self.max_bad_steps)
+        if self.data_dir is not None:
+            for split in ("wiki.train.raw", "wiki.valid.raw"):
+                if not (Path(self.data_dir) / split).is_file():
+                    raise ConfigError(f"--data-dir {self.data_dir} has no {split}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _positive(flag: str, value: int) -> None:
+    if not value >= 1:
+        raise ConfigError(f"{flag} must be >= 1 (got {value})")

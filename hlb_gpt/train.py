@@ -1,0 +1,399 @@
+"""One training run: build the parts from a `RunConfig`, run the loop, evaluate, record.
+
+The order of one optimizer step is written once, in `optimizer_step`. Everything that needs a host sync
+(reading losses, norms, timers) happens only at logging points, so the device runs ahead between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import hlb_gpt
+from hlb_gpt.config import ConfigError, RunConfig
+from hlb_gpt.data import BatchSampler, eval_windows, get_tokenizer, load_tokens
+from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
+from hlb_gpt.model import GPT, GPTConfig, pad_vocab
+from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
+from hlb_gpt.records import RunWriter
+
+logger = logging.getLogger(__name__)
+
+# hlb-gpt's sequence-length warmup: start short, double every SEQ_GROWTH_STEPS steps, same tokens per batch.
+SEQ_START = 32
+SEQ_GROWTH_STEPS = 80
+# How often the progress bar reads the loss (one host sync each time) when no evaluation falls due.
+REFRESH_STEPS = 20
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- hardware
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available (use --device auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps was asked for but MPS is not available (use --device auto)")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on CUDA by default; on CPU it is opt-in (--precision bf16), which is how tests cover it."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """The device's peak allocated bytes on CUDA; on other devices the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if platform.system() == "Darwin" else rss * 1024, "process_peak_rss"
+
+
+def tensor_bytes(tensors: Iterable[Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, grad_filter: GradFilter,
+                     device: torch.device) -> dict[str, Any]:
+    params = [p for p in model.parameters()]
+    # Autograd allocates each gradient with its parameter's shape and dtype, so this is exact.
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    optimizer_state = tensor_bytes(v for s in optimizer.state.values() for v in s.values())
+    peak, peak_kind = peak_memory(device)
+    state = {
+        "params_bytes": tensor_bytes(params),
+        "grads_bytes": grads,
+        "optimizer_bytes": optimizer_state,
+        "filter_bytes": grad_filter.nbytes,
+    }
+    total = sum(state.values())
+    return {
+        **state,
+        "training_state_bytes": total,
+        "filter_share": state["filter_bytes"] / total if total else 0.0,
+        "peak_bytes": peak,
+        "peak_kind": peak_kind,
+    }
+
+
+def format_memory(mem: dict[str, Any]) -> str:
+    mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
+    return (
+        f"memory: params {mb(mem['params_bytes'])}, grads {mb(mem['grads_bytes'])}, "
+        f"optimizer {mb(mem['optimizer_bytes'])}, filter {mb(mem['filter_bytes'])} "
+        f"({100 * mem['filter_share']:.1f}% of training state), peak {mb(mem['peak_bytes'])} ({mem['peak_kind']})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """Sequence length and batch size at each step: a function of the step alone, never of the loss."""
+
+    seq_len: int
+    batch_size: int
+    seq_warmup: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size
+
+    def length_at(self, step: int) -> int:
+        if not self.seq_warmup or self.seq_len <= SEQ_START:
+            return self.seq_len
+        return min(SEQ_START * 2 ** (step // SEQ_GROWTH_STEPS), self.seq_len)
+
+    def batch_at(self, step: int) -> int:
+        return self.tokens_per_step // self.length_at(step)
+
+    def steps_for(self, tokens: float) -> int:
+        """Steps needed to see at least `tokens` training tokens."""
+        step, seen = 0, 0
+        while seen < tokens:
+            seen += self.batch_at(step) * self.length_at(step)
+            step += 1
+        return step
+
+
+def eval_due(tokens_before: int, tokens_after: int, tokens_per_eval: float) -> bool:
+    return math.floor(tokens_after / tokens_per_eval) > math.floor(tokens_before / tokens_per_eval)
+
+
+# ----------------------------------------------------------------------------------------------- parts
+
+
+def build_filter(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], compile: bool) -> GradFilter:
+    """The Grokfast filter of the run; a no-op object when it is off, so the step has no branch for it."""
+    if not cfg.grokfast:
+        return NoFilter()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "param": None}[cfg.filter_dtype]
+    if cfg.filter == "ema":
+        return EMAFilter(named_params, alpha=cfg.alpha, gain=cfg.gain, dtype=dtype, compile=compile)
+    return MAFilter(named_params, window=cfg.window, gain=cfg.gain, dtype=dtype, compile=compile)
+
+
+def build_optimizer(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], device: torch.device):
+    groups = param_groups(named_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    grok = {}
+    if cfg.optimizer == "grokadamw":
+        grok = dict(alpha_init=cfg.alpha, lamb=cfg.gain, gamma=cfg.grok_gamma, kappa=cfg.grok_kappa)
+    optimizer = make_optimizer(groups, kind=cfg.optimizer, device_type=device.type, **grok)
+    return optimizer, make_scheduler(optimizer, warmup_steps=cfg.warmup_steps)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer honours `optimizer.found_inf` itself (fused AdamW and GrokAdamW do)."""
+    return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, GrokAdamW)
+
+
+def optimizer_step(
+    forward: Callable[[Tensor, Tensor], Tensor],
+    micro_batches: list[tuple[Tensor, Tensor]],
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grad_filter: GradFilter,
+    clip: float | None,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One optimizer step, in the order SPEC §4 fixes. Returns (mean loss, grad norm, found_inf) on device.
+
+    backward over micro-batches → (DDP all-reduce happens inside backward) → non-finite check → Grokfast filter
+    → optional clip → optimizer step → schedule step → zero grads.
+    """
+    loss_sum = None
+    for x, y in micro_batches:
+        with autocast():
+            loss = forward(x, y)
+        (loss / len(micro_batches)).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    # A 0/1 tensor rather than a bool: the filter and the optimizer skip on device, with no host sync.
+    found_inf = (~torch.isfinite(grad_norm)).float()
+    if skips_on_device(optimizer):
+        grad_filter.step(found_inf)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        optimizer.found_inf = found_inf
+        optimizer.step()
+    elif not found_inf.item():  # optimizers that cannot skip on device pay one sync per step
+        grad_filter.step()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / len(micro_batches), grad_norm, found_inf
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[Tensor, Tensor], Tensor], X: Tensor, Y: Tensor, batch_size: int,
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> Tensor:
+    """Mean token loss over the fixed validation windows (all windows have the same length)."""
+    total = torch.zeros((), device=X.device)
+    for i in range(0, len(X), batch_size):
+        with autocast():
+            total += forward(X[i:i + batch_size], Y[i:i + batch_size]).float() * len(X[i:i + batch_size])
+    return total / len(X)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int) -> dict[str, Any]:
+    return {
+        **cfg.to_dict(),
+        "resolved_device": str(device),
+        "n_params": n_params,
+        "train_tokens": n_train_tokens,
+        "versions": {"hlb_gpt": hlb_gpt.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True) -> dict[str, Any]:
+    """Train one run into `run_dir` and return its summary (also written to summary.json).
+
+    A run that fails or is interrupted still gets a summary with that status before the exception propagates.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    say = tqdm.write if progress else logger.info
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    compile_model = device.type == "cuda" if cfg.compile is None else cfg.compile
+    autocast = autocast_for(device, cfg.precision)
+
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    tokens = load_tokens(cfg.dataset, tokenizer, Path(cfg.data_cache),
+                         Path(cfg.data_dir) if cfg.data_dir else None)
+    n_train = len(tokens["train"])
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = GPTConfig(vocab_size=pad_vocab(tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,
+                          max_seq_len=cfg.seq_len, gate=cfg.gate)
+    model = GPT(model_cfg).to(device)
+    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_params]
+    optimizer, scheduler = build_optimizer(cfg, named_params, device)
+    grad_filter = build_filter(cfg, named_params, compile=compile_model)
+    forward = torch.compile(model) if compile_model else model
+
+    sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
+    eval_x, eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len, cfg.eval_tokens or None))
+    schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
+    total_steps = schedule.steps_for(cfg.epochs * n_train)
+    tokens_per_eval = n_train / cfg.evals_per_epoch
+
+    writer = RunWriter(run_dir)
+    writer.write_config(config_record(cfg, device, model.num_params(), n_train))
+    writer.start_metrics()
+    say(f"{run_dir.name}: {model.num_params():,} parameters on {device}, {n_train:,} training tokens, "
+        f"{total_steps:,} steps of {schedule.tokens_per_step:,} tokens")
+
+    step = tokens_seen = 0
+    train_time = 0.0
+    best = final = float("nan")
+    last_val = float("nan")
+    memory: dict[str, Any] = {}
+    status, error = "completed", None
+    wall_start = time.perf_counter()
+    # Device-side accumulators, read only at logging points.
+    loss_acc = torch.zeros((), device=device)
+    loss_count = 0
+    consecutive_bad = torch.zeros((), device=device)
+    worst_bad_run = torch.zeros((), device=device)
+    mark_tokens, mark_time = 0, 0.0
+    grad_norm = torch.full((), float("nan"), device=device)
+    bar = tqdm(total=total_steps, unit="step", disable=not progress, dynamic_ncols=True, leave=True)
+
+    def log_point(train_loss: float) -> None:
+        nonlocal best, final, last_val, mark_tokens, mark_time
+        val = evaluate(forward, eval_x, eval_y, cfg.batch_size, autocast).item()
+        last_val, final = val, val
+        best = val if math.isnan(best) else min(best, val)
+        ratio = grad_filter.ratio().item()
+        interval = train_time - mark_time
+        row = {
+            "epoch": tokens_seen / n_train,
+            "step": step,
+            "tokens": tokens_seen,
+            "train_loss": train_loss,
+            "val_loss": val,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm.item(),
+            "ema_ratio": None if math.isnan(ratio) else ratio,
+            "time_s": train_time,
+            "tokens_per_s": (tokens_seen - mark_tokens) / interval if interval > 0 else None,
+        }
+        writer.append_metrics(row)
+        if isinstance(optimizer, GrokAdamW):  # its filter reads the gap between validation and training loss
+            optimizer.set_grokking_signal(train_loss, val)
+        mark_tokens, mark_time = tokens_seen, train_time
+        if not math.isfinite(val):
+            raise Diverged(f"validation loss is {val} at step {step}")
+
+    try:
+        tick = time.perf_counter()
+        while step < total_steps:
+            length, batch = schedule.length_at(step), schedule.batch_at(step)
+            x, y = sampler.sample(batch, length)
+            micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
+            loss, grad_norm, found_inf = optimizer_step(
+                forward, micro, params, optimizer, scheduler, grad_filter, cfg.clip, autocast)
+            loss_acc += loss
+            loss_count += 1
+            consecutive_bad = (consecutive_bad + found_inf) * found_inf
+            worst_bad_run = torch.maximum(worst_bad_run, consecutive_bad)
+            before, tokens_seen, step = tokens_seen, tokens_seen + batch * length, step + 1
+            bar.update(1)
+
+            evaluate_now = eval_due(before, tokens_seen, tokens_per_eval) or step == total_steps
+            if evaluate_now or step % REFRESH_STEPS == 0 or step == 1:
+                synchronize(device)
+                train_time += time.perf_counter() - tick
+                if worst_bad_run.item() > cfg.max_bad_steps:
+                    raise Diverged(f"more than {cfg.max_bad_steps} consecutive non-finite steps by step {step}")
+                train_loss = (loss_acc / max(loss_count, 1)).item()
+                if step == 1:
+                    memory = memory_breakdown(model, optimizer, grad_filter, device)
+                    say(format_memory(memory))
+                if evaluate_now:
+                    loss_acc.zero_()
+                    loss_count = 0
+                    log_point(train_loss)
+                rate = (tokens_seen - mark_tokens) / max(train_time - mark_time, 1e-9) if not evaluate_now else None
+                bar.set_postfix_str(_postfix(tokens_seen / n_train, train_loss, last_val, rate), refresh=False)
+                tick = time.perf_counter()
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
+        say(f"{run_dir.name}: diverged: {exc}")
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt"
+        raise
+    except Exception as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        bar.close()
+        if not memory:
+            memory = memory_breakdown(model, optimizer, grad_filter, device)
+        else:
+            memory.update(dict(zip(("peak_bytes", "peak_kind"), peak_memory(device))))
+        summary = {
+            "status": status,
+            "error": error,
+            "best_val_loss": best,
+            "final_val_loss": final,
+            "steps": step,
+            "tokens": tokens_seen,
+            "epochs": tokens_seen / n_train,
+            "train_time_s": train_time,
+            "wall_time_s": time.perf_counter() - wall_start,
+            "step_time_s": train_time / step if step else None,
+            "memory": memory,
+        }
+        writer.write_summary(summary)
+    return summary
+
+
+def _postfix(epoch: float, train_loss: float, val_loss: float, rate: float | None) -> str:
+    parts = [f"epoch {epoch:.3f}", f"loss {train_loss:.3f}", "val -" if math.isnan(val_loss) else f"val {val_loss:.3f}"]
+    if rate:
+        parts.append(f"{rate / 1e3:.1f}k tok/s")
+    return " | ".join(parts)

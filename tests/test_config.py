@@ -1,0 +1,56 @@
+import pytest
+
+from hlb_gpt.config import PRESETS, ConfigError, RunConfig
+
+
+def test_preset_fills_every_unset_model_and_batch_setting():
+    cfg = RunConfig(preset="tiny")
+    tiny = PRESETS["tiny"]
+    assert (cfg.depth, cfg.width, cfg.seq_len, cfg.batch_size, cfg.lr, cfg.eval_tokens) == (
+        tiny.depth, tiny.width, tiny.seq_len, tiny.batch_size, tiny.lr, tiny.eval_tokens)
+
+
+def test_explicit_values_override_the_preset():
+    cfg = RunConfig(preset="hlb", depth=2, lr=1e-3)
+    assert cfg.depth == 2 and cfg.lr == 1e-3 and cfg.width == PRESETS["hlb"].width
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = RunConfig(preset="tiny", grokfast=True, alpha=0.9, seed=3)
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_from_dict_ignores_record_only_keys():
+    values = {**RunConfig(preset="tiny").to_dict(), "versions": {"torch": "x"}, "n_params": 5}
+    assert RunConfig.from_dict(values) == RunConfig(preset="tiny")
+
+
+@pytest.mark.parametrize("changes, flag", [
+    ({"alpha": 1.0}, "--alpha"),
+    ({"alpha": -0.1}, "--alpha"),
+    ({"gain": -1.0}, "--gain"),
+    ({"window": 0}, "--window"),
+    ({"epochs": 0}, "--epochs"),
+    ({"epochs": -1.0}, "--epochs"),
+    ({"width": 100}, "--width"),
+    ({"depth": 0}, "--depth"),
+    ({"dataset": "wikitext-9"}, "--dataset"),
+    ({"tokenizer": "sentencepiece"}, "--tokenizer"),
+    ({"gate": "tanh"}, "--gate"),
+    ({"batch_size": 6, "grad_accum": 4}, "--grad-accum"),
+    ({"lr": 0.0}, "--lr"),
+    ({"weight_decay": -0.1}, "--weight-decay"),
+    ({"clip": 0.0}, "--clip"),
+    ({"evals_per_epoch": 0}, "--evals-per-epoch"),
+    ({"eval_tokens": -5}, "--eval-tokens"),
+    ({"data_dir": "/nonexistent/wikitext"}, "--data-dir"),
+    ({"grokfast": True, "optimizer": "grokadamw"}, "--grokfast"),
+])
+def test_bad_settings_are_rejected_with_a_message_naming_the_flag(changes, flag):
+    with pytest.raises(ConfigError, match=flag):
+        RunConfig(preset="tiny", **changes)
+
+
+def test_replace_revalidates():
+    with pytest.raises(ConfigError, match="--alpha"):
+        RunConfig(preset="tiny").replace(alpha=2.0)

@@ -1,0 +1,72 @@
+from hlb_gpt.config import RunConfig
+from hlb_gpt.records import RunWriter, read_run
+from hlb_gpt.sweep import expand_grid, run_name, run_sweep
+
+BASE = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes")
+
+
+def _fake_train(fail_names=()):
+    calls = []
+
+    def train(cfg, run_dir, progress=True):
+        calls.append(run_dir.name)
+        writer = RunWriter(run_dir)
+        writer.write_config(cfg.to_dict())
+        if run_dir.name in fail_names:
+            raise RuntimeError("boom")
+        summary = {"status": "completed", "best_val_loss": 1.0}
+        writer.write_summary(summary)
+        return summary
+
+    return train, calls
+
+
+def test_a_single_run_is_a_sweep_of_one():
+    configs = expand_grid(BASE, {}, grokfast=False, baseline=False)
+    assert len(configs) == 1 and not configs[0].grokfast
+    assert run_name(configs[0]) == "baseline-s0"
+
+
+def test_grokfast_grid_with_baseline_has_every_point_for_every_seed():
+    grid = {"alpha": [0.8, 0.99], "gain": [0.1, 5.0], "seed": [0, 1]}
+    configs = expand_grid(BASE.replace(grokfast=True), grid, grokfast=True, baseline=True)
+    assert len(configs) == 10
+    for seed in (0, 1):
+        mine = [c for c in configs if c.seed == seed]
+        assert sum(not c.grokfast for c in mine) == 1
+        assert {(c.alpha, c.gain) for c in mine if c.grokfast} == {(0.8, 0.1), (0.8, 5.0), (0.99, 0.1), (0.99, 5.0)}
+    assert len({run_name(c) for c in configs}) == 10
+
+
+def test_without_grokfast_only_the_unfiltered_configuration_runs():
+    configs = expand_grid(BASE, {"alpha": [0.8, 0.9], "seed": [0, 1, 2]}, grokfast=False, baseline=False)
+    assert [c.seed for c in configs] == [0, 1, 2] and not any(c.grokfast for c in configs)
+
+
+def test_ma_points_vary_window_and_gain_and_name_them():
+    configs = expand_grid(BASE.replace(grokfast=True, filter="ma"), {"filter": ["ma"], "window": [10, 100]},
+                          grokfast=True, baseline=False)
+    assert [run_name(c) for c in configs] == ["ma-w10-g2-s0", "ma-w100-g2-s0"]
+
+
+def test_model_knobs_in_the_grid_appear_in_run_names():
+    configs = expand_grid(BASE, {"depth": [2, 4]}, grokfast=False, baseline=False)
+    assert [run_name(c, vary=["depth"]) for c in configs] == ["baseline-d2-s0", "baseline-d4-s0"]
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+    configs = expand_grid(BASE, {"seed": [0, 1, 2]}, grokfast=False, baseline=False)
+    train, calls = _fake_train(fail_names={"baseline-s1"})
+    results = run_sweep(configs, tmp_path, train_fn=train, progress=False)
+    assert [r.status for r in results] == ["completed", "failed", "completed"]
+    assert read_run(tmp_path / "baseline-s1").summary["error"] == "RuntimeError: boom"
+
+
+def test_rerunning_a_sweep_skips_completed_runs_and_retries_the_rest(tmp_path):
+    configs = expand_grid(BASE, {"seed": [0, 1]}, grokfast=False, baseline=False)
+    train, _ = _fake_train(fail_names={"baseline-s1"})
+    run_sweep(configs, tmp_path, train_fn=train, progress=False)
+    train, calls = _fake_train()
+    results = run_sweep(configs, tmp_path, train_fn=train, progress=False)
+    assert calls == ["baseline-s1"]
+    assert [r.status for r in results] == ["completed", "completed"]

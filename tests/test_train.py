@@ -1,0 +1,141 @@
+import json
+import math
+
+import pytest
+import torch
+
+from hlb_gpt.config import RunConfig
+from hlb_gpt.records import METRIC_KEYS, read_run
+from hlb_gpt.train import BatchSchedule, eval_due, train
+
+TIME_KEYS = {"time_s", "tokens_per_s"}
+
+
+def tiny(tmp_path, **changes):
+    values = dict(dataset="mini", preset="tiny", tokenizer="bytes", data_cache=str(tmp_path / "cache"),
+                  depth=2, width=64, epochs=0.006, evals_per_epoch=500, eval_tokens=4096, seq_len=64, batch_size=8)
+    values.update(changes)
+    return RunConfig(**values)
+
+
+def numbers(run_dir):
+    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in read_run(run_dir).metrics]
+
+
+def test_sequence_warmup_doubles_every_80_steps_at_constant_tokens_per_step():
+    s = BatchSchedule(seq_len=256, batch_size=16, seq_warmup=True)
+    assert [s.length_at(k) for k in (0, 79, 80, 160, 240, 10_000)] == [32, 32, 64, 128, 256, 256]
+    assert {s.batch_at(k) * s.length_at(k) for k in (0, 80, 160, 240)} == {16 * 256}
+
+
+def test_without_sequence_warmup_every_step_is_full_length():
+    s = BatchSchedule(seq_len=256, batch_size=16, seq_warmup=False)
+    assert s.length_at(0) == 256 and s.batch_at(0) == 16
+
+
+def test_steps_for_covers_the_requested_tokens():
+    s = BatchSchedule(seq_len=100, batch_size=3, seq_warmup=True)
+    steps = s.steps_for(10_000)
+    seen = sum(s.batch_at(k) * s.length_at(k) for k in range(steps))
+    assert seen >= 10_000 > seen - s.batch_at(steps - 1) * s.length_at(steps - 1)
+
+
+def test_eval_is_due_when_a_token_threshold_is_crossed():
+    assert eval_due(90, 110, 100) and not eval_due(110, 190, 100) and eval_due(190, 200, 100)
+
+
+def test_a_short_run_writes_config_metrics_and_summary(tmp_path):
+    cfg = tiny(tmp_path)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    run = read_run(tmp_path / "run")
+    assert summary["status"] == "completed" == run.status
+    assert run.config["seed"] == 0 and run.config["versions"]["torch"] == torch.__version__
+    assert run.config["resolved_device"] == "cpu"
+    assert len(run.metrics) >= 2
+    for row in run.metrics:
+        assert set(METRIC_KEYS) <= set(row)
+        assert math.isfinite(row["val_loss"]) and math.isfinite(row["train_loss"])
+        assert row["ema_ratio"] is None  # no filter
+    assert [r["step"] for r in run.metrics] == sorted(r["step"] for r in run.metrics)
+    assert run.metrics[-1]["step"] == summary["steps"]
+    assert summary["final_val_loss"] == run.metrics[-1]["val_loss"]
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in run.metrics)
+    assert abs(run.metrics[-1]["epoch"] - summary["tokens"] / run.config["train_tokens"]) < 1e-12
+
+
+def test_summary_reports_exact_memory_of_params_grads_and_optimizer_state(tmp_path):
+    cfg = tiny(tmp_path)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    n = read_run(tmp_path / "run").config["n_params"]
+    mem = summary["memory"]
+    assert mem["params_bytes"] == 4 * n and mem["grads_bytes"] == 4 * n
+    # AdamW keeps two float32 moments per parameter, plus one step counter per tensor.
+    assert 8 * n <= mem["optimizer_bytes"] <= 8 * n + 8 * 64
+    assert mem["filter_bytes"] == 0 and mem["peak_bytes"] > mem["params_bytes"]
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    cfg = tiny(tmp_path)
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
+
+
+def test_another_seed_gives_other_metrics(tmp_path):
+    train(tiny(tmp_path), tmp_path / "a", progress=False)
+    train(tiny(tmp_path, seed=1), tmp_path / "b", progress=False)
+    assert numbers(tmp_path / "a") != numbers(tmp_path / "b")
+
+
+def test_the_gpt2_tokenizer_trains_offline_on_mini(tmp_path):
+    cfg = tiny(tmp_path, tokenizer="gpt2", depth=1, width=32, epochs=0.03, evals_per_epoch=80)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    run = read_run(tmp_path / "run")
+    assert summary["status"] == "completed" and run.config["train_tokens"] == 286_221
+    assert len(run.metrics) >= 2 and all(math.isfinite(r["val_loss"]) for r in run.metrics)
+
+
+@pytest.mark.parametrize("gate", ["relu", "sigmoid"])
+def test_gated_blocks_train(tmp_path, gate):
+    summary = train(tiny(tmp_path, gate=gate), tmp_path / "run", progress=False)
+    assert summary["status"] == "completed" and math.isfinite(summary["final_val_loss"])
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    summary = train(tiny(tmp_path, precision="bf16"), tmp_path / "run", progress=False)
+    assert summary["status"] == "completed" and math.isfinite(summary["final_val_loss"])
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    train(tiny(tmp_path), tmp_path / "a", progress=False)
+    train(tiny(tmp_path, grad_accum=4), tmp_path / "b", progress=False)
+    a, b = numbers(tmp_path / "a"), numbers(tmp_path / "b")
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_on_cpu_and_matches_eager(tmp_path):
+    train(tiny(tmp_path), tmp_path / "eager", progress=False)
+    summary = train(tiny(tmp_path, compile=True), tmp_path / "compiled", progress=False)
+    assert summary["status"] == "completed"
+    eager, compiled = numbers(tmp_path / "eager"), numbers(tmp_path / "compiled")
+    assert len(eager) == len(compiled)
+    for a, b in zip(eager, compiled):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_the_issue_check_command_learns_and_repeats_exactly(tmp_path):
+    """`hlb-gpt --dataset mini --preset tiny --tokenizer bytes --epochs 0.2 --evals-per-epoch 10`."""
+    cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", epochs=0.2, evals_per_epoch=10,
+                    data_cache=str(tmp_path / "cache"))
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    rows = numbers(tmp_path / "a")
+    assert len(rows) >= 2
+    vals = [r["val_loss"] for r in rows]
+    assert all(math.isfinite(v) for v in vals)
+    assert all(later < earlier for earlier, later in zip(vals, vals[1:])), vals
+    assert rows == numbers(tmp_path / "b")
