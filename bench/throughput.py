@@ -50,9 +50,9 @@ def measure(cfg: RunConfig, steps: int, warmup: int) -> dict:
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss, _, _ = step()
+        result = step()
     synchronize(device)
-    loss.item()
+    result.loss.item()
     dt = time.perf_counter() - t0
     return {"step_ms": 1e3 * dt / steps, "tokens_per_s": steps * cfg.batch_size * cfg.seq_len / dt,
             "warmup_s": warm, "n_params": model.num_params()}

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from hlb_gpt import __version__
-from hlb_gpt.config import (DATASETS, DEVICES, FILTER_DTYPES, FILTERS, GATES, OPTIMIZERS, PRECISIONS, PRESETS,
+from hlb_gpt.config import (TASKS, DATASETS, DEVICES, FILTER_DTYPES, FILTERS, GATES, OPTIMIZERS, PRECISIONS, PRESETS,
                             TOKENIZERS, ConfigError, RunConfig)
 
 LIST_KEYS = ("seed", "alpha", "gain", "depth", "width", "gate", "filter", "window")
@@ -44,6 +44,8 @@ FLOATS, INTS = CommaList(click.FLOAT), CommaList(click.INT)
 def _options(fn: Callable) -> Callable:
     """The training flags, in the order --help shows them."""
     opts = [
+        click.option("--task", type=click.Choice(TASKS), default="lm", show_default=True,
+                     help="lm: WikiText language modelling; modular: the (x * y) mod 97 grokking benchmark."),
         # data
         click.option("--dataset", type=click.Choice(DATASETS), default="wikitext-103", show_default=True,
                      help="Training corpus. `mini` is bundled (WikiText-2 test as train, valid as valid) and works offline."),
@@ -54,8 +56,9 @@ def _options(fn: Callable) -> Callable:
         click.option("--tokenizer", type=click.Choice(TOKENIZERS), default="gpt2", show_default=True,
                      help="gpt2: GPT-2 BPE (bundled ranks, no download); bytes: UTF-8 bytes, vocab 256."),
         # model and batch
-        click.option("--preset", type=click.Choice(tuple(PRESETS)), default="hlb", show_default=True,
-                     help="hlb: hlb-gpt's 46M model (8 x 384); tiny: laptop scale (4 x 128, seq 256, batch 16)."),
+        click.option("--preset", type=click.Choice(tuple(PRESETS)), default=None,
+                     help="hlb: hlb-gpt's 46M model (8 x 384); tiny: laptop scale (4 x 128, seq 256, batch 16); "
+                          "modular: the grokking benchmark's model [hlb, or modular with --task modular]."),
         click.option("--depth", type=INTS, default=None, help="Number of blocks [preset]. List for a grid."),
         click.option("--width", type=INTS, default=None, help="Residual width, divisible by 8 [preset]. List for a grid."),
         click.option("--gate", type=CommaList(click.Choice(GATES)), default="none", show_default=True,
@@ -70,9 +73,9 @@ def _options(fn: Callable) -> Callable:
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
                      help="grokadamw: AdamW with a built-in Grokfast EMA (uses --alpha, --gain)."),
         click.option("--lr", type=float, default=None, help="Base learning rate of the block matrices [preset]."),
-        click.option("--weight-decay", type=float, default=0.01, show_default=True,
-                     help="Decoupled weight decay of the block matrices (constant: not loss-dependent as in hlb-gpt)."),
-        click.option("--warmup-steps", type=int, default=100, show_default=True, help="Linear learning-rate warmup."),
+        click.option("--weight-decay", type=float, default=None,
+                     help="Weight decay of the block matrices, constant (not loss-dependent as in hlb-gpt) [0.01; modular 0]."),
+        click.option("--warmup-steps", type=int, default=None, help="Linear learning-rate warmup [100; modular 10]."),
         click.option("--clip", type=float, default=None, help="Clip the global gradient norm after the filter [off]."),
         click.option("--grok-kappa", type=float, default=0.1, show_default=True,
                      help="GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal)."),
@@ -95,6 +98,9 @@ def _options(fn: Callable) -> Callable:
         click.option("--eval-tokens", type=int, default=None,
                      help="Validation tokens per evaluation, from the start of the split; 0 = all [preset]."),
         click.option("--seed", type=INTS, default="0", show_default=True, help="Seed(s); shared by all configurations."),
+        click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps [no limit]."),
+        click.option("--target-acc", type=float, default=None,
+                     help="--task modular: stop once validation accuracy reaches this (e.g. 0.95)."),
         click.option("--max-bad-steps", type=int, default=10, show_default=True,
                      help="Consecutive non-finite steps before a run counts as diverged."),
         click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -196,7 +202,7 @@ def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list
     grid = {k: v for k, v in grid.items() if v is not None}
     first = {k: v[0] for k, v in grid.items()}
     base = RunConfig(
-        dataset=flags["dataset"], data_dir=flags["data_dir"], data_cache=flags["data_cache"],
+        task=flags["task"], dataset=flags["dataset"], data_dir=flags["data_dir"], data_cache=flags["data_cache"],
         tokenizer=flags["tokenizer"], preset=flags["preset"], depth=first.get("depth"), width=first.get("width"),
         gate=first["gate"], seq_len=flags["seq_len"], batch_size=flags["batch_size"], grad_accum=flags["grad_accum"],
         seq_warmup=flags["seq_warmup"], optimizer=flags["optimizer"], lr=flags["lr"],
@@ -204,7 +210,8 @@ def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list
         grok_kappa=flags["grok_kappa"], grok_gamma=flags["grok_gamma"], grokfast=flags["grokfast"],
         filter=first["filter"], alpha=first["alpha"], gain=first["gain"], window=first["window"],
         filter_dtype=flags["filter_dtype"], epochs=flags["epochs"], evals_per_epoch=flags["evals_per_epoch"],
-        eval_tokens=flags["eval_tokens"], seed=first["seed"], max_bad_steps=flags["max_bad_steps"],
+        eval_tokens=flags["eval_tokens"], seed=first["seed"], max_steps=flags["max_steps"],
+        target_acc=flags["target_acc"], max_bad_steps=flags["max_bad_steps"],
         device=flags["device"], precision=flags["precision"], compile=flags["compile"],
         wandb=flags["use_wandb"], wandb_project=flags["wandb_project"],
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+TASKS = ("lm", "modular")
 DATASETS = ("wikitext-103", "wikitext-2", "mini")
 TOKENIZERS = ("gpt2", "bytes")
 GATES = ("none", "relu", "sigmoid")
@@ -35,6 +36,8 @@ class Preset:
     batch_size: int
     lr: float
     eval_tokens: int
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
 
 
 PRESETS: dict[str, Preset] = {
@@ -43,20 +46,27 @@ PRESETS: dict[str, Preset] = {
     "hlb": Preset(depth=8, width=384, seq_len=1024, batch_size=64, lr=2.5e-3, eval_tokens=153_600),
     # Laptop scale: an epoch of `mini` with --tokenizer bytes in well under a minute on 2 CPU cores.
     "tiny": Preset(depth=4, width=128, seq_len=256, batch_size=16, lr=2e-3, eval_tokens=65_536),
+    # The grokking benchmark (SPEC §9, after Lee et al. 2024): 2 layers of width 128, batches of 512,
+    # Adam lr 1e-3 with a 10-step warmup, no weight decay unless given; sequences are `x op y =`.
+    "modular": Preset(depth=2, width=128, seq_len=4, batch_size=512, lr=1e-3, eval_tokens=0,
+                      weight_decay=0.0, warmup_steps=10),
 }
+DEFAULT_PRESET = {"lm": "hlb", "modular": "modular"}
 
 
 @dataclass
 class RunConfig:
     """One training run. Field names match the CLI flags (underscores become dashes)."""
 
+    # task: WikiText language modelling, or the (x * y) mod 97 grokking benchmark
+    task: str = "lm"
     # data
     dataset: str = "wikitext-103"
     data_dir: str | None = None
     data_cache: str = "data"
     tokenizer: str = "gpt2"
-    # model and batch (None: the preset's value)
-    preset: str = "hlb"
+    # model and batch (None: the preset's value; the preset defaults to the task's)
+    preset: str | None = None
     depth: int | None = None
     width: int | None = None
     gate: str = "none"
@@ -67,8 +77,8 @@ class RunConfig:
     # optimisation
     optimizer: str = "adamw"
     lr: float | None = None
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
     clip: float | None = None
     grok_kappa: float = 0.1
     grok_gamma: float = 0.1
@@ -84,6 +94,8 @@ class RunConfig:
     evals_per_epoch: int = 1
     eval_tokens: int | None = None
     seed: int = 0
+    max_steps: int | None = None
+    target_acc: float | None = None
     max_bad_steps: int = 10
     # hardware
     device: str = "auto"
@@ -94,8 +106,11 @@ class RunConfig:
     wandb_project: str = "hlb-gpt"
 
     def __post_init__(self) -> None:
+        _choice("--task", self.task, TASKS)
         _choice("--dataset", self.dataset, DATASETS)
         _choice("--tokenizer", self.tokenizer, TOKENIZERS)
+        if self.preset is None:
+            self.preset = DEFAULT_PRESET[self.task]
         _choice("--preset", self.preset, tuple(PRESETS))
         _choice("--gate", self.gate, GATES)
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
@@ -104,7 +119,7 @@ class RunConfig:
         _choice("--precision", self.precision, PRECISIONS)
         _choice("--device", self.device, DEVICES)
         preset = PRESETS[self.preset]
-        for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens"):
+        for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens", "weight_decay", "warmup_steps"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
         self._validate()
@@ -149,6 +164,10 @@ class RunConfig:
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0 (got {self.seed})")
         _positive("--max-bad-steps", self.max_bad_steps)
+        if self.max_steps is not None:
+            _positive("--max-steps", self.max_steps)
+        if self.target_acc is not None and not (0 < self.target_acc <= 1):
+            raise ConfigError(f"--target-acc must be in (0, 1] (got {self.target_acc})")
         if self.data_dir is not None:
             for split in ("wiki.train.raw", "wiki.valid.raw"):
                 if not (Path(self.data_dir) / split).is_file():

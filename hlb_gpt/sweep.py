@@ -74,8 +74,6 @@ class SweepResult:
 def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
               train_fn: Callable[..., dict[str, Any]] | None = None, progress: bool = True) -> list[SweepResult]:
     """Run every config into `out/<run name>/`; completed runs are skipped, a failed run does not stop the rest."""
-    if train_fn is None:
-        from hlb_gpt.train import train as train_fn
     out = Path(out)
     results = []
     for i, cfg in enumerate(configs, 1):
@@ -87,7 +85,7 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
             continue
         logger.info("[%d/%d] %s", i, len(configs), name)
         try:
-            summary = train_fn(cfg, run_dir, progress=progress)
+            summary = (train_fn or trainer_for(cfg))(cfg, run_dir, progress=progress)
         except (KeyboardInterrupt, DataUnavailable):
             raise  # the user stopped, or no run can get its data: stop the sweep
         except Exception as exc:  # one broken configuration must not cost the others
@@ -95,6 +93,17 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
             summary = _record_failure(cfg, run_dir, exc)
         results.append(SweepResult(name, summary["status"], summary))
     return results
+
+
+def trainer_for(cfg: RunConfig) -> Callable[..., dict[str, Any]]:
+    """The training function of the config's task (imported here: it brings in torch)."""
+    if cfg.task == "modular":
+        from hlb_gpt.tasks.modular import train_modular
+
+        return train_modular
+    from hlb_gpt.train import train
+
+    return train
 
 
 def _record_failure(cfg: RunConfig, run_dir: Path, exc: Exception) -> dict[str, Any]:

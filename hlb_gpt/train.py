@@ -27,6 +27,7 @@ from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
 from hlb_gpt.records import RunWriter
+from hlb_gpt.tracking import make_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,14 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, GrokAdamW)
 
 
+@dataclass
+class StepResult:
+    loss: Tensor  # mean over the micro-batches
+    grad_norm: Tensor  # global, before the filter
+    found_inf: Tensor  # 1.0 when the step was skipped for non-finite gradients
+    ema_ratio: Tensor | None  # the filter's ‖mu‖/‖g‖, when measured
+
+
 def optimizer_step(
     forward: Callable[[Tensor, Tensor], Tensor],
     micro_batches: list[tuple[Tensor, Tensor]],
@@ -189,11 +198,13 @@ def optimizer_step(
     grad_filter: GradFilter,
     clip: float | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One optimizer step, in the order SPEC §4 fixes. Returns (mean loss, grad norm, found_inf) on device.
+    measure: bool = False,
+) -> StepResult:
+    """One optimizer step, in the order SPEC §4 fixes; every value it returns stays on the device.
 
     backward over micro-batches → (DDP all-reduce happens inside backward) → non-finite check → Grokfast filter
-    → optional clip → optimizer step → schedule step → zero grads.
+    → optional clip → optimizer step → schedule step → zero grads. With `measure`, the filter's ‖mu‖/‖g‖ is
+    taken right after it acts (the gradients are gone afterwards): only steps that end at a logging point ask.
     """
     loss_sum = None
     for x, y in micro_batches:
@@ -205,20 +216,19 @@ def optimizer_step(
     grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     # A 0/1 tensor rather than a bool: the filter and the optimizer skip on device, with no host sync.
     found_inf = (~torch.isfinite(grad_norm)).float()
-    if skips_on_device(optimizer):
-        grad_filter.step(found_inf)
+    ratio = None
+    on_device = skips_on_device(optimizer)
+    if on_device or not found_inf.item():  # optimizers that cannot skip on device pay one sync per step
+        grad_filter.step(found_inf if on_device else None)
+        ratio = grad_filter.ratio() if measure else None
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-        optimizer.found_inf = found_inf
-        optimizer.step()
-    elif not found_inf.item():  # optimizers that cannot skip on device pay one sync per step
-        grad_filter.step()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        if on_device:
+            optimizer.found_inf = found_inf
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / len(micro_batches), grad_norm, found_inf
+    return StepResult(loss_sum / len(micro_batches), grad_norm, found_inf, ratio)
 
 
 @torch.no_grad()
@@ -277,12 +287,13 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True) -> dict[st
     sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
     eval_x, eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len, cfg.eval_tokens or None))
     schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
-    total_steps = schedule.steps_for(cfg.epochs * n_train)
+    total_steps = min(schedule.steps_for(cfg.epochs * n_train), cfg.max_steps or math.inf)
     tokens_per_eval = n_train / cfg.evals_per_epoch
 
     writer = RunWriter(run_dir)
     writer.write_config(config_record(cfg, device, model.num_params(), n_train))
     writer.start_metrics()
+    tracker = make_tracker(cfg, run_dir)
     say(f"{run_dir.name}: {model.num_params():,} parameters on {device}, {n_train:,} training tokens, "
         f"{total_steps:,} steps of {schedule.tokens_per_step:,} tokens")
 
@@ -299,15 +310,14 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True) -> dict[st
     consecutive_bad = torch.zeros((), device=device)
     worst_bad_run = torch.zeros((), device=device)
     mark_tokens, mark_time = 0, 0.0
-    grad_norm = torch.full((), float("nan"), device=device)
     bar = tqdm(total=total_steps, unit="step", disable=not progress, dynamic_ncols=True, leave=True)
 
-    def log_point(train_loss: float) -> None:
+    def log_point(train_loss: float, result: StepResult) -> None:
         nonlocal best, final, last_val, mark_tokens, mark_time
         val = evaluate(forward, eval_x, eval_y, cfg.batch_size, autocast).item()
         last_val, final = val, val
         best = val if math.isnan(best) else min(best, val)
-        ratio = grad_filter.ratio().item()
+        ratio = math.nan if result.ema_ratio is None else result.ema_ratio.item()
         interval = train_time - mark_time
         row = {
             "epoch": tokens_seen / n_train,
@@ -316,12 +326,13 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True) -> dict[st
             "train_loss": train_loss,
             "val_loss": val,
             "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm.item(),
+            "grad_norm": result.grad_norm.item(),
             "ema_ratio": None if math.isnan(ratio) else ratio,
             "time_s": train_time,
             "tokens_per_s": (tokens_seen - mark_tokens) / interval if interval > 0 else None,
         }
         writer.append_metrics(row)
+        tracker.log(row)
         if isinstance(optimizer, GrokAdamW):  # its filter reads the gap between validation and training loss
             optimizer.set_grokking_signal(train_loss, val)
         mark_tokens, mark_time = tokens_seen, train_time
@@ -334,16 +345,16 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True) -> dict[st
             length, batch = schedule.length_at(step), schedule.batch_at(step)
             x, y = sampler.sample(batch, length)
             micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
-            loss, grad_norm, found_inf = optimizer_step(
-                forward, micro, params, optimizer, scheduler, grad_filter, cfg.clip, autocast)
-            loss_acc += loss
-            loss_count += 1
-            consecutive_bad = (consecutive_bad + found_inf) * found_inf
-            worst_bad_run = torch.maximum(worst_bad_run, consecutive_bad)
             before, tokens_seen, step = tokens_seen, tokens_seen + batch * length, step + 1
+            evaluate_now = eval_due(before, tokens_seen, tokens_per_eval) or step == total_steps
+            result = optimizer_step(forward, micro, params, optimizer, scheduler, grad_filter, cfg.clip, autocast,
+                                    measure=evaluate_now)
+            loss_acc += result.loss
+            loss_count += 1
+            consecutive_bad = (consecutive_bad + result.found_inf) * result.found_inf
+            worst_bad_run = torch.maximum(worst_bad_run, consecutive_bad)
             bar.update(1)
 
-            evaluate_now = eval_due(before, tokens_seen, tokens_per_eval) or step == total_steps
             if evaluate_now or step % REFRESH_STEPS == 0 or step == 1:
                 synchronize(device)
                 train_time += time.perf_counter() - tick
@@ -356,7 +367,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True) -> dict[st
                 if evaluate_now:
                     loss_acc.zero_()
                     loss_count = 0
-                    log_point(train_loss)
+                    log_point(train_loss, result)
                 rate = (tokens_seen - mark_tokens) / max(train_time - mark_time, 1e-9) if not evaluate_now else None
                 bar.set_postfix_str(_postfix(tokens_seen / n_train, train_loss, last_val, rate), refresh=False)
                 tick = time.perf_counter()
@@ -389,6 +400,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True) -> dict[st
             "memory": memory,
         }
         writer.write_summary(summary)
+        tracker.finish(summary)
     return summary
 
 

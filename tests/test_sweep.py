@@ -70,3 +70,35 @@ def test_rerunning_a_sweep_skips_completed_runs_and_retries_the_rest(tmp_path):
     results = run_sweep(configs, tmp_path, train_fn=train, progress=False)
     assert calls == ["baseline-s1"]
     assert [r.status for r in results] == ["completed", "completed"]
+
+
+def test_a_real_grid_sweep_pairs_seeds_and_survives_one_broken_run(tmp_path):
+    base = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", data_cache=str(tmp_path / "cache"),
+                     depth=1, width=32, seq_len=32, batch_size=4, epochs=0.0003, evals_per_epoch=20_000,
+                     eval_tokens=1024, grokfast=True)
+    grid = {"alpha": [0.8, 0.99], "gain": [0.1, 5.0], "seed": [0, 1]}
+    configs = expand_grid(base, grid, grokfast=True, baseline=True)
+    broken = configs[3]
+    broken.width = 12  # bypasses validation: the model refuses it when the run starts
+    results = run_sweep(configs, tmp_path / "sweep", progress=False)
+
+    folders = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    assert len(folders) == 10
+    statuses = {r.name: r.status for r in results}
+    assert statuses.pop(run_name(broken)) == "failed"
+    assert set(statuses.values()) == {"completed"}
+    runs = [read_run(tmp_path / "sweep" / name) for name in folders]
+    for seed in (0, 1):
+        mine = [r.config for r in runs if r.config["seed"] == seed]
+        assert len(mine) == 5
+        assert sum(not c["grokfast"] for c in mine) == 1
+        assert {(c["alpha"], c["gain"]) for c in mine if c["grokfast"]} == {(0.8, 0.1), (0.8, 5.0), (0.99, 0.1), (0.99, 5.0)}
+    # Paired design: a seed fixes the initial weights and the batches, and the EMA filter leaves the first
+    # gradient unchanged, so after step 1 every run of a seed is the same model; seeds differ.
+    after_step_1 = {}
+    for r in runs:
+        if r.status == "completed":
+            assert r.metrics[0]["step"] == 1
+            after_step_1.setdefault(r.config["seed"], set()).add(r.metrics[0]["val_loss"])
+    assert all(len(v) == 1 for v in after_step_1.values())
+    assert after_step_1[0] != after_step_1[1]

@@ -1,12 +1,15 @@
-import json
+import contextlib
 import math
 
 import pytest
 import torch
 
 from hlb_gpt.config import RunConfig
+from hlb_gpt.grokfast import EMAFilter
+from hlb_gpt.model import GPT, GPTConfig
+from hlb_gpt.optim import make_optimizer, make_scheduler, param_groups
 from hlb_gpt.records import METRIC_KEYS, read_run
-from hlb_gpt.train import BatchSchedule, eval_due, train
+from hlb_gpt.train import BatchSchedule, eval_due, optimizer_step, train
 
 TIME_KEYS = {"time_s", "tokens_per_s"}
 
@@ -139,3 +142,74 @@ def test_the_issue_check_command_learns_and_repeats_exactly(tmp_path):
     assert all(math.isfinite(v) for v in vals)
     assert all(later < earlier for earlier, later in zip(vals, vals[1:])), vals
     assert rows == numbers(tmp_path / "b")
+
+
+@pytest.mark.parametrize("changes, bytes_per_param", [
+    (dict(filter="ema"), 4),
+    (dict(filter="ema", filter_dtype="bfloat16"), 2),
+    (dict(filter="ma", window=3), (3 + 1) * 4),
+])
+def test_summary_reports_the_exact_filter_state_size(tmp_path, changes, bytes_per_param):
+    summary = train(tiny(tmp_path, grokfast=True, **changes), tmp_path / "run", progress=False)
+    n = read_run(tmp_path / "run").config["n_params"]
+    mem = summary["memory"]
+    assert mem["filter_bytes"] == bytes_per_param * n
+    total = mem["params_bytes"] + mem["grads_bytes"] + mem["optimizer_bytes"] + mem["filter_bytes"]
+    assert mem["training_state_bytes"] == total
+    assert mem["filter_share"] == pytest.approx(mem["filter_bytes"] / total)
+
+
+def test_filtered_runs_log_the_filter_strength_at_every_evaluation(tmp_path):
+    train(tiny(tmp_path, grokfast=True, alpha=0.9, gain=0.5), tmp_path / "run", progress=False)
+    ratios = [row["ema_ratio"] for row in read_run(tmp_path / "run").metrics]
+    assert ratios and all(r is not None and 0 < r < 10 for r in ratios)
+
+
+def test_the_filter_changes_training_and_a_zero_gain_filter_does_not(tmp_path):
+    train(tiny(tmp_path), tmp_path / "base", progress=False)
+    train(tiny(tmp_path, grokfast=True, gain=0.0), tmp_path / "g0", progress=False)
+    train(tiny(tmp_path, grokfast=True, gain=2.0), tmp_path / "g2", progress=False)
+    vals = {name: [r["val_loss"] for r in read_run(tmp_path / name).metrics] for name in ("base", "g0", "g2")}
+    assert vals["g0"] == vals["base"]
+    assert vals["g2"] != vals["base"]
+
+
+def test_grokadamw_trains_on_mini(tmp_path):
+    summary = train(tiny(tmp_path, optimizer="grokadamw", alpha=0.9, gain=0.5, epochs=0.02, evals_per_epoch=100),
+                    tmp_path / "run", progress=False)
+    vals = [r["val_loss"] for r in read_run(tmp_path / "run").metrics]
+    assert summary["status"] == "completed" and all(math.isfinite(v) for v in vals)
+    assert vals[-1] < vals[0]
+
+
+def _step_parts(named, lr=1e-3):
+    opt = make_optimizer(param_groups(named, lr=lr, weight_decay=0.0))
+    return opt, make_scheduler(opt), EMAFilter(named, alpha=0.9, gain=1.0)
+
+
+def test_filter_state_advances_once_per_optimizer_step_with_gradient_accumulation():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, depth=1, width=16, max_seq_len=8))
+    named = list(model.named_parameters())
+    opt, sched, ema = _step_parts(named)
+    x = torch.randint(0, 64, (8, 8))
+    micro = list(zip(x.chunk(4), x.roll(1, 1).chunk(4)))
+    for expected in (1, 2):
+        optimizer_step(model, micro, [p for _, p in named], opt, sched, ema, None, contextlib.nullcontext)
+        assert {int(st["step"]) for st in ema.state_dict()["state"].values()} == {expected}
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_without_touching_filter_or_weights():
+    w = torch.nn.Parameter(torch.ones(3, 3))
+    opt, sched, ema = _step_parts([("blocks.0.expand", w)], lr=1e-2)
+    loss = lambda x, _: (w * x).sum()  # noqa: E731
+    optimizer_step(loss, [(torch.ones(3, 3), None)], [w], opt, sched, ema, None, contextlib.nullcontext)
+    w_before = w.detach().clone()
+    mu_before = ema.state_dict()["state"]["blocks.0.expand"]["mu"].clone()
+    adam_before = {k: v.clone() for k, v in opt.state[w].items()}
+    result = optimizer_step(loss, [(torch.full((3, 3), float("nan")), None)], [w], opt, sched, ema, None,
+                            contextlib.nullcontext)
+    assert result.found_inf.item() == 1.0
+    assert torch.equal(w.detach(), w_before)
+    assert torch.equal(ema.state_dict()["state"]["blocks.0.expand"]["mu"], mu_before)
+    assert all(torch.equal(opt.state[w][k], v) for k, v in adam_before.items())

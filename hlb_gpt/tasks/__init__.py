@@ -1,0 +1,1 @@
+"""Training tasks other than WikiText language modelling (selected with --task)."""
