@@ -17,7 +17,7 @@ import click
 
 from hlb_gpt import __version__
 from hlb_gpt.config import (TASKS, DATASETS, DEVICES, FILTER_DTYPES, FILTERS, GATES, OPTIMIZERS, PRECISIONS, PRESETS,
-                            TOKENIZERS, ConfigError, RunConfig)
+                            RESUMABLE_CHANGES, TOKENIZERS, ConfigError, RunConfig, check_resumable)
 
 LIST_KEYS = ("seed", "alpha", "gain", "depth", "width", "gate", "filter", "window")
 
@@ -104,7 +104,14 @@ def _options(fn: Callable) -> Callable:
         click.option("--max-bad-steps", type=int, default=10, show_default=True,
                      help="Consecutive non-finite steps before a run counts as diverged."),
         click.option("--out", type=click.Path(file_okay=False), default=None,
-                     help="Sweep folder [runs/<time>-<dataset>-<preset>]. Re-running with it skips completed runs."),
+                     help="Sweep folder [runs/<time>-<dataset>-<preset>]. Re-running a command with it skips "
+                          "completed runs and continues interrupted ones."),
+        click.option("--checkpoint-every", type=float, default=1.0, show_default=True,
+                     help="Checkpoint interval in epochs (0: none); interrupted runs resume from the latest."),
+        click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Checkpoints kept per run."),
+        click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Continue this run folder from its latest checkpoint, with its recorded settings "
+                          "(flags may change only --epochs, --max-steps, --device and logging)."),
         # hardware and logging
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="auto: cuda, then mps, then cpu."),
@@ -137,6 +144,8 @@ def cli(ctx: click.Context, **flags: Any) -> None:
         return
     from hlb_gpt.sweep import expand_grid, run_name, run_sweep  # imports torch: only when training
 
+    if flags["resume_dir"] is not None:
+        return resume_run(ctx, flags)
     base, grid = configs_from_flags(flags)
     configs = expand_grid(base, grid, grokfast=flags["grokfast"], baseline=flags["baseline"])
     vary = [k for k in ("depth", "width", "gate") if len(grid.get(k) or []) > 1]
@@ -145,6 +154,8 @@ def cli(ctx: click.Context, **flags: Any) -> None:
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
     check_writable(out)
     results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"])
+    if os.environ.get("RANK", "0") != "0":
+        return
     for r in results:
         s = r.summary or {}
         click.echo(f"{r.name}: {r.status}, best val {_fmt(s.get('best_val_loss'))}, "
@@ -196,6 +207,36 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
             click.echo(f"wrote {path}", err=True)
 
 
+def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
+    """`--resume RUN_DIR`: the run's recorded settings, with only the flags given on this command applied."""
+    from hlb_gpt.records import is_run_dir, read_run
+    from hlb_gpt.sweep import trainer_for
+
+    run_dir: Path = flags["resume_dir"]
+    if not is_run_dir(run_dir):
+        raise ConfigError(f"--resume {run_dir}: not a run folder (it has no config.json)")
+    saved = read_run(run_dir).config
+    given = {name for name in flags
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    command, _ = configs_from_flags(flags)
+    recorded = RunConfig.from_dict(saved)
+    changes = {k: getattr(command, k) for k in RESUMABLE_CHANGES if k in given}
+    check_resumable(recorded.replace(**{k: getattr(command, k) for k in _config_keys(given)}), saved, run_dir)
+    cfg = recorded.replace(**changes)
+    summary = trainer_for(cfg)(cfg, run_dir, progress=not flags["quiet"], resume=True)
+    click.echo(f"{run_dir.name}: {summary['status']}, best val {_fmt(summary.get('best_val_loss'))}, "
+               f"final val {_fmt(summary.get('final_val_loss'))}")
+    if summary["status"] != "completed":
+        sys.exit(1)
+
+
+def _config_keys(flag_names: set[str]) -> set[str]:
+    """RunConfig fields named by these click parameter names."""
+    rename = {"filter_": "filter", "use_wandb": "wandb"}
+    fields = set(RunConfig.__dataclass_fields__)
+    return {rename.get(n, n) for n in flag_names} & fields
+
+
 def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list[Any]]]:
     """The base config (first value of every list) and the lists that make the grid. Validates every value."""
     grid = {k: flags["filter_" if k == "filter" else k] for k in LIST_KEYS}
@@ -212,6 +253,7 @@ def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list
         filter_dtype=flags["filter_dtype"], epochs=flags["epochs"], evals_per_epoch=flags["evals_per_epoch"],
         eval_tokens=flags["eval_tokens"], seed=first["seed"], max_steps=flags["max_steps"],
         target_acc=flags["target_acc"], max_bad_steps=flags["max_bad_steps"],
+        checkpoint_every=flags["checkpoint_every"], keep_checkpoints=flags["keep_checkpoints"],
         device=flags["device"], precision=flags["precision"], compile=flags["compile"],
         wandb=flags["use_wandb"], wandb_project=flags["wandb_project"],
     )
@@ -242,7 +284,9 @@ def _fmt(x: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `hlb-gpt`, `python -m hlb_gpt` and `python cli.py`."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Under torchrun only rank 0 reports; the other ranks speak only of problems.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s", stream=sys.stderr)
     try:
         code = cli.main(args=argv, prog_name="hlb-gpt", standalone_mode=False, auto_envvar_prefix="HLB_GPT")
     except click.exceptions.Exit as exc:
@@ -253,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         click.echo(f"Error: {exc}", err=True)
         code = 2
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
+        click.echo("Interrupted. A checkpointed run continues with the same command or --resume RUN_DIR.", err=True)
+        code = 130
     except Exception as exc:
         from hlb_gpt.data import DataUnavailable  # imports torch: not at start-up
 
@@ -260,7 +307,4 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"Error: {exc}", err=True)
         code = 1
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("Interrupted.", err=True)
-        code = 130
     sys.exit(code if isinstance(code, int) else 0)

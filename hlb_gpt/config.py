@@ -97,6 +97,8 @@ class RunConfig:
     max_steps: int | None = None
     target_acc: float | None = None
     max_bad_steps: int = 10
+    checkpoint_every: float = 1.0
+    keep_checkpoints: int = 2
     # hardware
     device: str = "auto"
     precision: str = "auto"
@@ -164,6 +166,9 @@ class RunConfig:
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0 (got {self.seed})")
         _positive("--max-bad-steps", self.max_bad_steps)
+        if not self.checkpoint_every >= 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0 epochs, 0 for none (got {self.checkpoint_every})")
+        _positive("--keep-checkpoints", self.keep_checkpoints)
         if self.max_steps is not None:
             _positive("--max-steps", self.max_steps)
         if self.target_acc is not None and not (0 < self.target_acc <= 1):
@@ -172,6 +177,12 @@ class RunConfig:
             for split in ("wiki.train.raw", "wiki.valid.raw"):
                 if not (Path(self.data_dir) / split).is_file():
                     raise ConfigError(f"--data-dir {self.data_dir} has no {split}")
+
+    def differences(self, other: RunConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
+        """`--flag: mine vs theirs` for every setting that differs, except those in `ignore`."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"--{k.replace('_', '-')}: {mine[k]!r} vs {theirs[k]!r}"
+                for k in mine if k not in ignore and mine[k] != theirs[k]]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,6 +194,20 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Settings a resumed run may change: how long it runs, where, and how it is logged, not what it trains.
+RESUMABLE_CHANGES = frozenset({
+    "epochs", "max_steps", "target_acc", "device", "compile", "data_cache", "data_dir", "wandb", "wandb_project",
+    "max_bad_steps", "checkpoint_every", "keep_checkpoints",
+})
+
+
+def check_resumable(cfg: RunConfig, saved: dict[str, Any], where: Path | str) -> None:
+    """Refuse to continue a run under settings other than those it was trained with."""
+    diffs = cfg.differences(RunConfig.from_dict(saved), ignore=RESUMABLE_CHANGES)
+    if diffs:
+        raise ConfigError(f"{where} was trained with other settings (command vs run): {'; '.join(diffs)}")
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -62,8 +62,12 @@ class RunWriter:
         atomic_write_json(self.run_dir / CONFIG, config)
 
     def start_metrics(self) -> None:
-        """A fresh run starts with an empty metrics file (a resumed one appends)."""
-        (self.run_dir / METRICS).write_text("", encoding="utf-8")
+        self.rewrite_metrics([])
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Start the metrics file over with `rows`: none for a fresh run, a checkpoint's rows for a resumed one
+        (rows written after that checkpoint are dropped: the resumed run writes them again)."""
+        atomic_write_text(self.run_dir / METRICS, "".join(json.dumps(_finite_or_null(r)) + "\n" for r in rows))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         missing = [k for k in METRIC_KEYS if k not in row]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hlb_gpt.config import RunConfig
+from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import DataUnavailable
 from hlb_gpt.records import RunWriter, is_run_dir, read_run
 
@@ -73,8 +73,13 @@ class SweepResult:
 
 def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
               train_fn: Callable[..., dict[str, Any]] | None = None, progress: bool = True) -> list[SweepResult]:
-    """Run every config into `out/<run name>/`; completed runs are skipped, a failed run does not stop the rest."""
+    """Run every config into `out/<run name>/`: completed runs are skipped, unfinished ones continue from their
+    latest checkpoint, and a failed run does not stop the rest."""
     out = Path(out)
+    for cfg in configs:  # before any work: an unfinished run may only be continued with its own settings
+        run_dir = out / run_name(cfg, vary)
+        if is_run_dir(run_dir) and read_run(run_dir).status != "completed":
+            check_resumable(cfg, read_run(run_dir).config, run_dir)
     results = []
     for i, cfg in enumerate(configs, 1):
         name = run_name(cfg, vary)
@@ -85,8 +90,8 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
             continue
         logger.info("[%d/%d] %s", i, len(configs), name)
         try:
-            summary = (train_fn or trainer_for(cfg))(cfg, run_dir, progress=progress)
-        except (KeyboardInterrupt, DataUnavailable):
+            summary = (train_fn or trainer_for(cfg))(cfg, run_dir, progress=progress, resume=True)
+        except (KeyboardInterrupt, DataUnavailable, ConfigError):
             raise  # the user stopped, or no run can get its data: stop the sweep
         except Exception as exc:  # one broken configuration must not cost the others
             logger.error("%s failed: %s: %s", name, type(exc).__name__, exc)

@@ -11,23 +11,28 @@ import logging
 import math
 import platform
 import resource
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import hlb_gpt
-from hlb_gpt.config import ConfigError, RunConfig
+from hlb_gpt import distributed
+from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import BatchSampler, eval_windows, get_tokenizer, load_tokens
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
 from hlb_gpt.records import RunWriter
-from hlb_gpt.tracking import make_tracker
+from hlb_gpt.tracking import NoTracker, make_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +204,7 @@ def optimizer_step(
     clip: float | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
     measure: bool = False,
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> StepResult:
     """One optimizer step, in the order SPEC §4 fixes; every value it returns stays on the device.
 
@@ -207,10 +213,12 @@ def optimizer_step(
     taken right after it acts (the gradients are gone afterwards): only steps that end at a logging point ask.
     """
     loss_sum = None
-    for x, y in micro_batches:
-        with autocast():
-            loss = forward(x, y)
-        (loss / len(micro_batches)).backward()
+    for i, (x, y) in enumerate(micro_batches):
+        # Under DDP, gradients are all-reduced once, in the last micro-batch's backward.
+        with no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+            with autocast():
+                loss = forward(x, y)
+            (loss / len(micro_batches)).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     grads = [p.grad for p in params if p.grad is not None]
     grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
@@ -245,29 +253,95 @@ def evaluate(forward: Callable[[Tensor, Tensor], Tensor], X: Tensor, Y: Tensor, 
 # ----------------------------------------------------------------------------------------------- the run
 
 
-def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int) -> dict[str, Any]:
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the run stopped at a step boundary after writing a checkpoint."""
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+
+@dataclass
+class LoopState:
+    """The loop's counters: with the model, optimizer, filter and sampler, all a resumed run needs."""
+
+    step: int = 0
+    tokens: int = 0
+    train_time: float = 0.0
+    wall_time: float = 0.0
+    best: float = math.nan
+    final: float = math.nan
+    mark_tokens: int = 0
+    mark_time: float = 0.0
+    loss_count: int = 0
+    # Device-side, read only at logging points.
+    loss_sum: Tensor = field(default_factory=lambda: torch.zeros(()))
+    bad_run: Tensor = field(default_factory=lambda: torch.zeros(()))  # consecutive non-finite steps
+    diverged_at: Tensor = field(default_factory=lambda: torch.full((), -1.0))  # step it exceeded the limit
+
+    def to(self, device: torch.device) -> LoopState:
+        for name in ("loss_sum", "bad_run", "diverged_at"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> LoopState:
+        return cls(**state)
+
+
+def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int,
+                  world_size: int = 1) -> dict[str, Any]:
     return {
         **cfg.to_dict(),
         "resolved_device": str(device),
+        "world_size": world_size,
         "n_params": n_params,
         "train_tokens": n_train_tokens,
         "versions": {"hlb_gpt": hlb_gpt.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
 
 
-def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True) -> dict[str, Any]:
+def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Train one run into `run_dir` and return its summary (also written to summary.json).
 
-    A run that fails or is interrupted still gets a summary with that status before the exception propagates.
+    With `resume`, continue from the run's latest checkpoint if it has one. A run that fails or is interrupted
+    still gets a summary with that status before the exception propagates. Under torchrun only rank 0
+    evaluates and writes; every rank returns the summary.
     """
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
-    say = tqdm.write if progress else logger.info
+    ddp = distributed.from_env()
+    device = distributed.init(ddp, resolve_device(cfg.device))
+    say = (tqdm.write if progress else logger.info) if ddp.is_main else (lambda msg: None)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     compile_model = device.type == "cuda" if cfg.compile is None else cfg.compile
     autocast = autocast_for(device, cfg.precision)
+    if cfg.batch_size % (cfg.grad_accum * ddp.world_size):
+        raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum x ranks "
+                          f"({cfg.grad_accum} x {ddp.world_size})")
 
     tokenizer = get_tokenizer(cfg.tokenizer)
     tokens = load_tokens(cfg.dataset, tokenizer, Path(cfg.data_cache),
@@ -282,130 +356,190 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True) -> dict[st
     params = [p for _, p in named_params]
     optimizer, scheduler = build_optimizer(cfg, named_params, device)
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
-    forward = torch.compile(model) if compile_model else model
-
     sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
+    loop = LoopState()
+    metrics: list[dict[str, Any]] = []
+
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        saved = load_checkpoint(checkpoint)
+        check_resumable(cfg, saved["config"], run_dir)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        grad_filter.load_state_dict(saved["filter"])
+        sampler.load_state_dict(saved["sampler"])
+        loop = LoopState.from_state_dict(saved["loop"])
+        metrics = saved["metrics"]
+        set_rng_state(saved["rng"])
+    loop.to(device)
+
+    train_forward, no_sync = model, contextlib.nullcontext
+    if ddp.enabled:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_forward, no_sync = wrapped, wrapped.no_sync
+    if compile_model:
+        train_forward = torch.compile(train_forward)
+    # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward.
+    eval_forward = train_forward if not ddp.enabled else model
+
     eval_x, eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len, cfg.eval_tokens or None))
     schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
     total_steps = min(schedule.steps_for(cfg.epochs * n_train), cfg.max_steps or math.inf)
     tokens_per_eval = n_train / cfg.evals_per_epoch
+    tokens_per_checkpoint = cfg.checkpoint_every * n_train if cfg.checkpoint_every else math.inf
 
-    writer = RunWriter(run_dir)
-    writer.write_config(config_record(cfg, device, model.num_params(), n_train))
-    writer.start_metrics()
-    tracker = make_tracker(cfg, run_dir)
-    say(f"{run_dir.name}: {model.num_params():,} parameters on {device}, {n_train:,} training tokens, "
-        f"{total_steps:,} steps of {schedule.tokens_per_step:,} tokens")
+    writer = RunWriter(run_dir) if ddp.is_main else None
+    if writer:
+        writer.write_config(config_record(cfg, device, model.num_params(), n_train, ddp.world_size))
+        writer.rewrite_metrics(metrics)
+    tracker = make_tracker(cfg, run_dir) if ddp.is_main else NoTracker()
+    say(f"{run_dir.name}: {model.num_params():,} parameters on {device}"
+        f"{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, {n_train:,} training tokens, "
+        f"{total_steps:,} steps of {schedule.tokens_per_step:,} tokens"
+        f"{f', resumed at step {loop.step:,}' if checkpoint is not None else ''}")
 
-    step = tokens_seen = 0
-    train_time = 0.0
-    best = final = float("nan")
-    last_val = float("nan")
     memory: dict[str, Any] = {}
     status, error = "completed", None
-    wall_start = time.perf_counter()
-    # Device-side accumulators, read only at logging points.
-    loss_acc = torch.zeros((), device=device)
-    loss_count = 0
-    consecutive_bad = torch.zeros((), device=device)
-    worst_bad_run = torch.zeros((), device=device)
-    mark_tokens, mark_time = 0, 0.0
-    bar = tqdm(total=total_steps, unit="step", disable=not progress, dynamic_ncols=True, leave=True)
+    last_val = loop.final
+    bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step",
+               disable=not (progress and ddp.is_main), dynamic_ncols=True, leave=True)
+
+    def save(reason: str) -> None:
+        if writer is None:
+            return
+        state = {
+            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "filter": grad_filter.state_dict(),
+            "sampler": sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(), "metrics": metrics,
+        }
+        try:
+            save_checkpoint(run_dir, loop.step, state, keep=cfg.keep_checkpoints)
+        except OSError as exc:  # e.g. a full disk: the previous checkpoint is intact, training goes on
+            say(f"{run_dir.name}: could not write the {reason} checkpoint at step {loop.step} ({exc}); "
+                f"the previous one is kept")
 
     def log_point(train_loss: float, result: StepResult) -> None:
-        nonlocal best, final, last_val, mark_tokens, mark_time
-        val = evaluate(forward, eval_x, eval_y, cfg.batch_size, autocast).item()
-        last_val, final = val, val
-        best = val if math.isnan(best) else min(best, val)
+        nonlocal last_val
+        val = evaluate(eval_forward, eval_x, eval_y, cfg.batch_size, autocast).item() if ddp.is_main else math.nan
+        last_val = loop.final = val
+        loop.best = val if math.isnan(loop.best) else min(loop.best, val)
         ratio = math.nan if result.ema_ratio is None else result.ema_ratio.item()
-        interval = train_time - mark_time
+        interval = loop.train_time - loop.mark_time
         row = {
-            "epoch": tokens_seen / n_train,
-            "step": step,
-            "tokens": tokens_seen,
+            "epoch": loop.tokens / n_train,
+            "step": loop.step,
+            "tokens": loop.tokens,
             "train_loss": train_loss,
             "val_loss": val,
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": result.grad_norm.item(),
             "ema_ratio": None if math.isnan(ratio) else ratio,
-            "time_s": train_time,
-            "tokens_per_s": (tokens_seen - mark_tokens) / interval if interval > 0 else None,
+            "time_s": loop.train_time,
+            "tokens_per_s": (loop.tokens - loop.mark_tokens) / interval if interval > 0 else None,
         }
-        writer.append_metrics(row)
+        metrics.append(row)
+        if writer:
+            writer.append_metrics(row)
         tracker.log(row)
         if isinstance(optimizer, GrokAdamW):  # its filter reads the gap between validation and training loss
-            optimizer.set_grokking_signal(train_loss, val)
-        mark_tokens, mark_time = tokens_seen, train_time
-        if not math.isfinite(val):
-            raise Diverged(f"validation loss is {val} at step {step}")
+            optimizer.set_grokking_signal(train_loss, distributed.gather_floats(val, ddp, device)[0])
+        loop.mark_tokens, loop.mark_time = loop.tokens, loop.train_time
+        distributed.barrier(ddp)
+        if ddp.is_main and not math.isfinite(val):
+            raise Diverged(f"validation loss is {val} at step {loop.step}")
 
+    wall_start = time.perf_counter() - loop.wall_time
     try:
-        tick = time.perf_counter()
-        while step < total_steps:
-            length, batch = schedule.length_at(step), schedule.batch_at(step)
-            x, y = sampler.sample(batch, length)
-            micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
-            before, tokens_seen, step = tokens_seen, tokens_seen + batch * length, step + 1
-            evaluate_now = eval_due(before, tokens_seen, tokens_per_eval) or step == total_steps
-            result = optimizer_step(forward, micro, params, optimizer, scheduler, grad_filter, cfg.clip, autocast,
-                                    measure=evaluate_now)
-            loss_acc += result.loss
-            loss_count += 1
-            consecutive_bad = (consecutive_bad + result.found_inf) * result.found_inf
-            worst_bad_run = torch.maximum(worst_bad_run, consecutive_bad)
-            bar.update(1)
+        with StopSignals() as stop:
+            tick = time.perf_counter()
+            while loop.step < total_steps:
+                length, batch = schedule.length_at(loop.step), schedule.batch_at(loop.step)
+                x, y = sampler.sample(batch, length)
+                x, y = x.chunk(ddp.world_size)[ddp.rank], y.chunk(ddp.world_size)[ddp.rank]
+                micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
+                before = loop.tokens
+                loop.tokens += batch * length
+                loop.step += 1
+                evaluate_now = eval_due(before, loop.tokens, tokens_per_eval) or loop.step == total_steps
+                checkpoint_now = eval_due(before, loop.tokens, tokens_per_checkpoint)
+                result = optimizer_step(train_forward, micro, params, optimizer, scheduler, grad_filter, cfg.clip,
+                                        autocast, measure=evaluate_now, no_sync=no_sync)
+                loop.loss_sum += result.loss
+                loop.loss_count += 1
+                loop.bad_run = (loop.bad_run + result.found_inf) * result.found_inf
+                loop.diverged_at = torch.where((loop.diverged_at < 0) & (loop.bad_run > cfg.max_bad_steps),
+                                               loop.step, loop.diverged_at)
+                bar.update(1)
 
-            if evaluate_now or step % REFRESH_STEPS == 0 or step == 1:
-                synchronize(device)
-                train_time += time.perf_counter() - tick
-                if worst_bad_run.item() > cfg.max_bad_steps:
-                    raise Diverged(f"more than {cfg.max_bad_steps} consecutive non-finite steps by step {step}")
-                train_loss = (loss_acc / max(loss_count, 1)).item()
-                if step == 1:
-                    memory = memory_breakdown(model, optimizer, grad_filter, device)
-                    say(format_memory(memory))
-                if evaluate_now:
-                    loss_acc.zero_()
-                    loss_count = 0
-                    log_point(train_loss, result)
-                rate = (tokens_seen - mark_tokens) / max(train_time - mark_time, 1e-9) if not evaluate_now else None
-                bar.set_postfix_str(_postfix(tokens_seen / n_train, train_loss, last_val, rate), refresh=False)
-                tick = time.perf_counter()
+                stopping = distributed.broadcast_flag(stop.requested is not None, ddp, device)
+                if evaluate_now or checkpoint_now or stopping or loop.step % REFRESH_STEPS == 0 or loop.step == 1:
+                    synchronize(device)
+                    now = time.perf_counter()
+                    loop.train_time += now - tick
+                    if loop.diverged_at.item() >= 0:
+                        raise Diverged(f"more than {cfg.max_bad_steps} consecutive steps with non-finite "
+                                       f"gradients, from step {int(loop.diverged_at.item()) - cfg.max_bad_steps}")
+                    train_loss = distributed.mean(loop.loss_sum / max(loop.loss_count, 1), ddp).item()
+                    if not memory:
+                        memory = memory_breakdown(model, optimizer, grad_filter, device)
+                        say(format_memory(memory))
+                    if evaluate_now:
+                        loop.loss_sum.zero_()
+                        loop.loss_count = 0
+                        log_point(train_loss, result)
+                    loop.wall_time = time.perf_counter() - wall_start
+                    if checkpoint_now or stopping:
+                        save("signal" if stopping else "periodic")
+                    if stopping:
+                        raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")
+                    bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val), refresh=False)
+                    tick = time.perf_counter()
     except Diverged as exc:
         status, error = "diverged", str(exc)
         say(f"{run_dir.name}: diverged: {exc}")
-    except KeyboardInterrupt:
-        status, error = "interrupted", "KeyboardInterrupt"
+    except KeyboardInterrupt as exc:
+        status, error = "interrupted", str(exc) or "KeyboardInterrupt"
         raise
     except Exception as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
         bar.close()
-        if not memory:
-            memory = memory_breakdown(model, optimizer, grad_filter, device)
-        else:
-            memory.update(dict(zip(("peak_bytes", "peak_kind"), peak_memory(device))))
+        memory = {**(memory or memory_breakdown(model, optimizer, grad_filter, device)),
+                  **dict(zip(("peak_bytes", "peak_kind"), peak_memory(device)))}
         summary = {
             "status": status,
             "error": error,
-            "best_val_loss": best,
-            "final_val_loss": final,
-            "steps": step,
-            "tokens": tokens_seen,
-            "epochs": tokens_seen / n_train,
-            "train_time_s": train_time,
+            "best_val_loss": loop.best,
+            "final_val_loss": loop.final,
+            "steps": loop.step,
+            "tokens": loop.tokens,
+            "epochs": loop.tokens / n_train,
+            "train_time_s": loop.train_time,
             "wall_time_s": time.perf_counter() - wall_start,
-            "step_time_s": train_time / step if step else None,
+            "step_time_s": loop.train_time / loop.step if loop.step else None,
             "memory": memory,
         }
-        writer.write_summary(summary)
+        if ddp.enabled and status != "failed":
+            summary["ddp"] = {"world_size": ddp.world_size,
+                              "filter_checksums": distributed.gather_floats(filter_checksum(grad_filter), ddp, device)}
+        if writer:
+            writer.write_summary(summary)
         tracker.finish(summary)
     return summary
 
 
-def _postfix(epoch: float, train_loss: float, val_loss: float, rate: float | None) -> str:
-    parts = [f"epoch {epoch:.3f}", f"loss {train_loss:.3f}", "val -" if math.isnan(val_loss) else f"val {val_loss:.3f}"]
-    if rate:
-        parts.append(f"{rate / 1e3:.1f}k tok/s")
-    return " | ".join(parts)
+def filter_checksum(grad_filter: GradFilter) -> float:
+    """A number that differs when filter states differ: all-reduce makes it equal on every rank."""
+    total = 0.0
+    for st in grad_filter.state_dict().get("state", {}).values():
+        for value in st.values():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                total += value.double().abs().sum().item() + value.double().sum().item()
+    return total
+
+
+def _postfix(epoch: float, train_loss: float, val_loss: float) -> str:
+    val = "val -" if math.isnan(val_loss) else f"val {val_loss:.3f}"
+    return f"epoch {epoch:.3f} | loss {train_loss:.3f} | {val}"

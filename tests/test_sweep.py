@@ -8,7 +8,7 @@ BASE = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes")
 def _fake_train(fail_names=()):
     calls = []
 
-    def train(cfg, run_dir, progress=True):
+    def train(cfg, run_dir, progress=True, resume=False):
         calls.append(run_dir.name)
         writer = RunWriter(run_dir)
         writer.write_config(cfg.to_dict())

@@ -1,0 +1,77 @@
+"""Data parallelism under `torchrun`: which rank this is, and the few collectives the loop needs.
+
+Without torchrun (no WORLD_SIZE in the environment, or 1) everything here is a no-op, so the single-process
+loop pays nothing for it. NCCL on CUDA, gloo elsewhere (so the same path runs on CPU in tests).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> Dist:
+    return Dist(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(ctx: Dist, device: torch.device) -> torch.device:
+    """Join the process group (once) and return this rank's device."""
+    if not ctx.enabled:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def mean(t: Tensor, ctx: Dist) -> Tensor:
+    """The mean over ranks (the value itself in a single process)."""
+    if not ctx.enabled:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / ctx.world_size
+
+
+def gather_floats(value: float, ctx: Dist, device: torch.device) -> list[float]:
+    if not ctx.enabled:
+        return [value]
+    out = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(ctx.world_size)]
+    dist.all_gather(out, torch.tensor(value, dtype=torch.float64, device=device))
+    return [t.item() for t in out]
+
+
+def broadcast_flag(flag: bool, ctx: Dist, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank (so all ranks stop, or checkpoint, together)."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor(int(flag), device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def barrier(ctx: Dist) -> None:
+    if ctx.enabled:
+        dist.barrier()

@@ -1,0 +1,228 @@
+"""Long runs that survive: checkpoints, bit-exact resume, signals, divergence, unsafe checkpoints, torchrun."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hlb_gpt import checkpoint as ckpt
+from hlb_gpt.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from hlb_gpt.config import ConfigError, RunConfig
+from hlb_gpt.records import read_run
+from hlb_gpt.sweep import expand_grid, run_sweep
+from hlb_gpt.train import train
+
+TIME_KEYS = {"time_s", "tokens_per_s"}
+SMALL = ["--dataset", "mini", "--preset", "tiny", "--tokenizer", "bytes", "--depth", "1", "--width", "32",
+         "--seq-len", "32", "--batch-size", "4", "--eval-tokens", "1024", "-q"]
+
+
+def numbers(run_dir):
+    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in read_run(run_dir).metrics]
+
+
+def hlb(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "hlb_gpt", *args], capture_output=True, text=True, **kwargs)
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, "-m", "hlb_gpt", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be stopped: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("timed out waiting for the run")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, name", [
+    ([], "baseline-s0"),
+    (["--grokfast", "--filter", "ma", "--window", "5"], "ma-w5-g2-s0"),
+    (["--optimizer", "grokadamw", "--alpha", "0.9", "--gain", "0.5"], "grokadamw-a0.9-g0.5-s0"),
+])
+def test_a_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_path, variant, name):
+    args = SMALL + variant + ["--epochs", "0.006", "--evals-per-epoch", "2000", "--checkpoint-every", "0.001",
+                              "--data-cache", str(tmp_path / "cache")]
+    assert hlb(args + ["--out", str(tmp_path / "full")]).returncode == 0
+    run = tmp_path / "killed" / name
+    proc = start(args + ["--out", str(tmp_path / "killed")])
+    wait_for(lambda: len(list_checkpoints(run)) >= 1 and read_run(run).metrics, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_run(run).summary is None  # killed mid-run, before its end
+    killed_at = len(read_run(run).metrics)
+    rerun = hlb(args + ["--out", str(tmp_path / "killed")])  # the same command continues the run
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resumed at step" in rerun.stderr
+    assert read_run(run).status == "completed"
+    assert numbers(run) == numbers(tmp_path / "full" / name)
+    assert killed_at < len(numbers(run))
+
+
+@pytest.mark.slow
+def test_sigint_checkpoints_marks_interrupted_and_resumes_cleanly(tmp_path):
+    args = SMALL + ["--epochs", "0.006", "--evals-per-epoch", "2000", "--checkpoint-every", "1",
+                    "--data-cache", str(tmp_path / "cache"), "--grokfast"]
+    assert hlb(args + ["--out", str(tmp_path / "full")]).returncode == 0
+    run = tmp_path / "stopped" / "ema-a0.98-g2-s0"
+    proc = start(args + ["--out", str(tmp_path / "stopped")])
+    wait_for(lambda: len(read_run(run).metrics) >= 3 if (run / "config.json").exists() else False, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    summary = read_run(run).summary
+    assert summary["status"] == "interrupted" and "SIGINT" in summary["error"]
+    saved = load_checkpoint(latest_checkpoint(run))
+    assert saved["loop"]["step"] == summary["steps"]
+    resumed = hlb(["--resume", str(run)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_run(run).status == "completed"
+    assert numbers(run) == numbers(tmp_path / "full" / "ema-a0.98-g2-s0")
+
+
+def test_resume_refuses_a_command_with_other_settings(tmp_path, capsys):
+    from hlb_gpt.cli import main
+
+    cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=32, seq_len=32, batch_size=4,
+                    epochs=0.0005, eval_tokens=1024, data_cache=str(tmp_path / "cache"))
+    train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--resume", str(tmp_path / "run"), "--width", "64", "--lr", "0.1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--width: 64 vs 32" in err and "--lr: 0.1 vs 0.002" in err
+
+
+def test_a_sweep_refuses_to_continue_an_unfinished_run_under_other_settings(tmp_path):
+    cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=32, seq_len=32, batch_size=4,
+                    epochs=0.0005, eval_tokens=1024, data_cache=str(tmp_path / "cache"))
+    train(cfg, tmp_path / "sweep" / "baseline-s0", progress=False)
+    summary = tmp_path / "sweep" / "baseline-s0" / "summary.json"
+    summary.write_text(summary.read_text().replace('"completed"', '"interrupted"'))
+    with pytest.raises(ConfigError, match="--lr"):
+        run_sweep([cfg.replace(lr=0.5)], tmp_path / "sweep", progress=False)
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_bad_input(tmp_path, capsys):
+    from hlb_gpt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--resume", str(tmp_path)])
+    assert exc.value.code == 2 and "not a run folder" in capsys.readouterr().err
+
+
+def test_a_huge_learning_rate_diverges_and_the_sweep_finishes_the_other_runs(tmp_path):
+    base = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=32, seq_len=32, batch_size=4,
+                     epochs=0.002, evals_per_epoch=2000, eval_tokens=1024, data_cache=str(tmp_path / "cache"))
+    configs = expand_grid(base, {"seed": [0, 1]}, grokfast=False, baseline=False)
+    configs.insert(1, configs[0].replace(lr=1e6, seed=7))
+    results = run_sweep(configs, tmp_path / "sweep", progress=False)
+    assert [r.status for r in results] == ["completed", "diverged", "completed"]
+    assert "at step" in results[1].summary["error"]
+
+
+def test_non_finite_gradients_for_too_many_steps_in_a_row_diverge_the_run(tmp_path, monkeypatch):
+    import hlb_gpt.train as train_module
+
+    real_step = train_module.optimizer_step
+
+    def poisoned(forward, micro, params, *args, **kwargs):
+        nan_forward = lambda x, y: forward(x, y) * float("nan")  # noqa: E731
+        return real_step(nan_forward, micro, params, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", poisoned)
+    cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=32, seq_len=32, batch_size=4,
+                    epochs=0.01, eval_tokens=1024, max_bad_steps=3, data_cache=str(tmp_path / "cache"))
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["status"] == "diverged"
+    assert "more than 3 consecutive steps with non-finite gradients, from step 1" in summary["error"]
+    assert summary["steps"] <= 20  # noticed at the next check, not at the end of the run
+
+
+def test_checkpoints_are_pruned_to_the_newest_few(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, {"step": step}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000003.pt", "step-000000004.pt"]
+    assert load_checkpoint(latest_checkpoint(tmp_path)) == {"step": 4}
+
+
+def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, keep=2)
+
+    def full_disk(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000001.pt"]
+    assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["w"], torch.ones(3))
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["HLB_TEST_MARKER"]),))
+
+
+def test_a_checkpoint_holding_a_pickled_callable_is_refused_not_executed(tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("HLB_TEST_MARKER", str(marker))
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"model": _Payload()}, tmp_path / "checkpoints" / "step-000000001.pt")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(latest_checkpoint(tmp_path))
+    assert not marker.exists()
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    save_checkpoint(tmp_path, 1, {"rng": state}, keep=1)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(load_checkpoint(latest_checkpoint(tmp_path))["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_cpu_ranks_matches_one_process_and_keeps_filters_identical(tmp_path):
+    if shutil.which("torchrun") is None:
+        pytest.fail("torchrun is not on PATH")
+    args = SMALL + ["--epochs", "0.002", "--evals-per-epoch", "2000", "--grokfast", "--alpha", "0.9", "--gain", "1",
+                    "--data-cache", str(tmp_path / "cache")]
+    single = hlb(args + ["--out", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "hlb_gpt", *args,
+                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["ema-a0.9-g1-s0"]
+    run = read_run(tmp_path / "ddp" / "ema-a0.9-g1-s0")
+    assert run.config["world_size"] == 2
+    checksums = run.summary["ddp"]["filter_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    one = read_run(tmp_path / "single" / "ema-a0.9-g1-s0").metrics
+    assert len(one) == len(run.metrics) >= 2
+    for a, b in zip(one, run.metrics):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    assert ddp.stdout.count("completed") == 1  # one rank reports
