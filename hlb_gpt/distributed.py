@@ -70,8 +70,3 @@ def broadcast_flag(flag: bool, ctx: Dist, device: torch.device) -> bool:
     t = torch.tensor(int(flag), device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
-
-
-def barrier(ctx: Dist) -> None:
-    if ctx.enabled:
-        dist.barrier()

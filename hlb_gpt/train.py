@@ -445,9 +445,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         if isinstance(optimizer, GrokAdamW):  # its filter reads the gap between validation and training loss
             optimizer.set_grokking_signal(train_loss, distributed.gather_floats(val, ddp, device)[0])
         loop.mark_tokens, loop.mark_time = loop.tokens, loop.train_time
-        distributed.barrier(ddp)
-        if ddp.is_main and not math.isfinite(val):
-            raise Diverged(f"validation loss is {val} at step {loop.step}")
+        if distributed.broadcast_flag(not math.isfinite(val), ddp, device):  # rank 0 decides for all ranks
+            raise Diverged(f"validation loss is not finite at step {loop.step}")
 
     wall_start = time.perf_counter() - loop.wall_time
     try:
@@ -472,7 +471,9 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                                                loop.step, loop.diverged_at)
                 bar.update(1)
 
-                stopping = distributed.broadcast_flag(stop.requested is not None, ddp, device)
+                stopping = stop.requested is not None
+                if ddp.enabled:  # every rank must stop at the same step; agree at refresh points only
+                    stopping = loop.step % REFRESH_STEPS == 0 and distributed.broadcast_flag(stopping, ddp, device)
                 if evaluate_now or checkpoint_now or stopping or loop.step % REFRESH_STEPS == 0 or loop.step == 1:
                     synchronize(device)
                     now = time.perf_counter()

@@ -110,6 +110,12 @@ def assert_bit_identical(before, filt):
                 assert name == "attempts" and new == value + 1, name
 
 
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]) if isinstance(value, torch.Tensor) else value == b[name], name
+
+
 ZERO = lambda t: torch.tensor(0.0)  # noqa: E731  found_inf given, never set
 
 
@@ -233,6 +239,20 @@ def test_found_inf_step_leaves_all_state_bit_identical(make, steps_before):
     assert_bit_identical(before, filt)
 
 
+@pytest.mark.parametrize("make", [lambda ps: EMAFilter(ps, alpha=0.9, gain=1.5),
+                                  lambda ps: MAFilter(ps, window=4, gain=1.5)], ids=["ema", "ma"])
+def test_found_inf_zero_gives_the_same_bits_as_no_found_inf(make):
+    schedule = random_schedule(20)
+    plain_params, guarded_params = make_params(), make_params()
+    plain, guarded = make(plain_params), make(guarded_params)
+    expected = run(plain, plain_params, schedule)
+    actual = run(guarded, guarded_params, schedule, ZERO)
+    for a, e in zip(actual, expected):
+        assert a.keys() == e.keys() and all(torch.equal(a[i], e[i]) for i in a)
+    for p, q in zip(plain_params, guarded_params):
+        assert_same_state(plain.state[p], guarded.state[q])
+
+
 @pytest.mark.parametrize("kind", ["ema", "ma"])
 def test_skipped_steps_are_left_out_whether_later_steps_pass_found_inf_or_not(kind):
     schedule = random_schedule(16)
@@ -281,9 +301,7 @@ def test_state_dict_round_trip_mid_stream_continues_identically(make, named):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[i], b[i]) for i in a)
     for p, q in zip(params, fresh_params):
-        for name, value in filt.state[p].items():
-            other = fresh.state[q][name]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+        assert_same_state(filt.state[p], fresh.state[q])
 
 
 def test_load_state_dict_copies_instead_of_aliasing():
