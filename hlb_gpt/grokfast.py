@@ -12,7 +12,9 @@ Design notes
 * **Hot path.** Without ``found_inf`` the update runs as a handful of ``torch._foreach_*`` calls over
   all gradients at once (grouped by device and dtype).  EMA is ``lerp_`` then ``add_`` (two passes);
   MA is three passes on the ring slot and running sum plus the gradient update.  ``compile=True``
-  replaces both paths with one ``torch.compile``d function of the tensor lists (one fused pass).
+  replaces both paths with one ``torch.compile``d function of the tensor lists, with or without
+  ``found_inf`` (one fused pass per tensor: EMA reads g and mu and writes both).  The graph is
+  specialised to the list of parameters that have gradients: if that set changes, it recompiles.
 * **Step counters.** Each parameter's state holds ``step`` (accepted steps) as a 0-dim int64 tensor
   on the parameter's device, so a non-finite step can leave it unchanged without a host sync
   (``step += 1 - found_inf``).  The eager path without ``found_inf`` branches on a host-side mirror of
@@ -27,7 +29,10 @@ Design notes
   bit-identical to before, -0.0 included.  Compiled: candidate and old state are selected per
   element.  Step-dependent branches (EMA's first step, MA's warm-up) become per-parameter weights
   computed on device.  Eager ``torch`` has no foreach ``where``, so the selection is one kernel per
-  tensor: about 1.5x the plain path's memory traffic; compiled, it fuses like the plain path.
+  tensor: about 1.5x the plain path's memory traffic.  Eager MA also reads the evicted slot through
+  an index op into a fresh parameter-sized temporary (free with a caching allocator, but on CPU a
+  tensor over ~32 MB is a fresh mmap with page faults every step).  Compiled, it fuses like the
+  plain path.
 * **MA window.** A ring of ``W`` slots per parameter (zeros at first) and a running sum:
   ``sum += g - ring[pos]; ring[pos] = g``, so a step costs O(1) passes whatever ``W``.  The ring
   position is ``step % W`` (derived, never stored separately).  Rounding drift of the running sum is
@@ -36,8 +41,10 @@ Design notes
   measured 3e-7 at W = 100 and stays below 1e-6 up to W ~ 1000, at an amortised cost of one extra
   read of a parameter-sized tensor per step.  (A bfloat16 state has ~1e-2 rounding regardless.)
 * **Mixed precision.** The state has its own dtype (float32 by default, ``dtype=None`` = the
-  parameter's).  The state update is computed in the state dtype; the gradient update ``g += gain *
-  mu`` is computed in the wider of the two dtypes and written back in the gradient's dtype.
+  parameter's).  The state update is rounded to the state dtype; the gradient update ``g += gain *
+  mu`` is computed in the wider of the two dtypes and written back in the gradient's dtype.  Eager,
+  a gradient dtype different from the state's uses ``mu *= alpha; mu += (1 - alpha) g`` (lerp needs
+  one dtype) rather than a converted copy of the gradient.
 * **Memory.** ``nbytes`` counts the parameter-sized buffers (``mu``; or ``ring`` and ``sum``), which is
   what SPEC §5 accounts; the 0-dim step counters (8 bytes per parameter tensor) are left out.
 * **ratio()** is recomputed when called, from the state and the gradients currently in ``p.grad``:

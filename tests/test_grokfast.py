@@ -157,17 +157,31 @@ def test_ema_skipped_first_step_makes_the_next_step_the_first():
     assert torch.equal(filt.state[p]["mu"], g)
 
 
-def test_ema_state_dtype_float32_with_bfloat16_gradients_matches_reference():
+@pytest.mark.parametrize("found", [lambda t: None, ZERO], ids=["plain", "found_inf=0"])
+@pytest.mark.parametrize("kind", ["ema", "ma"])
+def test_float32_state_of_bfloat16_gradients_matches_reference(kind, found):
     schedule = random_schedule(8, dtype=torch.bfloat16, holes=False)
     params = make_params(torch.bfloat16)
-    filt = EMAFilter(params, alpha=0.8, gain=0.5, dtype=torch.float32)
-    actual = run(filt, params, schedule)
-    expected, mu = reference_ema(schedule, alpha=0.8, gain=0.5)
+    if kind == "ema":
+        filt = EMAFilter(params, alpha=0.8, gain=0.5, dtype=torch.float32)
+        expected, mu = reference_ema(schedule, alpha=0.8, gain=0.5)
+    else:
+        filt = MAFilter(params, window=3, gain=0.5, dtype=torch.float32)
+        expected = reference_ma(schedule, window=3, gain=0.5)
+    actual = run(filt, params, schedule, found)
     for i, p in enumerate(params):
-        assert filt.state[p]["mu"].dtype == torch.float32
-        torch.testing.assert_close(filt.state[p]["mu"].double(), mu[i], rtol=1e-6, atol=1e-6)
-        # the gradient is written back once, rounded to bfloat16
-        torch.testing.assert_close(actual[-1][i], expected[-1][i].to(torch.bfloat16), rtol=0, atol=0)
+        assert p.grad.dtype == torch.bfloat16
+        if kind == "ema":
+            assert filt.state[p]["mu"].dtype == torch.float32
+            torch.testing.assert_close(filt.state[p]["mu"].double(), mu[i], rtol=1e-6, atol=1e-6)
+        else:
+            assert filt.state[p]["sum"].dtype == torch.float32
+            window_sum = sum(schedule[t][i].double() for t in range(5, 8))
+            torch.testing.assert_close(filt.state[p]["sum"].double(), window_sum, rtol=1e-6, atol=1e-6)
+        # the filtered gradient is computed in float32 and rounded once to bfloat16
+        for t in range(8):
+            torch.testing.assert_close(actual[t][i].double(), expected[t][i].to(torch.bfloat16).double(),
+                                       rtol=8e-3, atol=1e-6)
 
 
 # -- MA -------------------------------------------------------------------------------------------------
