@@ -203,7 +203,9 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
     if fmt == "csv" and comparison.notes:
         click.echo(cmp.format_notes(comparison), err=True)
     if plot_dir is not None:
-        for path in cmp.plot(comparison, plot_dir, log_x=log_x, zoom=zoom):
+        from hlb_gpt.plots import plot
+
+        for path in plot(comparison, plot_dir, log_x=log_x, zoom=zoom):
             click.echo(f"wrote {path}", err=True)
 
 

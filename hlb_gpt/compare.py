@@ -1,7 +1,7 @@
-"""`hlb-gpt compare`: group runs by configuration, compare each with its unfiltered baseline, tabulate, plot.
+"""`hlb-gpt compare`: group runs by configuration, compare each with its unfiltered baseline, tabulate.
 
 Reads run folders only through `hlb_gpt.records` (config.json, metrics.jsonl, summary.json). Needs numpy and
-scipy; matplotlib is imported only when plotting. The rules, decided once here:
+scipy; the figures are in `hlb_gpt.plots`. The rules, decided once here:
 
 Loading (`load_runs`)
 - A path is a run folder (it holds config.json) or a folder searched recursively for run folders (a sweep, or
@@ -46,7 +46,7 @@ Configurations
   a note. Configurations without a value sort last.
 
 Output: `format_table` gives markdown (title, table, notes) or CSV (table only; `format_notes` gives the
-notes, for stderr). `plot` writes PNGs; `curves_figure` and `gain_figure` build the figures it saves.
+notes, for stderr).
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def _status(run: Run) -> tuple[bool, str | None]:
 
 
 def _last_epoch(run: Run) -> float:
-    epochs = [r["epoch"] for r in _rows(run)]
+    epochs = [r["epoch"] for r in run_rows(run)]
     if run.summary and isinstance(run.summary.get("epochs"), (int, float)):
         epochs.append(run.summary["epochs"])
     return max(epochs, default=0.0)
@@ -244,7 +244,7 @@ class Series:
     epochs_per_step: float
 
 
-def _rows(run: Run) -> list[dict[str, Any]]:
+def run_rows(run: Run) -> list[dict[str, Any]]:
     """Rows with an epoch, one per step (a resumed run may repeat a step: the later row wins), by epoch."""
     by_step: dict[Any, dict[str, Any]] = {}
     for row in run.metrics:
@@ -255,7 +255,7 @@ def _rows(run: Run) -> list[dict[str, Any]]:
 
 
 def run_series(run: Run, column: Column) -> Series:
-    rows = _rows(run)
+    rows = run_rows(run)
     epochs = [float(r["epoch"]) for r in rows]
     values = [_value_or_worst(r.get(column.name), column) for r in rows]
     if run.status == "diverged" and not (values and math.isinf(values[-1])):
@@ -680,187 +680,3 @@ def _csv(c: Comparison) -> str:
             None if g.test is None else t.n_pairs, g.filter_mb, g.filter_pct_of_peak, g.step_time_overhead_pct,
             g.baseline, str(c.metric), str(c.window), c.column.name)])
     return out.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------- plots
-
-# Colour says the gain, line style the alpha (or MA window); baselines are black and thicker. When two
-# configurations would still look alike (another setting varies), a marker tells them apart.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
-           "#7f7f7f")
-LINESTYLES = ("-", "--", ":", "-.")
-MARKERS = (None, "o", "s", "^", "D", "v", "x", "P")
-BASELINE_COLOR, BASELINE_WIDTH, LINE_WIDTH = "black", 2.6, 1.4
-
-
-@dataclass(frozen=True)
-class LineStyle:
-    color: str
-    linestyle: str
-    marker: str | None
-    linewidth: float
-
-
-def line_styles(groups: Sequence[Group]) -> dict[str, LineStyle]:
-    """A distinct (colour, line style, marker) per configuration label."""
-    filtered = [g for g in groups if not g.is_baseline]
-    gains = sorted({g.config.get("gain") for g in filtered}, key=_order)
-    shapes = sorted({_shape(g.config) for g in filtered}, key=lambda s: tuple(map(_order, s)))
-    used: set[tuple[str, str, str | None]] = set()
-    styles = {}
-    for g in sorted(groups, key=lambda g: (not g.is_baseline, g.label)):
-        if g.is_baseline:
-            color, dash, width = BASELINE_COLOR, 0, BASELINE_WIDTH
-        else:
-            color = PALETTE[gains.index(g.config.get("gain")) % len(PALETTE)]
-            dash, width = shapes.index(_shape(g.config)), LINE_WIDTH
-        combo = _free_combo(color, dash, used, fixed_color=g.is_baseline)
-        used.add(combo)
-        styles[g.label] = LineStyle(combo[0], combo[1], combo[2], width)
-    return styles
-
-
-def _shape(config: dict[str, Any]) -> tuple:
-    kind = "grokadamw" if config.get("optimizer") == "grokadamw" else config.get("filter")
-    return (kind, config.get("window") if kind == "ma" else config.get("alpha"))
-
-
-def _order(value: Any) -> tuple:
-    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
-
-
-def _free_combo(color: str, dash: int, used: set, fixed_color: bool) -> tuple[str, str, str | None]:
-    colors = [color] + ([] if fixed_color else [c for c in PALETTE if c != color])
-    for marker in MARKERS:
-        for c in colors:
-            for i in range(len(LINESTYLES)):
-                combo = (c, LINESTYLES[(dash + i) % len(LINESTYLES)], marker)
-                if combo not in used:
-                    return combo
-    raise ValueError("more configurations than distinct line styles")  # 320 combinations: not reached in practice
-
-
-def mean_curve(runs: Sequence[Run], column: Column) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Epochs, mean, min and max over seeds at each evaluation step (finite values only)."""
-    by_step: dict[Any, tuple[list[float], list[float]]] = {}
-    for run in runs:
-        for row in _rows(run):
-            value = row.get(column.name)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                step = row.get("step")
-                epochs, values = by_step.setdefault(step if step is not None else ("epoch", row["epoch"]), ([], []))
-                epochs.append(float(row["epoch"]))
-                values.append(float(value))
-    points = sorted((np.mean(e), np.mean(v), np.min(v), np.max(v)) for e, v in by_step.values())
-    if not points:
-        return tuple(np.empty(0) for _ in range(4))  # type: ignore[return-value]
-    return tuple(np.array(col) for col in zip(*points))  # type: ignore[return-value]
-
-
-def curves_figure(comparison: Comparison, log_x: bool = False, zoom: float | None = None):
-    """Value against epoch: one line per configuration (mean over seeds) with a min–max band."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
-
-    c = comparison
-    fig = Figure(figsize=(11, 6.5), layout="constrained")
-    FigureCanvasAgg(fig)  # headless: never touches pyplot or the user's backend
-    ax = fig.add_subplot()
-    styles = line_styles(c.groups)
-    y_seen: list[np.ndarray] = []
-    for g in c.groups:
-        s = styles[g.label]
-        x, mean, low, high = mean_curve(g.runs, c.column)
-        ax.plot(x, mean, label=f"{g.label} (n={len(g.runs)})", color=s.color, linestyle=s.linestyle,
-                marker=s.marker, markevery=max(1, len(x) // 12), markersize=4, linewidth=s.linewidth,
-                zorder=3 if g.is_baseline else 2)
-        ax.fill_between(x, low, high, color=s.color, alpha=0.12 if g.is_baseline else 0.08, linewidth=0)
-        keep = (x <= zoom) if zoom is not None else np.ones_like(x, dtype=bool)
-        y_seen += [low[keep], high[keep]]
-    if log_x:
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    if zoom is not None:
-        ys = np.concatenate(y_seen) if y_seen else np.empty(0)
-        left = ax.get_xlim()[0] if log_x else 0.0
-        ax.set_xlim(left, zoom)
-        if ys.size:
-            pad = 0.05 * (ys.max() - ys.min()) or 0.05 * abs(ys.max()) or 0.1
-            ax.set_ylim(ys.min() - pad, ys.max() + pad)
-    ax.set_xlabel("epoch" + (" (log scale)" if log_x else ""))
-    ax.set_ylabel(c.column.name)
-    ax.set_title(f"{c.column.name} against epoch" + (f", first {zoom:g} epochs" if zoom is not None else "")
-                 + ": mean over seeds, band min–max")
-    ax.grid(True, alpha=0.3, which="both" if log_x else "major")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False,
-              ncols=1 if len(c.groups) <= 24 else 2)
-    return fig
-
-
-def gain_figure(comparison: Comparison):
-    """The statistic against gain, one line per alpha (or MA window), baselines as black horizontal lines."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-
-    c = comparison
-    fig = Figure(figsize=(9, 6), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    series: dict[str, list[Group]] = {}
-    for g in c.groups:
-        if not g.is_baseline and g.mean is not None and isinstance(g.config.get("gain"), (int, float)):
-            series.setdefault(_series_label(g), []).append(g)
-    shapes = sorted({_shape(g.config) for v in series.values() for g in v}, key=lambda s: tuple(map(_order, s)))
-    dashes = {shape: LINESTYLES[i % len(LINESTYLES)] for i, shape in enumerate(shapes)}
-    for i, (label, members) in enumerate(sorted(series.items())):
-        members.sort(key=lambda g: g.config["gain"])
-        gains = [g.config["gain"] for g in members]
-        means = [g.mean for g in members]
-        errors = [g.std if g.std is not None else 0.0 for g in members]
-        ax.errorbar(gains, means, yerr=errors, label=label, color=PALETTE[i % len(PALETTE)],
-                    linestyle=dashes[_shape(members[0].config)], marker=MARKERS[1 + i % (len(MARKERS) - 1)],
-                    capsize=3, linewidth=LINE_WIDTH)
-    for g in c.groups:
-        if g.is_baseline and g.mean is not None and math.isfinite(g.mean):
-            ax.axhline(g.mean, color=BASELINE_COLOR, linewidth=BASELINE_WIDTH, label=f"{g.label} (mean)")
-            if g.std is not None:
-                ax.axhspan(g.mean - g.std, g.mean + g.std, color=BASELINE_COLOR, alpha=0.08, linewidth=0)
-    gains = [g.config["gain"] for v in series.values() for g in v]
-    if gains and min(gains) > 0:  # gains are chosen on a log grid (0.1, 0.5, 2, 5)
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(set(gains)), labels=[f"{v:g}" for v in sorted(set(gains))])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("gain")
-    ax.set_ylabel(f"{c.metric} {c.column.name}")
-    ax.set_title(f"{c.metric.describe(c.column)}, {c.window.describe()}: mean ± std over seeds")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", frameon=False)
-    return fig
-
-
-def _series_label(g: Group) -> str:
-    """A gain chart series: the configuration label without its gain."""
-    return " ".join(filter(None, [short_label(g.config, gain=False), g.settings]))
-
-
-def plot(comparison: Comparison, out_dir: Path | str, log_x: bool = False, zoom: float | None = None) -> list[Path]:
-    """Write the PNGs into `out_dir` and return their paths.
-
-    `<column>_vs_epoch.png` always; `<column>_vs_epoch_first<K>.png` with `zoom`; `<column>_vs_gain.png`
-    when filtered configurations with a gain are compared.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = comparison.column.name
-    figures = [(f"{name}_vs_epoch.png", curves_figure(comparison, log_x=log_x))]
-    if zoom is not None:
-        figures.append((f"{name}_vs_epoch_first{zoom:g}.png", curves_figure(comparison, log_x=log_x, zoom=zoom)))
-    if any(not g.is_baseline and g.mean is not None for g in comparison.groups):
-        figures.append((f"{name}_vs_gain.png", gain_figure(comparison)))
-    paths = []
-    for filename, fig in figures:
-        fig.savefig(out_dir / filename, dpi=120)
-        paths.append(out_dir / filename)
-    return paths

@@ -10,8 +10,9 @@ import pytest
 from matplotlib.colors import to_rgba
 from scipy import stats
 
-from hlb_gpt.compare import (Column, Metric, Window, compare, curves_figure, format_notes, format_table, gain_figure,
-                             load_runs, parse_metric, parse_window, plot)
+from hlb_gpt.compare import (Column, Metric, Window, compare, format_notes, format_table, load_runs, parse_metric,
+                             parse_window)
+from hlb_gpt.plots import curves_figure, gain_figure, plot
 from hlb_gpt.config import RunConfig
 
 MiB = 2**20

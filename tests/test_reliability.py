@@ -1,6 +1,5 @@
 """Long runs that survive: checkpoints, bit-exact resume, signals, divergence, unsafe checkpoints, torchrun."""
 
-import json
 import os
 import shutil
 import signal
