@@ -365,7 +365,9 @@ class EMAFilter(GradFilter):
         ok = None if found_inf is None else found_inf == 0
         for mu, g, step in zip(mus, grads, steps):
             first = step == 0
-            new_mu = torch.lerp(mu, g.to(mu.dtype), torch.where(first, 1.0, 1.0 - alpha).to(mu.dtype))
+            math_dtype = torch.promote_types(mu.dtype, torch.float32)  # as eager lerp's internal math
+            weight = torch.where(first, 1.0, 1.0 - alpha).to(math_dtype)
+            new_mu = torch.lerp(mu.to(math_dtype), g.to(math_dtype), weight).to(mu.dtype)
             if ok is not None:
                 new_mu = torch.where(ok, new_mu, mu)
                 step.add_(ok.to(step.dtype))
