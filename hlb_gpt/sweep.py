@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import DataUnavailable
-from hlb_gpt.records import RunWriter, is_run_dir, read_run
+from hlb_gpt.records import Run, RunWriter, is_run_dir, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +73,18 @@ class SweepResult:
 
 def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
               train_fn: Callable[..., dict[str, Any]] | None = None, progress: bool = True) -> list[SweepResult]:
-    """Run every config into `out/<run name>/`: completed runs are skipped, unfinished ones continue from their
-    latest checkpoint, and a failed run does not stop the rest."""
+    """Run every config into `out/<run name>/`: completed runs are skipped, unfinished ones (and completed ones
+    asked for more epochs) continue from their latest checkpoint, and a failed run does not stop the rest."""
     out = Path(out)
-    for cfg in configs:  # before any work: an unfinished run may only be continued with its own settings
+    for cfg in configs:  # before any work: a run folder may only be continued with its own settings
         run_dir = out / run_name(cfg, vary)
-        if is_run_dir(run_dir) and read_run(run_dir).status != "completed":
+        if is_run_dir(run_dir):
             check_resumable(cfg, read_run(run_dir).config, run_dir)
     results = []
     for i, cfg in enumerate(configs, 1):
         name = run_name(cfg, vary)
         run_dir = out / name
-        if is_run_dir(run_dir) and read_run(run_dir).status == "completed":
+        if is_run_dir(run_dir) and is_done(cfg, read_run(run_dir)):
             logger.info("[%d/%d] %s: completed already, skipped", i, len(configs), name)
             results.append(SweepResult(name, "completed", read_run(run_dir).summary))
             continue
@@ -98,6 +98,11 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
             summary = _record_failure(cfg, run_dir, exc)
         results.append(SweepResult(name, summary["status"], summary))
     return results
+
+
+def is_done(cfg: RunConfig, run: Run) -> bool:
+    """Completed with this length; a completed run asked for more epochs or steps continues instead."""
+    return run.status == "completed" and all(run.config.get(k) == getattr(cfg, k) for k in ("epochs", "max_steps"))
 
 
 def trainer_for(cfg: RunConfig) -> Callable[..., dict[str, Any]]:

@@ -405,9 +405,13 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step",
                disable=not (progress and ddp.is_main), dynamic_ncols=True, leave=True)
 
+    saved_at = loop.step if checkpoint is not None else -1
+
     def save(reason: str) -> None:
-        if writer is None:
+        nonlocal saved_at
+        if writer is None or not cfg.checkpoint_every or saved_at == loop.step:
             return
+        saved_at = loop.step
         state = {
             "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "filter": grad_filter.state_dict(),
@@ -496,6 +500,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")
                     bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val), refresh=False)
                     tick = time.perf_counter()
+        save("final")  # so that a completed run can be extended with more --epochs
     except Diverged as exc:
         status, error = "diverged", str(exc)
         say(f"{run_dir.name}: diverged: {exc}")

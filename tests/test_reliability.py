@@ -225,3 +225,20 @@ def test_torchrun_with_two_cpu_ranks_matches_one_process_and_keeps_filters_ident
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
     assert ddp.stdout.count("completed") == 1  # one rank reports
+
+
+def test_a_completed_run_asked_for_more_epochs_continues_where_it_stopped(tmp_path):
+    base = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=32, seq_len=32, batch_size=4,
+                     epochs=0.002, evals_per_epoch=2000, eval_tokens=1024, checkpoint_every=1.0,
+                     data_cache=str(tmp_path / "cache"))
+    run_sweep([base], tmp_path / "sweep", progress=False)
+    short = numbers(tmp_path / "sweep" / "baseline-s0")
+    results = run_sweep([base.replace(epochs=0.004)], tmp_path / "sweep", progress=False)
+    assert results[0].status == "completed" and results[0].summary["epochs"] >= 0.004
+    extended = numbers(tmp_path / "sweep" / "baseline-s0")
+    assert extended[:len(short)] == short
+    train(base.replace(epochs=0.004), tmp_path / "direct", progress=False)
+    by_step = {r["step"]: r["val_loss"] for r in extended}
+    assert all(by_step[r["step"]] == r["val_loss"] for r in numbers(tmp_path / "direct"))
+    # and the same command again has nothing left to do
+    assert run_sweep([base.replace(epochs=0.004)], tmp_path / "sweep", progress=False)[0].summary == results[0].summary
