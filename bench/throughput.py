@@ -11,6 +11,7 @@ as the training loop does between logging points.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -66,22 +67,32 @@ def main() -> None:
     ap.add_argument("--compile", choices=["eager", "compiled", "both"], default="both")
     ap.add_argument("--grokfast", action="store_true", help="also measure with the EMA filter on")
     ap.add_argument("--hlb-batch", type=int, default=4, help="sequences per step for hlb on CPU (preset: 64)")
+    ap.add_argument("--tiny-tokenizer", choices=["bytes", "gpt2"], default="bytes")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved measurements per setting (median shown)")
     args = ap.parse_args()
     presets = ["tiny", "hlb"] if args.preset == "both" else [args.preset]
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'preset':<6} {'tokenizer':<9} {'mode':<9} {'filter':<7} {'params':>11} {'batch':>9} "
           f"{'step ms':>9} {'tokens/s':>10} {'warm-up s':>9}")
+    settings = []
     for preset in presets:
-        extra = dict(tokenizer="bytes") if preset == "tiny" else dict(tokenizer="gpt2", batch_size=args.hlb_batch)
-        steps = args.steps or (30 if preset == "tiny" else 3)
+        extra = (dict(tokenizer=args.tiny_tokenizer) if preset == "tiny"
+                 else dict(tokenizer="gpt2", batch_size=args.hlb_batch))
         for compiled in modes:
             for grokfast in ([False, True] if args.grokfast else [False]):
-                cfg = RunConfig(dataset="mini", preset=preset, compile=compiled, grokfast=grokfast, **extra)
-                r = measure(cfg, steps, args.warmup)
-                print(f"{preset:<6} {cfg.tokenizer:<9} {'compiled' if compiled else 'eager':<9} "
-                      f"{'ema' if grokfast else '-':<7} {r['n_params']:>11,} {cfg.batch_size:>3}x{cfg.seq_len:<5} "
-                      f"{r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {r['warmup_s']:>9.1f}", flush=True)
+                settings.append(RunConfig(dataset="mini", preset=preset, compile=compiled, grokfast=grokfast, **extra))
+    # Interleaved rounds, so a busy moment of the machine hits every setting alike.
+    results: list[list[dict]] = [[] for _ in settings]
+    for _ in range(args.repeats):
+        for cfg, out in zip(settings, results):
+            out.append(measure(cfg, args.steps or (30 if cfg.preset == "tiny" else 3), args.warmup))
+    for cfg, out in zip(settings, results):
+        step_ms = statistics.median(r["step_ms"] for r in out)
+        tok_s = cfg.batch_size * cfg.seq_len / (step_ms / 1e3)
+        print(f"{cfg.preset:<6} {cfg.tokenizer:<9} {'compiled' if cfg.compile else 'eager':<9} "
+              f"{'ema' if cfg.grokfast else '-':<7} {out[0]['n_params']:>11,} {cfg.batch_size:>3}x{cfg.seq_len:<5} "
+              f"{step_ms:>9.1f} {tok_s:>10,.0f} {out[0]['warmup_s']:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

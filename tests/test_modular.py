@@ -1,0 +1,267 @@
+import math
+
+import pytest
+import torch
+
+from hlb_gpt.config import ConfigError, RunConfig
+from hlb_gpt.records import METRIC_KEYS, read_run
+from hlb_gpt.tasks import modular
+from hlb_gpt.tasks.modular import (EpochSampler, ModularConfig, ModularTransformer, make_modular_optimizer,
+                                   make_modular_scheduler, modular_dataset, train_modular)
+
+SUMMARY_KEYS = {"status", "best_val_loss", "final_val_loss", "steps", "tokens", "epochs", "train_time_s",
+                "wall_time_s", "step_time_s", "memory", "best_val_acc", "final_val_acc", "steps_to_target"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These runs are too small for a second thread to help, and on a shared 2-core machine a second
+    thread that waits for a busy core made them ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small(**changes):
+    """The benchmark's data, batches and schedule with a model small enough for a step in milliseconds."""
+    values = dict(task="modular", depth=1, width=32, max_steps=20, device="cpu", checkpoint_every=0)
+    values.update(changes)
+    return RunConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def test_dataset_holds_all_9312_equations_split_in_disjoint_halves():
+    data = modular_dataset(97, seed=0)
+    (tx, ty), (vx, vy) = data["train"], data["valid"]
+    assert len(tx) == len(ty) == len(vx) == len(vy) == 4656
+    pairs = lambda X: {(int(a), int(b)) for a, b in X[:, [0, 2]]}  # noqa: E731
+    train, valid = pairs(tx), pairs(vx)
+    assert len(train) == len(valid) == 4656 and not train & valid
+    assert train | valid == {(x, y) for x in range(97) for y in range(1, 97)}
+
+
+def test_sequences_are_x_op_y_eq_and_the_answer_is_the_product_mod_p():
+    X, y = modular_dataset(97, seed=0)["train"]
+    assert X.dtype == y.dtype == torch.int64 and X.shape == (4656, 4)
+    assert (X[:, 1] == 98).all() and (X[:, 3] == 97).all()  # op = p + 1, eq = p
+    assert torch.equal(y, X[:, 0] * X[:, 2] % 97)
+    assert X[:, [0, 2]].max() < 97 and X[:, 2].min() == 1
+
+
+def test_the_split_is_fixed_by_the_seed():
+    a, b, c = modular_dataset(seed=1), modular_dataset(seed=1), modular_dataset(seed=2)
+    assert torch.equal(a["train"][0], b["train"][0]) and torch.equal(a["valid"][1], b["valid"][1])
+    assert not torch.equal(a["train"][0], c["train"][0])
+
+
+def test_dataset_rejects_a_degenerate_fraction():
+    with pytest.raises(ValueError, match="train_fraction"):
+        modular_dataset(train_fraction=1.0)
+
+
+def test_each_epoch_is_a_seeded_shuffle_cut_into_batches_with_the_remainder_last():
+    sampler = EpochSampler(4656, 512, seed=3, device=torch.device("cpu"))
+    assert sampler.steps_per_epoch == 10
+    epochs = [[sampler.next() for _ in range(10)] for _ in range(2)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [512] * 9 + [48]
+        assert torch.equal(torch.cat(batches).sort().values, torch.arange(4656))
+    assert not torch.equal(torch.cat(epochs[0]), torch.cat(epochs[1]))
+    again = EpochSampler(4656, 512, seed=3, device=torch.device("cpu"))
+    assert torch.equal(again.next(), epochs[0][0])
+
+
+def test_a_restored_sampler_continues_with_the_same_batches():
+    sampler = EpochSampler(100, 32, seed=0, device=torch.device("cpu"))
+    for _ in range(6):  # into the second epoch of 4 batches
+        sampler.next()
+    state = sampler.state_dict()
+    expected = [sampler.next() for _ in range(5)]
+    restored = EpochSampler(100, 32, seed=0, device=torch.device("cpu"))
+    restored.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, [restored.next() for _ in range(5)]))
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def test_the_answer_is_read_at_the_last_position_of_the_causal_model():
+    torch.manual_seed(0)
+    model = ModularTransformer(ModularConfig(depth=2, width=32))
+    X, _ = modular_dataset(seed=0)["valid"]
+    answer = model(X[:64])
+    every = model(X[:64], every_position=True)
+    assert answer.shape == (64, 99) and every.shape == (64, 4, 99)
+    torch.testing.assert_close(answer, every[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_no_position_sees_a_later_token():
+    torch.manual_seed(0)
+    model = ModularTransformer(ModularConfig(depth=2, width=32))
+    X, _ = modular_dataset(seed=0)["valid"]
+    changed = X[:16].clone()
+    changed[:, 2] = (changed[:, 2] + 1) % 97  # change y
+    before, after = model(X[:16], every_position=True), model(changed, every_position=True)
+    torch.testing.assert_close(before[:, :2], after[:, :2])
+    assert not torch.allclose(before[:, 2:], after[:, 2:])
+
+
+def test_the_model_has_the_published_size():
+    # 2 blocks of width 128 with 4x MLPs, 99-token vocabulary, 4 learned positions, untied bias-free head.
+    model = ModularTransformer(ModularConfig())
+    block = 2 * 2 * 128 + (3 * 128 * 128 + 3 * 128) + (128 * 128 + 128) + (128 * 512 + 512) + (512 * 128 + 128)
+    assert model.num_params() == 99 * 128 + 4 * 128 + 2 * block + 2 * 128 + 128 * 99
+
+
+def test_the_optimizer_is_adam_with_coupled_l2_decay_and_a_warmup_from_zero():
+    params = [torch.nn.Parameter(torch.ones(3))]
+    opt = make_modular_optimizer(params, lr=1e-3, weight_decay=0.005, device=torch.device("cpu"))
+    assert type(opt) is torch.optim.Adam  # not AdamW: the decay is added to the gradient, as published
+    assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["weight_decay"] == 0.005
+    sched = make_modular_scheduler(opt, warmup_steps=10)
+    lrs = []
+    for _ in range(13):
+        lrs.append(opt.param_groups[0]["lr"])
+        params[0].grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(5e-4) and lrs[10:] == [1e-3] * 3
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def test_a_run_records_accuracy_with_every_standard_metric(tmp_path):
+    summary = train_modular(small(max_steps=20), tmp_path / "run", progress=False)
+    run = read_run(tmp_path / "run")
+    assert summary["status"] == "completed" == run.status
+    assert SUMMARY_KEYS <= set(run.summary)
+    assert run.summary["steps_to_target"] is None and run.summary["steps"] == 20
+    assert [row["step"] for row in run.metrics] == [10, 20]  # one evaluation per epoch of 10 steps
+    for row in run.metrics:
+        assert set(METRIC_KEYS) | {"val_acc", "train_acc"} <= set(row)
+        assert 0 <= row["val_acc"] <= 1 and 0 <= row["train_acc"] <= 1
+        assert row["ema_ratio"] is None  # no filter
+    assert run.metrics[-1]["tokens"] == 2 * 4656 == run.summary["tokens"]
+    assert run.metrics[-1]["epoch"] == 2.0
+    assert run.summary["best_val_acc"] == max(row["val_acc"] for row in run.metrics)
+    assert run.summary["final_val_acc"] == run.metrics[-1]["val_acc"]
+    assert run.config["task"] == "modular" and run.config["modular"]["steps_per_epoch"] == 10
+
+
+def test_max_steps_is_respected_even_mid_epoch(tmp_path):
+    summary = train_modular(small(max_steps=15), tmp_path / "run", progress=False)
+    assert summary["steps"] == 15 and summary["tokens"] == 9 * 512 + 48 + 5 * 512
+    assert [row["step"] for row in read_run(tmp_path / "run").metrics] == [10, 15]
+
+
+def test_without_max_steps_the_run_lasts_epochs_times_ten_steps(tmp_path):
+    summary = train_modular(small(max_steps=None, epochs=2), tmp_path / "run", progress=False)
+    assert summary["steps"] == 20
+
+
+def test_the_run_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path):
+    cfg = small(max_steps=60)
+    train_modular(cfg, tmp_path / "free", progress=False)
+    accs = [(row["step"], row["val_acc"]) for row in read_run(tmp_path / "free").metrics]
+    target = max(acc for _, acc in accs[:-1])
+    assert target > 0
+    expected = next(step for step, acc in accs if acc >= target)
+
+    summary = train_modular(cfg.replace(target_acc=target), tmp_path / "stopped", progress=False)
+    assert summary["status"] == "completed"
+    assert summary["steps_to_target"] == expected == summary["steps"] < 60
+    assert read_run(tmp_path / "stopped").metrics[-1]["val_acc"] >= target
+
+
+@pytest.mark.parametrize("kind", ["ema", "ma"])
+def test_the_grokfast_filter_acts_and_reports_its_ratio(tmp_path, kind):
+    cfg = small(grokfast=True, filter=kind, window=5, max_steps=20)
+    train_modular(cfg, tmp_path / "filtered", progress=False)
+    train_modular(cfg.replace(grokfast=False), tmp_path / "plain", progress=False)
+    filtered, plain = read_run(tmp_path / "filtered"), read_run(tmp_path / "plain")
+    assert all(row["ema_ratio"] is not None and row["ema_ratio"] > 0 for row in filtered.metrics)
+    assert filtered.summary["memory"]["filter_bytes"] > 0 == plain.summary["memory"]["filter_bytes"]
+    assert filtered.metrics[-1]["val_loss"] != plain.metrics[-1]["val_loss"]
+
+
+def test_gradient_accumulation_trains_like_one_batch(tmp_path):
+    one = train_modular(small(max_steps=10), tmp_path / "one", progress=False)
+    two = train_modular(small(max_steps=10, grad_accum=2), tmp_path / "two", progress=False)
+    assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], rel=1e-4)
+
+
+def test_bf16_autocast_is_opt_in_and_trains(tmp_path):
+    summary = train_modular(small(max_steps=10, precision="bf16"), tmp_path / "bf16", progress=False)
+    default = train_modular(small(max_steps=10), tmp_path / "auto", progress=False)
+    assert summary["status"] == "completed" and math.isfinite(summary["final_val_loss"])
+    assert summary["final_val_loss"] != default["final_val_loss"]  # bf16 was really used
+
+
+def test_consecutive_non_finite_steps_mark_the_run_diverged(tmp_path, monkeypatch):
+    real = modular.optimizer_step
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.found_inf = torch.ones(())
+        return result
+
+    monkeypatch.setattr(modular, "optimizer_step", poisoned)
+    summary = train_modular(small(max_steps=40, max_bad_steps=5), tmp_path / "run", progress=False)
+    assert summary["status"] == "diverged" == read_run(tmp_path / "run").status
+    assert summary["steps"] == 10  # caught at the first evaluation
+
+
+def test_a_crash_leaves_a_failed_summary(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(modular, "optimizer_step", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        train_modular(small(), tmp_path / "run", progress=False)
+    run = read_run(tmp_path / "run")
+    assert run.status == "failed" and "boom" in run.summary["error"]
+
+
+def test_a_resumed_run_records_what_an_uninterrupted_run_does(tmp_path):
+    cfg = small(grokfast=True, max_steps=35, checkpoint_every=2)
+    train_modular(cfg, tmp_path / "straight", progress=False)
+    # A run cut short at step 20 (checkpointed at epoch 2), then resumed with the full budget.
+    train_modular(cfg.replace(max_steps=20), tmp_path / "resumed", progress=False)
+    summary = train_modular(cfg, tmp_path / "resumed", progress=False, resume=True)
+    assert summary["steps"] == 35 and summary["status"] == "completed"
+    untimed = lambda run: [{k: v for k, v in row.items() if k not in ("time_s", "tokens_per_s")}  # noqa: E731
+                           for row in read_run(tmp_path / run).metrics]
+    assert untimed("resumed") == untimed("straight")
+    assert [row["step"] for row in untimed("resumed")] == [10, 20, 30, 35]
+
+
+def test_settings_without_meaning_for_the_task_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="--optimizer"):
+        train_modular(small(optimizer="grokadamw"), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="--gate"):
+        train_modular(small(gate="relu"), tmp_path / "b", progress=False)
+
+
+def test_runs_with_the_same_seed_are_identical(tmp_path):
+    cfg = small(grokfast=True, max_steps=20)
+    a = train_modular(cfg, tmp_path / "a", progress=False)
+    b = train_modular(cfg, tmp_path / "b", progress=False)
+    assert a["final_val_loss"] == b["final_val_loss"] and a["final_val_acc"] == b["final_val_acc"]
+
+
+# ----------------------------------------------------------------------------------------------- the claim
+
+
+@pytest.mark.slow
+def test_grokfast_ema_reaches_95_percent_validation_accuracy_within_2000_steps(tmp_path):
+    # Seed 2 got there in 940 steps on one thread (seeds 0 and 1: 1,500 and 1,300); the published run, 910.
+    cfg = RunConfig(task="modular", grokfast=True, alpha=0.98, gain=2.0, weight_decay=0.005, target_acc=0.95,
+                    max_steps=2000, seed=2, device="cpu", checkpoint_every=0)
+    summary = train_modular(cfg, tmp_path / "run", progress=False)
+    assert summary["status"] == "completed"
+    assert summary["steps_to_target"] is not None and summary["steps_to_target"] <= 2000
+    assert math.isclose(summary["final_val_acc"], summary["best_val_acc"]) and summary["final_val_acc"] >= 0.95
