@@ -239,6 +239,14 @@ def test_a_resumed_run_records_what_an_uninterrupted_run_does(tmp_path):
     assert [row["step"] for row in untimed("resumed")] == [10, 20, 30, 35]
 
 
+def test_a_completed_run_given_more_steps_continues_from_its_end(tmp_path):
+    cfg = small(max_steps=15, checkpoint_every=1)
+    train_modular(cfg, tmp_path / "run", progress=False)
+    summary = train_modular(cfg.replace(max_steps=25), tmp_path / "run", progress=False, resume=True)
+    assert summary["steps"] == 25 and summary["tokens"] == 25 * 512 - 2 * (512 - 48)
+    assert [row["step"] for row in read_run(tmp_path / "run").metrics] == [10, 15, 20, 25]
+
+
 def test_settings_without_meaning_for_the_task_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="--optimizer"):
         train_modular(small(optimizer="grokadamw"), tmp_path / "a", progress=False)

@@ -313,8 +313,8 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
 
     The run stops after `cfg.max_steps` steps (or `cfg.epochs` epochs of 10 steps when max_steps is None), or
     at the first evaluation whose validation accuracy reaches `cfg.target_acc`. It evaluates after every epoch
-    and checkpoints every `cfg.checkpoint_every` epochs. With `resume`, it continues from the run's latest
-    checkpoint if it has one. A run that fails or is interrupted (SIGINT, SIGTERM: after a checkpoint) still
+    and checkpoints every `cfg.checkpoint_every` epochs and at the end (none when it is 0). With `resume`, it
+    continues from the run's latest checkpoint if it has one. A run that fails or is interrupted (SIGINT, SIGTERM: after a checkpoint) still
     gets a summary with that status before the exception propagates.
     """
     check_modular(cfg)
@@ -385,7 +385,13 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step", disable=not progress,
                dynamic_ncols=True, leave=True)
 
+    saved_at = loop.step if checkpoint is not None else -1
+
     def save(reason: str) -> None:
+        nonlocal saved_at
+        if not cfg.checkpoint_every or saved_at == loop.step:
+            return
+        saved_at = loop.step
         state = {
             "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "filter": grad_filter.state_dict(),
@@ -486,6 +492,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested} at step {loop.step}")
                     tick = time.perf_counter()
+            save("final")  # so that a completed run can be extended with a larger --max-steps
     except Diverged as exc:
         status, error = "diverged", str(exc)
         say(f"{run_dir.name}: diverged: {exc}")
