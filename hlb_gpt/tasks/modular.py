@@ -314,8 +314,8 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     The run stops after `cfg.max_steps` steps (or `cfg.epochs` epochs of 10 steps when max_steps is None), or
     at the first evaluation whose validation accuracy reaches `cfg.target_acc`. It evaluates after every epoch
     and checkpoints every `cfg.checkpoint_every` epochs and at the end (none when it is 0). With `resume`, it
-    continues from the run's latest checkpoint if it has one. A run that fails or is interrupted (SIGINT, SIGTERM: after a checkpoint) still
-    gets a summary with that status before the exception propagates.
+    continues from the run's latest checkpoint if it has one. A run that fails or is interrupted (SIGINT,
+    SIGTERM: after a checkpoint) still gets a summary with that status before the exception propagates.
     """
     check_modular(cfg)
     if distributed.from_env().enabled:
