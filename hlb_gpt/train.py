@@ -514,19 +514,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         bar.close()
         memory = {**(memory or memory_breakdown(model, optimizer, grad_filter, device)),
                   **dict(zip(("peak_bytes", "peak_kind"), peak_memory(device)))}
-        summary = {
-            "status": status,
-            "error": error,
-            "best_val_loss": loop.best,
-            "final_val_loss": loop.final,
-            "steps": loop.step,
-            "tokens": loop.tokens,
-            "epochs": loop.tokens / n_train,
-            "train_time_s": loop.train_time,
-            "wall_time_s": time.perf_counter() - wall_start,
-            "step_time_s": loop.train_time / loop.step if loop.step else None,
-            "memory": memory,
-        }
+        summary = run_summary(status, error, loop, n_train, time.perf_counter() - wall_start, memory)
         if ddp.enabled and status != "failed":
             summary["ddp"] = {"world_size": ddp.world_size,
                               "filter_checksums": distributed.gather_floats(filter_checksum(grad_filter), ddp, device)}
@@ -534,6 +522,24 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
             writer.write_summary(summary)
         tracker.finish(summary)
     return summary
+
+
+def run_summary(status: str, error: str | None, loop: LoopState, n_train: int, wall_time: float,
+                memory: dict[str, Any]) -> dict[str, Any]:
+    """The keys every summary.json has, whatever the task."""
+    return {
+        "status": status,
+        "error": error,
+        "best_val_loss": loop.best,
+        "final_val_loss": loop.final,
+        "steps": loop.step,
+        "tokens": loop.tokens,
+        "epochs": loop.tokens / n_train,
+        "train_time_s": loop.train_time,
+        "wall_time_s": wall_time,
+        "step_time_s": loop.train_time / loop.step if loop.step else None,
+        "memory": memory,
+    }
 
 
 def filter_checksum(grad_filter: GradFilter) -> float:

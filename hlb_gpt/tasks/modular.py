@@ -51,7 +51,7 @@ from hlb_gpt.records import RunWriter
 from hlb_gpt.tracking import make_tracker
 from hlb_gpt.train import (Diverged, Interrupted, LoopState, StepResult, StopSignals, autocast_for, build_filter,
                            config_record, eval_due, format_memory, memory_breakdown, optimizer_step, peak_memory,
-                           resolve_device, synchronize)
+                           resolve_device, run_summary, synchronize)
 
 logger = logging.getLogger(__name__)
 
@@ -507,17 +507,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
         memory = {**(memory or memory_breakdown(model, optimizer, grad_filter, device)),
                   **dict(zip(("peak_bytes", "peak_kind"), peak_memory(device)))}
         summary = {
-            "status": status,
-            "error": error,
-            "best_val_loss": loop.best,
-            "final_val_loss": loop.final,
-            "steps": loop.step,
-            "tokens": loop.tokens,
-            "epochs": loop.tokens / n_train,
-            "train_time_s": loop.train_time,
-            "wall_time_s": time.perf_counter() - wall_start,
-            "step_time_s": loop.train_time / loop.step if loop.step else None,
-            "memory": memory,
+            **run_summary(status, error, loop, n_train, time.perf_counter() - wall_start, memory),
             "best_val_acc": loop.best_acc,
             "final_val_acc": loop.final_acc,
             "target_acc": cfg.target_acc,
