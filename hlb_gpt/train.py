@@ -311,6 +311,36 @@ class LoopState:
         return cls(**state)
 
 
+@dataclass
+class Resumable:
+    """What a checkpoint holds besides the loop counters and metrics: saved and restored in one place."""
+
+    cfg: RunConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    grad_filter: GradFilter
+    sampler: Any
+
+    def state(self, loop: LoopState, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "filter": self.grad_filter.state_dict(),
+            "sampler": self.sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(), "metrics": metrics,
+        }
+
+    def restore(self, path: Path, run_dir: Path, loop_cls: type[LoopState]) -> tuple[LoopState, list[dict[str, Any]]]:
+        saved = load_checkpoint(path)
+        check_resumable(self.cfg, saved["config"], run_dir)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.grad_filter.load_state_dict(saved["filter"])
+        self.sampler.load_state_dict(saved["sampler"])
+        set_rng_state(saved["rng"])
+        return loop_cls.from_state_dict(saved["loop"]), saved["metrics"]
+
+
 def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int,
                   world_size: int = 1) -> dict[str, Any]:
     return {
@@ -360,18 +390,10 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     loop = LoopState()
     metrics: list[dict[str, Any]] = []
 
+    parts = Resumable(cfg, model, optimizer, scheduler, grad_filter, sampler)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        saved = load_checkpoint(checkpoint)
-        check_resumable(cfg, saved["config"], run_dir)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        grad_filter.load_state_dict(saved["filter"])
-        sampler.load_state_dict(saved["sampler"])
-        loop = LoopState.from_state_dict(saved["loop"])
-        metrics = saved["metrics"]
-        set_rng_state(saved["rng"])
+        loop, metrics = parts.restore(checkpoint, run_dir, LoopState)
     loop.to(device)
 
     train_forward, no_sync = model, contextlib.nullcontext
@@ -412,11 +434,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         if writer is None or not cfg.checkpoint_every or saved_at == loop.step:
             return
         saved_at = loop.step
-        state = {
-            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "filter": grad_filter.state_dict(),
-            "sampler": sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(), "metrics": metrics,
-        }
+        state = parts.state(loop, metrics)
         try:
             save_checkpoint(run_dir, loop.step, state, keep=cfg.keep_checkpoints)
         except OSError as exc:  # e.g. a full disk: the previous checkpoint is intact, training goes on

@@ -44,12 +44,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hlb_gpt import distributed
-from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from hlb_gpt.config import ConfigError, RunConfig, check_resumable
+from hlb_gpt.checkpoint import latest_checkpoint, save_checkpoint
+from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.optim import lr_lambda
 from hlb_gpt.records import RunWriter
 from hlb_gpt.tracking import make_tracker
-from hlb_gpt.train import (Diverged, Interrupted, LoopState, StepResult, StopSignals, autocast_for, build_filter,
+from hlb_gpt.train import (Diverged, Interrupted, LoopState, Resumable, StepResult, StopSignals, autocast_for, build_filter,
                            config_record, eval_due, format_memory, memory_breakdown, optimizer_step, peak_memory,
                            resolve_device, run_summary, synchronize)
 
@@ -344,18 +344,10 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     loop = ModularLoop()
     metrics: list[dict[str, Any]] = []
 
+    parts = Resumable(cfg, model, optimizer, scheduler, grad_filter, sampler)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        saved = load_checkpoint(checkpoint)
-        check_resumable(cfg, saved["config"], run_dir)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        grad_filter.load_state_dict(saved["filter"])
-        sampler.load_state_dict(saved["sampler"])
-        loop = ModularLoop.from_state_dict(saved["loop"])
-        metrics = saved["metrics"]
-        set_rng_state(saved["rng"])
+        loop, metrics = parts.restore(checkpoint, run_dir, ModularLoop)
     loop.to(device)
     compiled = torch.compile(model) if compile_model else model
 
@@ -392,11 +384,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
         if not cfg.checkpoint_every or saved_at == loop.step:
             return
         saved_at = loop.step
-        state = {
-            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "filter": grad_filter.state_dict(),
-            "sampler": sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(), "metrics": metrics,
-        }
+        state = parts.state(loop, metrics)
         try:
             save_checkpoint(run_dir, loop.step, state, keep=cfg.keep_checkpoints)
         except OSError as exc:  # e.g. a full disk: the previous checkpoint is intact, training goes on
