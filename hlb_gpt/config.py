@@ -38,6 +38,7 @@ class Preset:
     eval_tokens: int
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    checkpoint_every: float = 1.0  # epochs
 
 
 PRESETS: dict[str, Preset] = {
@@ -49,7 +50,7 @@ PRESETS: dict[str, Preset] = {
     # The grokking benchmark (SPEC §9, after Lee et al. 2024): 2 layers of width 128, batches of 512,
     # Adam lr 1e-3 with a 10-step warmup, no weight decay unless given; sequences are `x op y =`.
     "modular": Preset(depth=2, width=128, seq_len=4, batch_size=512, lr=1e-3, eval_tokens=0,
-                      weight_decay=0.0, warmup_steps=10),
+                      weight_decay=0.0, warmup_steps=10, checkpoint_every=100.0),
 }
 DEFAULT_PRESET = {"lm": "hlb", "modular": "modular"}
 
@@ -97,7 +98,7 @@ class RunConfig:
     max_steps: int | None = None
     target_acc: float | None = None
     max_bad_steps: int = 10
-    checkpoint_every: float = 1.0
+    checkpoint_every: float | None = None
     keep_checkpoints: int = 2
     # hardware
     device: str = "auto"
@@ -121,7 +122,8 @@ class RunConfig:
         _choice("--precision", self.precision, PRECISIONS)
         _choice("--device", self.device, DEVICES)
         preset = PRESETS[self.preset]
-        for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens", "weight_decay", "warmup_steps"):
+        for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens", "weight_decay", "warmup_steps",
+                     "checkpoint_every"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
         self._validate()
@@ -151,6 +153,11 @@ class RunConfig:
         if not self.gain >= 0:
             raise ConfigError(f"--gain must be >= 0 (got {self.gain})")
         _positive("--window", self.window)
+        if self.task == "modular" and self.optimizer != "adamw":
+            raise ConfigError("--task modular trains with Adam and L2 weight decay, as the published code; "
+                              f"drop --optimizer {self.optimizer} (use --grokfast for the filter)")
+        if self.task == "modular" and self.gate != "none":
+            raise ConfigError(f"--task modular has no gated blocks; drop --gate {self.gate}")
         if self.grokfast and self.optimizer == "grokadamw":
             raise ConfigError("--optimizer grokadamw filters gradients itself; drop --grokfast "
                               "(its --alpha and --gain set GrokAdamW's filter)")

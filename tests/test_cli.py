@@ -40,6 +40,8 @@ def test_help_documents_every_training_option(capsys):
     ["--seed", "0,x"],
     ["--batch-size", "6", "--grad-accum", "4"],
     ["--data-dir", "/nonexistent/folder"],
+    ["--task", "modular", "--optimizer", "grokadamw"],
+    ["--task", "modular", "--gate", "relu"],
     ["--no-such-flag"],
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, capsys, tmp_path):

@@ -247,11 +247,18 @@ def test_a_completed_run_given_more_steps_continues_from_its_end(tmp_path):
     assert [row["step"] for row in read_run(tmp_path / "run").metrics] == [10, 15, 20, 25]
 
 
-def test_settings_without_meaning_for_the_task_are_rejected(tmp_path):
+def test_settings_without_meaning_for_the_task_are_rejected_when_the_config_is_built():
     with pytest.raises(ConfigError, match="--optimizer"):
-        train_modular(small(optimizer="grokadamw"), tmp_path / "a", progress=False)
+        small(optimizer="grokadamw")
     with pytest.raises(ConfigError, match="--gate"):
-        train_modular(small(gate="relu"), tmp_path / "b", progress=False)
+        small(gate="relu")
+
+
+def test_checkpoints_default_to_every_100_epochs_here_and_every_epoch_for_lm():
+    # An epoch is 10 steps here, and an MA checkpoint is 176 MB: one per epoch would dominate the run.
+    assert RunConfig(task="modular").checkpoint_every == 100
+    assert RunConfig(task="lm").checkpoint_every == 1
+    assert RunConfig(task="modular", checkpoint_every=0).checkpoint_every == 0
 
 
 def test_runs_with_the_same_seed_are_identical(tmp_path):
