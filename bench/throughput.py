@@ -20,8 +20,8 @@ import torch
 from hlb_gpt.config import RunConfig
 from hlb_gpt.data import BatchSampler, get_tokenizer, load_tokens
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
-from hlb_gpt.train import (autocast_for, build_filter, build_optimizer, optimizer_step, resolve_device,
-                           synchronize)
+from hlb_gpt.device import autocast_for, resolve_device, synchronize
+from hlb_gpt.train import build_filter, build_optimizer, optimizer_step
 
 
 def measure(cfg: RunConfig, steps: int, warmup: int) -> dict:

@@ -10,13 +10,12 @@ import contextlib
 import logging
 import math
 import platform
-import resource
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +27,7 @@ from hlb_gpt import distributed
 from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import BatchSampler, eval_windows, get_tokenizer, load_tokens
+from hlb_gpt.device import autocast_for, final_memory, format_memory, memory_breakdown, resolve_device, synchronize
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
@@ -45,82 +45,6 @@ REFRESH_STEPS = 20
 
 class Diverged(RuntimeError):
     pass
-
-
-# ----------------------------------------------------------------------------------------------- hardware
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available (use --device auto)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps was asked for but MPS is not available (use --device auto)")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on CUDA by default; on CPU it is opt-in (--precision bf16), which is how tests cover it."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """The device's peak allocated bytes on CUDA; on other devices the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if platform.system() == "Darwin" else rss * 1024, "process_peak_rss"
-
-
-def tensor_bytes(tensors: Iterable[Any]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
-
-
-def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, grad_filter: GradFilter,
-                     device: torch.device) -> dict[str, Any]:
-    params = [p for p in model.parameters()]
-    # Autograd allocates each gradient with its parameter's shape and dtype, so this is exact.
-    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    optimizer_state = tensor_bytes(v for s in optimizer.state.values() for v in s.values())
-    peak, peak_kind = peak_memory(device)
-    state = {
-        "params_bytes": tensor_bytes(params),
-        "grads_bytes": grads,
-        "optimizer_bytes": optimizer_state,
-        "filter_bytes": grad_filter.nbytes,
-    }
-    total = sum(state.values())
-    return {
-        **state,
-        "training_state_bytes": total,
-        "filter_share": state["filter_bytes"] / total if total else 0.0,
-        "peak_bytes": peak,
-        "peak_kind": peak_kind,
-    }
-
-
-def format_memory(mem: dict[str, Any]) -> str:
-    mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
-    return (
-        f"memory: params {mb(mem['params_bytes'])}, grads {mb(mem['grads_bytes'])}, "
-        f"optimizer {mb(mem['optimizer_bytes'])}, filter {mb(mem['filter_bytes'])} "
-        f"({100 * mem['filter_share']:.1f}% of training state), peak {mb(mem['peak_bytes'])} ({mem['peak_kind']})"
-    )
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -280,6 +204,31 @@ class StopSignals:
         self.requested = signal.Signals(signum).name
 
 
+class RunStatus:
+    """The status a run's summary records, set by how the block it guards ends: "completed"; "diverged", recorded
+    and swallowed so that a sweep goes on to its next run; "interrupted" or "failed", recorded and re-raised."""
+
+    def __init__(self, name: str, say: Callable[[str], Any]) -> None:
+        self.status, self.error = "completed", None
+        self._name, self._say = name, say
+
+    def __enter__(self) -> RunStatus:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc_type is None:
+            return False
+        if issubclass(exc_type, Diverged):
+            self.status, self.error = "diverged", str(exc)
+            self._say(f"{self._name}: diverged: {exc}")
+            return True
+        if issubclass(exc_type, KeyboardInterrupt):
+            self.status, self.error = "interrupted", str(exc) or "KeyboardInterrupt"
+        elif issubclass(exc_type, Exception):
+            self.status, self.error = "failed", f"{exc_type.__name__}: {exc}"
+        return False
+
+
 @dataclass
 class LoopState:
     """The loop's counters: with the model, optimizer, filter and sampler, all a resumed run needs."""
@@ -422,7 +371,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         f"{f', resumed at step {loop.step:,}' if checkpoint is not None else ''}")
 
     memory: dict[str, Any] = {}
-    status, error = "completed", None
+    outcome = RunStatus(run_dir.name, say)
     last_val = loop.final
     bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step",
                disable=not (progress and ddp.is_main), dynamic_ncols=True, leave=True)
@@ -472,7 +421,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     wall_start = time.perf_counter() - loop.wall_time
     try:
-        with StopSignals() as stop:
+        with outcome, StopSignals() as stop:
             tick = time.perf_counter()
             while loop.step < total_steps:
                 length, batch = schedule.length_at(loop.step), schedule.batch_at(loop.step)
@@ -518,22 +467,12 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")
                     bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val), refresh=False)
                     tick = time.perf_counter()
-        save("final")  # so that a completed run can be extended with more --epochs
-    except Diverged as exc:
-        status, error = "diverged", str(exc)
-        say(f"{run_dir.name}: diverged: {exc}")
-    except KeyboardInterrupt as exc:
-        status, error = "interrupted", str(exc) or "KeyboardInterrupt"
-        raise
-    except Exception as exc:
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
-        raise
+            save("final")  # so that a completed run can be extended with more --epochs
     finally:
         bar.close()
-        memory = {**(memory or memory_breakdown(model, optimizer, grad_filter, device)),
-                  **dict(zip(("peak_bytes", "peak_kind"), peak_memory(device)))}
-        summary = run_summary(status, error, loop, n_train, time.perf_counter() - wall_start, memory)
-        if ddp.enabled and status != "failed":
+        memory = final_memory(memory, model, optimizer, grad_filter, device)
+        summary = run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory)
+        if ddp.enabled and outcome.status != "failed":
             summary["ddp"] = {"world_size": ddp.world_size,
                               "filter_checksums": distributed.gather_floats(filter_checksum(grad_filter), ddp, device)}
         if writer:

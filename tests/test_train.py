@@ -9,7 +9,7 @@ from hlb_gpt.grokfast import EMAFilter
 from hlb_gpt.model import GPT, GPTConfig
 from hlb_gpt.optim import make_optimizer, make_scheduler, param_groups
 from hlb_gpt.records import METRIC_KEYS, read_run
-from hlb_gpt.train import BatchSchedule, eval_due, optimizer_step, train
+from hlb_gpt.train import BatchSchedule, Diverged, Interrupted, RunStatus, eval_due, optimizer_step, train
 
 TIME_KEYS = {"time_s", "tokens_per_s"}
 
@@ -213,3 +213,21 @@ def test_a_step_with_non_finite_gradients_is_skipped_without_touching_filter_or_
     assert torch.equal(w.detach(), w_before)
     assert torch.equal(ema.state_dict()["state"]["blocks.0.expand"]["mu"], mu_before)
     assert all(torch.equal(opt.state[w][k], v) for k, v in adam_before.items())
+
+
+def test_run_status_records_how_a_run_ended_and_swallows_only_divergence():
+    said = []
+    with RunStatus("r", said.append) as done:
+        pass
+    assert (done.status, done.error) == ("completed", None)
+    with RunStatus("r", said.append) as diverged:
+        raise Diverged("validation loss is not finite at step 6")
+    assert (diverged.status, diverged.error) == ("diverged", "validation loss is not finite at step 6")
+    assert said == ["r: diverged: validation loss is not finite at step 6"]
+    for exc, status, error in [(Interrupted("stopped by SIGINT at step 3"), "interrupted", "stopped by SIGINT at step 3"),
+                               (KeyboardInterrupt(), "interrupted", "KeyboardInterrupt"),
+                               (OSError("disk full"), "failed", "OSError: disk full")]:
+        outcome = RunStatus("r", said.append)
+        with pytest.raises(type(exc)), outcome:
+            raise exc
+        assert (outcome.status, outcome.error) == (status, error)

@@ -49,9 +49,9 @@ from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.optim import lr_lambda
 from hlb_gpt.records import RunWriter
 from hlb_gpt.tracking import make_tracker
-from hlb_gpt.train import (Diverged, Interrupted, LoopState, Resumable, StepResult, StopSignals, autocast_for, build_filter,
-                           config_record, eval_due, format_memory, memory_breakdown, optimizer_step, peak_memory,
-                           resolve_device, run_summary, synchronize)
+from hlb_gpt.device import autocast_for, final_memory, format_memory, memory_breakdown, resolve_device, synchronize
+from hlb_gpt.train import (Diverged, Interrupted, LoopState, Resumable, RunStatus, StepResult, StopSignals, build_filter,
+                           config_record, eval_due, optimizer_step, run_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -280,15 +280,6 @@ def make_modular_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, start_mult=0.0, exponent=0.0))
 
 
-def check_modular(cfg: RunConfig) -> None:
-    """Settings of the LM task that have no meaning here, rejected rather than silently ignored."""
-    if cfg.optimizer != "adamw":
-        raise ConfigError("--task modular trains with Adam and L2 weight decay as the published code; "
-                          f"drop --optimizer {cfg.optimizer} (use --grokfast for the filter)")
-    if cfg.gate != "none":
-        raise ConfigError(f"--task modular has no gated blocks; drop --gate {cfg.gate}")
-
-
 # ----------------------------------------------------------------------------------------------- the run
 
 
@@ -317,7 +308,6 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     continues from the run's latest checkpoint if it has one. A run that fails or is interrupted (SIGINT,
     SIGTERM: after a checkpoint) still gets a summary with that status before the exception propagates.
     """
-    check_modular(cfg)
     if distributed.from_env().enabled:
         raise ConfigError("--task modular trains in one process: launch it without torchrun")
     run_dir = Path(run_dir)
@@ -373,7 +363,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
         f"{f', resumed at step {loop.step:,}' if checkpoint is not None else ''}")
 
     memory: dict[str, Any] = {}
-    status, error = "completed", None
+    outcome = RunStatus(run_dir.name, say)
     bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step", disable=not progress,
                dynamic_ncols=True, leave=True)
 
@@ -439,7 +429,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
 
     wall_start = time.perf_counter() - loop.wall_time
     try:
-        with StopSignals() as stop:
+        with outcome, StopSignals() as stop:
             tick = time.perf_counter()
             while loop.step < total_steps:
                 index = sampler.next()
@@ -481,21 +471,11 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
                         raise Interrupted(f"stopped by {stop.requested} at step {loop.step}")
                     tick = time.perf_counter()
             save("final")  # so that a completed run can be extended with a larger --max-steps
-    except Diverged as exc:
-        status, error = "diverged", str(exc)
-        say(f"{run_dir.name}: diverged: {exc}")
-    except KeyboardInterrupt as exc:
-        status, error = "interrupted", str(exc) or "KeyboardInterrupt"
-        raise
-    except Exception as exc:
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
-        raise
     finally:
         bar.close()
-        memory = {**(memory or memory_breakdown(model, optimizer, grad_filter, device)),
-                  **dict(zip(("peak_bytes", "peak_kind"), peak_memory(device)))}
+        memory = final_memory(memory, model, optimizer, grad_filter, device)
         summary = {
-            **run_summary(status, error, loop, n_train, time.perf_counter() - wall_start, memory),
+            **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory),
             "best_val_acc": loop.best_acc,
             "final_val_acc": loop.final_acc,
             "target_acc": cfg.target_acc,

@@ -1,0 +1,98 @@
+"""The device a run trains on: choosing it, its precision, waiting for it, and what the run holds in its memory.
+
+Nothing here hard-codes a device: CUDA, then MPS, then the CPU, whichever is present, unless --device says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import resource
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from hlb_gpt.config import ConfigError
+from hlb_gpt.grokfast import GradFilter
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available (use --device auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps was asked for but MPS is not available (use --device auto)")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on CUDA by default; on CPU it is opt-in (--precision bf16), which is how tests cover it."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """The device's peak allocated bytes on CUDA; on other devices the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if platform.system() == "Darwin" else rss * 1024, "process_peak_rss"
+
+
+def tensor_bytes(tensors: Iterable[Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, grad_filter: GradFilter,
+                     device: torch.device) -> dict[str, Any]:
+    params = [p for p in model.parameters()]
+    # Autograd allocates each gradient with its parameter's shape and dtype, so this is exact.
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    optimizer_state = tensor_bytes(v for s in optimizer.state.values() for v in s.values())
+    peak, peak_kind = peak_memory(device)
+    state = {
+        "params_bytes": tensor_bytes(params),
+        "grads_bytes": grads,
+        "optimizer_bytes": optimizer_state,
+        "filter_bytes": grad_filter.nbytes,
+    }
+    total = sum(state.values())
+    return {
+        **state,
+        "training_state_bytes": total,
+        "filter_share": state["filter_bytes"] / total if total else 0.0,
+        "peak_bytes": peak,
+        "peak_kind": peak_kind,
+    }
+
+
+def final_memory(measured: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                 grad_filter: GradFilter, device: torch.device) -> dict[str, Any]:
+    """The summary's memory record: the breakdown measured during the run (or now, if the run ended before it
+    was), with the peak read at the end."""
+    return {**(measured or memory_breakdown(model, optimizer, grad_filter, device)),
+            **dict(zip(("peak_bytes", "peak_kind"), peak_memory(device)))}
+
+
+def format_memory(mem: dict[str, Any]) -> str:
+    mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
+    return (
+        f"memory: params {mb(mem['params_bytes'])}, grads {mb(mem['grads_bytes'])}, "
+        f"optimizer {mb(mem['optimizer_bytes'])}, filter {mb(mem['filter_bytes'])} "
+        f"({100 * mem['filter_share']:.1f}% of training state), peak {mb(mem['peak_bytes'])} ({mem['peak_kind']})"
+    )
