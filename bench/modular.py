@@ -1,7 +1,7 @@
 """Step time of the grokking benchmark (`--task modular`) against an obvious PyTorch implementation of it.
 
     python bench/modular.py [--steps 60] [--repeats 5] [--filter ema|ma|none] [--compile]
-    python bench/modular.py --grokking [--seeds 0,1,2]          # the acceleration claims, a table per seed
+    python bench/modular.py --grokking [--seeds 0,1,2] [--only ema,ma,baseline]   # the acceleration claims
     python bench/modular.py --baseline-to-target [--max-steps 60000]
     python bench/modular.py --plain-to-target --filter ema --max-steps 2000 [--seeds 0,1,2]
 
@@ -184,6 +184,8 @@ def bench_grokking(args: argparse.Namespace) -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="grokking-"))
     print(f"runs in {out}")
     for name, settings, budget in (("ema", EMA, 2000), ("ma", MA, 3000), ("baseline", NONE, 3000)):
+        if name not in args.only:
+            continue
         results = [run_claim(name, settings, seed, budget, out) for seed in args.seeds]
         reached = [r["steps_to_target"] for r in results]
         print(f"{name}: steps to 95% {reached} (budget {budget})", flush=True)
@@ -223,6 +225,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=60_000,
                         help="budget of --baseline-to-target and --plain-to-target")
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--only", type=lambda s: s.split(","), default=["ema", "ma", "baseline"],
+                        help="claims --grokking runs (comma-separated: ema, ma, baseline)")
     parser.add_argument("--out", default=None, help="folder for the runs of --grokking / --baseline-to-target")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
