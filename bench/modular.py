@@ -3,7 +3,7 @@
     python bench/modular.py [--steps 60] [--repeats 5] [--filter ema|ma|none] [--compile]
     python bench/modular.py --grokking [--seeds 0,1,2] [--only ema,ma,baseline]   # the acceleration claims
     python bench/modular.py --baseline-to-target [--max-steps 60000]
-    python bench/modular.py --plain-to-target --filter ema --max-steps 2000 [--seeds 0,1,2]
+    python bench/modular.py --plain-to-target --filter ema --max-steps 2000 [--seeds 0,1,2] [--like-ours]
 
 Timing: "ours" is `train_modular` itself, a run of `--steps` steps whose summary reports the training time per
 step (evaluation excluded). The yardstick is the published setup written the obvious way: nn.MultiheadAttention
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hlb_gpt.config import RunConfig
-from hlb_gpt.tasks.modular import ADAM_BETAS, P, modular_dataset, train_modular
+from hlb_gpt.tasks.modular import (ADAM_BETAS, P, SAMPLER_SEED_OFFSET, SEQ_LEN, ModularConfig, ModularTransformer,
+                                   modular_dataset, train_modular)
 
 EMA = dict(grokfast=True, filter="ema", alpha=0.98, gain=2.0, weight_decay=0.005)
 MA = dict(grokfast=True, filter="ma", window=100, gain=5.0, weight_decay=0.01)
@@ -97,12 +98,35 @@ def plain_ma(model: nn.Module, state: dict | None, window: int, gain: float) -> 
     return state
 
 
-def plain_run(settings: dict, steps: int, seed: int = 0,
-              target: float | None = None) -> tuple[float, int | None, float]:
+def start_like_ours(model: PlainDecoder, seed: int) -> torch.Generator:
+    """Give the plain model the initial weights our model has under `seed`, and return the generator of our batch
+    order for `seed`: with both, the two implementations train the same draw and can be compared step by step."""
+    torch.manual_seed(seed)
+    ours = ModularTransformer(ModularConfig())
+    with torch.no_grad():
+        model.tok.weight.copy_(ours.embed.weight)
+        model.pos.weight[:SEQ_LEN].copy_(ours.pos.weight)
+        for plain, mine in zip(model.blocks, ours.blocks):
+            plain.ln1.load_state_dict(mine.norm1.state_dict())
+            plain.ln2.load_state_dict(mine.norm2.state_dict())
+            plain.attn.in_proj_weight.copy_(mine.qkv.weight)
+            plain.attn.in_proj_bias.copy_(mine.qkv.bias)
+            plain.attn.out_proj.load_state_dict(mine.out.state_dict())
+            plain.mlp[0].load_state_dict(mine.fc.state_dict())
+            plain.mlp[2].load_state_dict(mine.proj.state_dict())
+        model.ln.load_state_dict(ours.norm.state_dict())
+        model.head.load_state_dict(ours.head.state_dict())
+    return torch.Generator().manual_seed(seed + SAMPLER_SEED_OFFSET)
+
+
+def plain_run(settings: dict, steps: int, seed: int = 0, target: float | None = None,
+              like_ours: bool = False) -> tuple[float, int | None, float]:
     """The obvious implementation for `steps` steps: (seconds per training step, step at which validation accuracy
-    first reached `target` or None, last validation accuracy). It evaluates after every epoch (not timed)."""
+    first reached `target` or None, last validation accuracy). It evaluates after every epoch (not timed).
+    With `like_ours`, it starts from our initial weights and follows our batch order for the seed."""
     torch.manual_seed(seed)
     model = PlainDecoder()
+    order_generator = start_like_ours(model, seed) if like_ours else None
     data = modular_dataset(P, seed=seed)
     train_x, train_y = data["train"]
     valid_x, valid_y = data["valid"]
@@ -111,7 +135,7 @@ def plain_run(settings: dict, steps: int, seed: int = 0,
     filt = None
     step, elapsed, val_acc = 0, 0.0, 0.0
     while step < steps:
-        order = torch.randperm(len(train_x))
+        order = torch.randperm(len(train_x), generator=order_generator)
         xs, ys = train_x[order].T, train_y[order]
         tick = time.perf_counter()
         for x, y in zip(xs.split(512, dim=1), ys.split(512)):
@@ -203,12 +227,13 @@ def bench_baseline(args: argparse.Namespace) -> None:
 
 
 def bench_plain_to_target(args: argparse.Namespace) -> None:
-    """The published-style loop (its EMA amplifies the first gradient too) to 95%: do its step counts match ours?"""
+    """The published-style loop (its EMA amplifies the first gradient too) to 95%: do its step counts match ours?
+    With --like-ours it trains our draw (initial weights and batch order) of each seed."""
     settings = SETTINGS[args.filter]
     for seed in args.seeds:
-        per_step, reached, acc = plain_run(settings, args.max_steps, seed=seed, target=0.95)
-        print(f"  plain {args.filter} seed {seed}: steps to 95% {reached} (last val acc {acc:.3f}), "
-              f"{1e3 * per_step:.0f} ms/step", flush=True)
+        per_step, reached, acc = plain_run(settings, args.max_steps, seed=seed, target=0.95, like_ours=args.like_ours)
+        print(f"  plain {args.filter} seed {seed}{' (our draw)' if args.like_ours else ''}: steps to 95% {reached} "
+              f"(last val acc {acc:.3f}), {1e3 * per_step:.0f} ms/step", flush=True)
 
 
 def main() -> None:
@@ -222,6 +247,8 @@ def main() -> None:
     parser.add_argument("--baseline-to-target", action="store_true", help="run the unfiltered baseline to 95%%")
     parser.add_argument("--plain-to-target", action="store_true",
                         help="run the obvious implementation with --filter to 95%% (steps per seed)")
+    parser.add_argument("--like-ours", action="store_true",
+                        help="with --plain-to-target: start from our initial weights and batch order per seed")
     parser.add_argument("--max-steps", type=int, default=60_000,
                         help="budget of --baseline-to-target and --plain-to-target")
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
