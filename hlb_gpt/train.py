@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -260,6 +260,9 @@ class LoopState:
         return cls(**state)
 
 
+Loop = TypeVar("Loop", bound=LoopState)
+
+
 @dataclass
 class Resumable:
     """What a checkpoint holds besides the loop counters and metrics: saved and restored in one place."""
@@ -278,8 +281,13 @@ class Resumable:
             "sampler": self.sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(), "metrics": metrics,
         }
 
-    def restore(self, path: Path, run_dir: Path, loop_cls: type[LoopState]) -> tuple[LoopState, list[dict[str, Any]]]:
-        saved = load_checkpoint(path)
+    def start(self, run_dir: Path, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
+        """(loop counters, metrics so far, checkpoint resumed from): a fresh start, or with `resume` the state of
+        the run's latest checkpoint if it has one, after checking that it was trained with these settings."""
+        checkpoint = latest_checkpoint(run_dir) if resume else None
+        if checkpoint is None:
+            return loop_cls(), [], None
+        saved = load_checkpoint(checkpoint)
         check_resumable(self.cfg, saved["config"], run_dir)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -287,7 +295,7 @@ class Resumable:
         self.grad_filter.load_state_dict(saved["filter"])
         self.sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"])
-        return loop_cls.from_state_dict(saved["loop"]), saved["metrics"]
+        return loop_cls.from_state_dict(saved["loop"]), saved["metrics"], checkpoint
 
 
 def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int,
@@ -336,13 +344,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     optimizer, scheduler = build_optimizer(cfg, named_params, device)
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
     sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
-    loop = LoopState()
-    metrics: list[dict[str, Any]] = []
-
     parts = Resumable(cfg, model, optimizer, scheduler, grad_filter, sampler)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        loop, metrics = parts.restore(checkpoint, run_dir, LoopState)
+    loop, metrics, checkpoint = parts.start(run_dir, resume, LoopState)
     loop.to(device)
 
     train_forward, no_sync = model, contextlib.nullcontext

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hlb_gpt import distributed
-from hlb_gpt.checkpoint import latest_checkpoint, save_checkpoint
+from hlb_gpt.checkpoint import save_checkpoint
 from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.optim import lr_lambda
 from hlb_gpt.records import RunWriter
@@ -331,13 +331,8 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     scheduler = make_modular_scheduler(optimizer, cfg.warmup_steps)
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
     sampler = EpochSampler(n_train, cfg.batch_size, seed=cfg.seed, device=device)
-    loop = ModularLoop()
-    metrics: list[dict[str, Any]] = []
-
     parts = Resumable(cfg, model, optimizer, scheduler, grad_filter, sampler)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        loop, metrics = parts.restore(checkpoint, run_dir, ModularLoop)
+    loop, metrics, checkpoint = parts.start(run_dir, resume, ModularLoop)
     loop.to(device)
     compiled = torch.compile(model) if compile_model else model
 
