@@ -268,11 +268,13 @@ class Resumable:
     """What a checkpoint holds besides the loop counters and metrics: saved and restored in one place."""
 
     cfg: RunConfig
+    run_dir: Path
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
     grad_filter: GradFilter
     sampler: Any
+    saved_at: int = -1  # the step of the checkpoint last written or resumed from
 
     def state(self, loop: LoopState, metrics: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -281,21 +283,35 @@ class Resumable:
             "sampler": self.sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(), "metrics": metrics,
         }
 
-    def start(self, run_dir: Path, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
+    def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
         """(loop counters, metrics so far, checkpoint resumed from): a fresh start, or with `resume` the state of
         the run's latest checkpoint if it has one, after checking that it was trained with these settings."""
-        checkpoint = latest_checkpoint(run_dir) if resume else None
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is None:
             return loop_cls(), [], None
         saved = load_checkpoint(checkpoint)
-        check_resumable(self.cfg, saved["config"], run_dir)
+        check_resumable(self.cfg, saved["config"], self.run_dir)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.grad_filter.load_state_dict(saved["filter"])
         self.sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"])
-        return loop_cls.from_state_dict(saved["loop"]), saved["metrics"], checkpoint
+        loop = loop_cls.from_state_dict(saved["loop"])
+        self.saved_at = loop.step
+        return loop, saved["metrics"], checkpoint
+
+    def save(self, loop: LoopState, metrics: list[dict[str, Any]], reason: str, say: Callable[[str], Any]) -> None:
+        """Checkpoint this step, unless it already is or --checkpoint-every is 0. A write that fails (a full disk)
+        is reported and training goes on: the previous checkpoint is intact."""
+        if not self.cfg.checkpoint_every or self.saved_at == loop.step:
+            return
+        self.saved_at = loop.step
+        try:
+            save_checkpoint(self.run_dir, loop.step, self.state(loop, metrics), keep=self.cfg.keep_checkpoints)
+        except OSError as exc:
+            say(f"{self.run_dir.name}: could not write the {reason} checkpoint at step {loop.step} ({exc}); "
+                f"the previous one is kept")
 
 
 def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int,
@@ -344,8 +360,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     optimizer, scheduler = build_optimizer(cfg, named_params, device)
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
     sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
-    parts = Resumable(cfg, model, optimizer, scheduler, grad_filter, sampler)
-    loop, metrics, checkpoint = parts.start(run_dir, resume, LoopState)
+    parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler)
+    loop, metrics, checkpoint = parts.start(resume, LoopState)
     loop.to(device)
 
     train_forward, no_sync = model, contextlib.nullcontext
@@ -379,19 +395,9 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step",
                disable=not (progress and ddp.is_main), dynamic_ncols=True, leave=True)
 
-    saved_at = loop.step if checkpoint is not None else -1
-
     def save(reason: str) -> None:
-        nonlocal saved_at
-        if writer is None or not cfg.checkpoint_every or saved_at == loop.step:
-            return
-        saved_at = loop.step
-        state = parts.state(loop, metrics)
-        try:
-            save_checkpoint(run_dir, loop.step, state, keep=cfg.keep_checkpoints)
-        except OSError as exc:  # e.g. a full disk: the previous checkpoint is intact, training goes on
-            say(f"{run_dir.name}: could not write the {reason} checkpoint at step {loop.step} ({exc}); "
-                f"the previous one is kept")
+        if writer is not None:  # rank 0 alone writes
+            parts.save(loop, metrics, reason, say)
 
     def log_point(train_loss: float, result: StepResult) -> None:
         nonlocal last_val

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from hlb_gpt import checkpoint
 from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.records import METRIC_KEYS, read_run
 from hlb_gpt.tasks import modular
@@ -224,6 +225,21 @@ def test_a_crash_leaves_a_failed_summary(tmp_path, monkeypatch):
         train_modular(small(), tmp_path / "run", progress=False)
     run = read_run(tmp_path / "run")
     assert run.status == "failed" and "boom" in run.summary["error"]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_reported_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    def full_disk(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with caplog.at_level("INFO", logger=modular.__name__):
+        summary = train_modular(small(max_steps=20, checkpoint_every=1), tmp_path / "run", progress=False)
+    assert summary["status"] == "completed" and summary["steps"] == 20
+    failures = [r.message for r in caplog.records if "could not write" in r.message]
+    # Steps 10 and 20; the final checkpoint is not tried again at step 20.
+    assert [m.split(" (")[0] for m in failures] == ["run: could not write the periodic checkpoint at step 10",
+                                                     "run: could not write the periodic checkpoint at step 20"]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
 
 
 def test_a_resumed_run_records_what_an_uninterrupted_run_does(tmp_path):

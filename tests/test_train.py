@@ -224,9 +224,11 @@ def test_run_status_records_how_a_run_ended_and_swallows_only_divergence():
         raise Diverged("validation loss is not finite at step 6")
     assert (diverged.status, diverged.error) == ("diverged", "validation loss is not finite at step 6")
     assert said == ["r: diverged: validation loss is not finite at step 6"]
-    for exc, status, error in [(Interrupted("stopped by SIGINT at step 3"), "interrupted", "stopped by SIGINT at step 3"),
-                               (KeyboardInterrupt(), "interrupted", "KeyboardInterrupt"),
-                               (OSError("disk full"), "failed", "OSError: disk full")]:
+    for exc, status, error in [
+        (Interrupted("stopped by SIGINT at step 3"), "interrupted", "stopped by SIGINT at step 3"),
+        (KeyboardInterrupt(), "interrupted", "KeyboardInterrupt"),
+        (OSError("disk full"), "failed", "OSError: disk full"),
+    ]:
         outcome = RunStatus("r", said.append)
         with pytest.raises(type(exc)), outcome:
             raise exc

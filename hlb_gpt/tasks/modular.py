@@ -44,14 +44,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hlb_gpt import distributed
-from hlb_gpt.checkpoint import save_checkpoint
 from hlb_gpt.config import ConfigError, RunConfig
+from hlb_gpt.device import autocast_for, final_memory, format_memory, memory_breakdown, resolve_device, synchronize
 from hlb_gpt.optim import lr_lambda
 from hlb_gpt.records import RunWriter
 from hlb_gpt.tracking import make_tracker
-from hlb_gpt.device import autocast_for, final_memory, format_memory, memory_breakdown, resolve_device, synchronize
-from hlb_gpt.train import (Diverged, Interrupted, LoopState, Resumable, RunStatus, StepResult, StopSignals, build_filter,
-                           config_record, eval_due, optimizer_step, run_summary)
+from hlb_gpt.train import (Diverged, Interrupted, LoopState, Resumable, RunStatus, StepResult, StopSignals,
+                           build_filter, config_record, eval_due, optimizer_step, run_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -331,8 +330,8 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     scheduler = make_modular_scheduler(optimizer, cfg.warmup_steps)
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
     sampler = EpochSampler(n_train, cfg.batch_size, seed=cfg.seed, device=device)
-    parts = Resumable(cfg, model, optimizer, scheduler, grad_filter, sampler)
-    loop, metrics, checkpoint = parts.start(run_dir, resume, ModularLoop)
+    parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler)
+    loop, metrics, checkpoint = parts.start(resume, ModularLoop)
     loop.to(device)
     compiled = torch.compile(model) if compile_model else model
 
@@ -361,20 +360,6 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     outcome = RunStatus(run_dir.name, say)
     bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step", disable=not progress,
                dynamic_ncols=True, leave=True)
-
-    saved_at = loop.step if checkpoint is not None else -1
-
-    def save(reason: str) -> None:
-        nonlocal saved_at
-        if not cfg.checkpoint_every or saved_at == loop.step:
-            return
-        saved_at = loop.step
-        state = parts.state(loop, metrics)
-        try:
-            save_checkpoint(run_dir, loop.step, state, keep=cfg.keep_checkpoints)
-        except OSError as exc:  # e.g. a full disk: the previous checkpoint is intact, training goes on
-            say(f"{run_dir.name}: could not write the {reason} checkpoint at step {loop.step} ({exc}); "
-                f"the previous one is kept")
 
     @torch.no_grad()
     def log_point(result: StepResult) -> bool:
@@ -461,11 +446,12 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
                             f"at step {loop.step}")
                         break
                     if checkpoint_now or stopping:
-                        save("signal" if stopping else "periodic")
+                        parts.save(loop, metrics, "signal" if stopping else "periodic", say)
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested} at step {loop.step}")
                     tick = time.perf_counter()
-            save("final")  # so that a completed run can be extended with a larger --max-steps
+            # So that a completed run can be extended with a larger --max-steps.
+            parts.save(loop, metrics, "final", say)
     finally:
         bar.close()
         memory = final_memory(memory, model, optimizer, grad_filter, device)
