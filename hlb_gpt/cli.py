@@ -169,17 +169,19 @@ def cli(ctx: click.Context, **flags: Any) -> None:
 @cli.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--metric", default="final", show_default=True,
-              help="Per-run statistic: final, best, best:N (mean of the N lowest evaluations) or mean.")
+              help="Per-run statistic: final, best, best:N (mean of the N best evaluations), mean, or "
+                   "steps_to_target (--task modular: the step val_acc first reached the run's --target-acc).")
 @click.option("--window", "window_", default="all", show_default=True,
               help="Epochs the statistic covers: all, first:K or last:K (K in epochs).")
-@click.option("--column", default="val_loss", show_default=True, help="The metrics.jsonl column compared.")
+@click.option("--column", type=click.Choice(["val_loss", "train_loss", "val_acc", "train_acc"]), default=None,
+              help="The metrics.jsonl column compared and plotted [val_loss; val_acc for steps_to_target].")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv"]), default="markdown", show_default=True)
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write PNG plots (val loss vs epoch, final metric vs gain) into this folder.")
+              help="Write PNG plots (the column vs epoch, the statistic vs gain) into this folder.")
 @click.option("--log-x", is_flag=True, help="Plots: logarithmic epoch axis (the first epochs stay visible).")
 @click.option("--zoom", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Plots: also draw the first K epochs on their own.")
-def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: str, fmt: str,
+def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: str | None, fmt: str,
                     plot_dir: Path | None, log_x: bool, zoom: float | None) -> None:
     """Compare runs: per configuration mean ± std over seeds, and the paired difference to the baseline.
 
@@ -189,11 +191,12 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
     \b
     Example:
       hlb-gpt compare runs/grid --metric best:5 --window last:50 --plot runs/grid/plots --log-x
+      hlb-gpt compare runs/grokking --metric steps_to_target --plot runs/grokking/plots
     """
     from hlb_gpt import compare as cmp
 
     try:
-        parsed = cmp.parse_metric(metric), cmp.parse_window(window_), cmp.parse_column(column)
+        parsed = cmp.parse_choices(metric, window_, column)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     loaded, notes = cmp.load_runs(runs)

@@ -23,8 +23,11 @@ Per-run statistic (`Metric` over `Window`, on one `Column`, by default `val_loss
   each bound is widened by one optimizer step (epoch / step of the run's rows): `first:1` keeps the
   evaluation taken at epoch 1.0004.
 - `final` is the last value in the window, `best` the lowest, `best:N` the mean of the N lowest (all of them
-  when the window holds fewer, with a note), `mean` the mean of all. For a higher-is-better column (a future
-  accuracy), "lowest" reads "highest" and +inf reads -inf.
+  when the window holds fewer, with a note), `mean` the mean of all. For a higher-is-better column (val_acc,
+  train_acc), "lowest" reads "highest" and +inf reads -inf.
+- `steps_to_target` (the grokking benchmark) is the step of the first evaluation whose val_acc reached the
+  run's --target-acc, whatever `--column`; a run that never reached it counts as +inf (lower is better), like
+  a diverged one; a run without a target is left out with a note. It reads the whole run (no window).
 
 Configurations
 - The group key is the config without the seed and without settings that do not change the experiment
@@ -92,16 +95,21 @@ class Column:
         return math.inf if self.lower_is_better else -math.inf
 
 
-# Adding a column here is all `compare` needs (e.g. a future `val_acc`, higher is better).
+# Adding a column here is all `compare` needs.
 COLUMNS: dict[str, Column] = {
     "val_loss": Column("val_loss"),
     "train_loss": Column("train_loss"),
+    "val_acc": Column("val_acc", lower_is_better=False),  # --task modular
+    "train_acc": Column("train_acc", lower_is_better=False),
 }
+# The column `steps_to_target` reads: the run reached its --target-acc at its first evaluation at or above it.
+TARGET_COLUMN = "val_acc"
 
 
 @dataclass(frozen=True)
 class Metric:
-    """The per-run statistic: `final`, `best`, `best` with `n` (mean of the n best) or `mean`."""
+    """The per-run statistic: `final`, `best`, `best` with `n` (mean of the n best), `mean`, or
+    `steps_to_target` (the step at which val_acc first reached the run's --target-acc)."""
 
     kind: str
     n: int | None = None
@@ -109,7 +117,17 @@ class Metric:
     def __str__(self) -> str:
         return f"{self.kind}:{self.n}" if self.n is not None else self.kind
 
+    def lower_is_better(self, column: Column) -> bool:
+        return self.kind == "steps_to_target" or column.lower_is_better
+
+    @property
+    def spec(self) -> str:
+        """How its values print: steps are whole numbers (means to a tenth), losses and accuracies to 4 places."""
+        return ".1f" if self.kind == "steps_to_target" else ".4f"
+
     def describe(self, column: Column) -> str:
+        if self.kind == "steps_to_target":
+            return f"steps to {TARGET_COLUMN} >= the run's --target-acc"
         if self.n is not None:
             return f"mean of the {self.n} {'lowest' if column.lower_is_better else 'highest'} {column.name}"
         return f"{self.kind} {column.name}"
@@ -131,14 +149,14 @@ class Window:
 
 def parse_metric(text: str) -> Metric:
     text = text.strip().lower()
-    if text in ("final", "best", "mean"):
+    if text in ("final", "best", "mean", "steps_to_target"):
         return Metric(text)
     if text.startswith("best:"):
         n = text.partition(":")[2]
         if not n.isdigit() or int(n) < 1:
             raise ValueError(f"--metric best:N needs a whole number N >= 1 (got {text!r})")
         return Metric("best", int(n))
-    raise ValueError(f"--metric must be final, best, best:N or mean (got {text!r})")
+    raise ValueError(f"--metric must be final, best, best:N, mean or steps_to_target (got {text!r})")
 
 
 def parse_window(text: str) -> Window:
@@ -161,6 +179,20 @@ def parse_column(text: str) -> Column:
     if text not in COLUMNS:
         raise ValueError(f"--column must be one of {', '.join(COLUMNS)} (got {text!r})")
     return COLUMNS[text]
+
+
+def parse_choices(metric: Metric | str, window: Window | str,
+                  column: Column | str | None = None) -> tuple[Metric, Window, Column]:
+    """The three choices of a comparison, checked together. The column defaults to val_loss, or to val_acc
+    for steps_to_target (whose value is a step count; the column is what its curves show)."""
+    metric = parse_metric(metric) if isinstance(metric, str) else metric
+    window = parse_window(window) if isinstance(window, str) else window
+    if column is None:
+        column = TARGET_COLUMN if metric.kind == "steps_to_target" else "val_loss"
+    column = parse_column(column) if isinstance(column, str) else column
+    if metric.kind == "steps_to_target" and window.kind != "all":
+        raise ValueError(f"--metric steps_to_target reads the whole run: drop --window {window}")
+    return metric, window, column
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -269,6 +301,19 @@ def _value_or_worst(value: Any, column: Column) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return column.worst
+
+
+def steps_to_target(run: Run) -> float | None:
+    """The step of the run's first evaluation with val_acc >= its --target-acc; +inf if none reached it (within
+    its budget, or before it diverged or stopped); None when the run has no target."""
+    target = run.config.get("target_acc")
+    if not isinstance(target, (int, float)) or isinstance(target, bool):
+        return None
+    for row in run_rows(run):
+        value, step = row.get(TARGET_COLUMN), row.get("step")
+        if isinstance(value, (int, float)) and math.isfinite(value) and value >= target and isinstance(step, int):
+            return float(step)
+    return math.inf
 
 
 def window_values(series: Series, window: Window) -> np.ndarray:
@@ -406,15 +451,15 @@ class Comparison:
 # ----------------------------------------------------------------------------------------------- compare
 
 
-def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, column: Column | str = "val_loss",
+def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, column: Column | str | None = None,
             notes: Sequence[str] = ()) -> Comparison:
     """Group `runs` by configuration, compute the statistic per run and configuration, test against baselines.
 
-    `notes` (e.g. from `load_runs`) are kept at the front of the comparison's notes.
+    `column` defaults as in `parse_choices`. `notes` (e.g. from `load_runs`) are kept at the front of the
+    comparison's notes.
     """
-    metric = parse_metric(metric) if isinstance(metric, str) else metric
-    window = parse_window(window) if isinstance(window, str) else window
-    column = parse_column(column) if isinstance(column, str) else column
+    metric, window, column = parse_choices(metric, window, column)
+    lower_is_better = metric.lower_is_better(column)
     notes = list(notes)
 
     keyed: dict[tuple, list[Run]] = {}
@@ -425,9 +470,17 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
     groups = {key: Group(labels[key][0], configs[key], members, settings=labels[key][1])
               for key, members in keyed.items()}
 
-    short_windows, empty = [], []
+    short_windows, empty, no_target = [], [], []
     for g in groups.values():
         for run in g.runs:
+            if metric.kind == "steps_to_target":
+                steps = steps_to_target(run)
+                if steps is None:
+                    no_target.append(run_name(run))
+                else:
+                    g.seeds.append(run.config.get("seed"))
+                    g.values.append(steps)
+                continue
             values = window_values(run_series(run, column), window)
             if len(values) == 0:
                 empty.append(run_name(run))
@@ -442,6 +495,8 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
                          "every run counts in n, mean and std, and the paired test uses each seed's mean")
     if empty:
         notes.append(f"no evaluations in window {window} for {len(empty)} run(s), left out: {', '.join(empty)}")
+    if no_target:
+        notes.append(f"no --target-acc recorded for {len(no_target)} run(s), left out: {', '.join(no_target)}")
     if short_windows:
         notes.append(f"{metric}: {len(short_windows)} run(s) have fewer than {metric.n} evaluations in window "
                      f"{window} (fewest {min(short_windows)}); their statistic is the mean of all they have")
@@ -461,8 +516,8 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
         notes.append("no baseline (the unfiltered AdamW run with the same other settings) for "
                      f"{', '.join(missing)}: the baseline difference, memory share and step-time columns are n/a")
 
-    ordered = sorted(groups.values(), key=lambda g: _sort_key(g, column))
-    notes += _test_notes(ordered) + _tie_notes(ordered) + _infinite_notes(ordered, column)
+    ordered = sorted(groups.values(), key=lambda g: _sort_key(g, lower_is_better))
+    notes += _test_notes(ordered) + _tie_notes(ordered) + _infinite_notes(ordered, metric, lower_is_better)
     return Comparison(metric, window, column, ordered, notes)
 
 
@@ -508,14 +563,16 @@ def paired_test(g: Group, base: Group) -> PairedTest:
     x = np.array([mine[s] for s in seeds], dtype=float)
     y = np.array([theirs[s] for s in seeds], dtype=float)
     test = PairedTest(len(seeds), seeds)
-    d = x - y
+    with np.errstate(invalid="ignore"):  # inf - inf is nan: caught below as "infinite"
+        d = x - y
     reasons = []
     if len(seeds) < max(len(mine), len(theirs)):
         reasons.append(f"paired over {len(seeds)} shared seed(s) (it has {len(mine)}, the baseline {len(theirs)})")
     if not seeds:
         reasons.append("no difference or test without a shared seed")
     elif not np.isfinite(d).all():
-        reasons.append("a diverged run makes a paired difference infinite: no test")
+        reasons.append("an infinite statistic (a diverged run, or a target never reached) makes a paired "
+                       "difference infinite: no test")
     elif len(seeds) == 1:
         test.mean_diff = float(d[0])
         reasons.append("1 pair: the difference only, no interval or test")
@@ -567,10 +624,10 @@ def _costs(g: Group, base: Group | None) -> None:
         g.step_time_overhead_pct = (step / ref_step - 1) * 100
 
 
-def _sort_key(g: Group, column: Column) -> tuple:
+def _sort_key(g: Group, lower_is_better: bool) -> tuple:
     if g.mean is None:
         return (1, 0.0, not g.is_baseline, g.label)
-    return (0, g.mean if column.lower_is_better else -g.mean, not g.is_baseline, g.label)
+    return (0, g.mean if lower_is_better else -g.mean, not g.is_baseline, g.label)
 
 
 def _test_notes(groups: list[Group]) -> list[str]:
@@ -591,13 +648,19 @@ def _tie_notes(groups: list[Group]) -> list[str]:
     return notes
 
 
-def _infinite_notes(groups: list[Group], column: Column) -> list[str]:
+def _infinite_notes(groups: list[Group], metric: Metric, lower_is_better: bool) -> list[str]:
     notes = []
     for g in groups:
         bad = sum(1 for v in g.values if math.isinf(v))
-        if bad:
-            notes.append(f"{g.label}: {bad} of {g.n} run(s) diverged within the window, so its mean is "
-                         f"{'+' if column.lower_is_better else '-'}inf and its std n/a")
+        if not bad:
+            continue
+        if metric.kind == "steps_to_target":
+            longest = max((r.get("step", 0) for run in g.runs for r in run_rows(run)), default=0)
+            why = f"never reached the target (the longest ran {longest:,} steps)"
+        else:
+            why = "diverged within the window"
+        notes.append(f"{g.label}: {bad} of {g.n} run(s) {why}, so its mean is "
+                     f"{'+' if lower_is_better else '-'}inf and its std n/a")
     return notes
 
 
@@ -617,11 +680,12 @@ def format_table(comparison: Comparison, fmt: str = "markdown") -> str:
         raise ValueError(f"--format must be markdown or csv (got {fmt!r})")
     c = comparison
     title = (f"{c.metric.describe(c.column)}, {c.window.describe()} "
-             f"({'lower' if c.column.lower_is_better else 'higher'} is better); mean ± std over seeds, "
+             f"({'lower' if c.metric.lower_is_better(c.column) else 'higher'} is better); mean ± std over seeds, "
              f"difference = configuration − baseline, paired over shared seeds")
     header = ["configuration", "n", f"{c.metric} ({c.window})", "Δ vs baseline", f"{CONFIDENCE:.0%} CI", "p",
               "pairs", "filter MB", "% of peak", "step time"]
-    rows = [[g.label, str(g.n), _mean_std(g), *_diff_cells(g), _num(g.filter_mb, ".1f"),
+    spec = c.metric.spec
+    rows = [[g.label, str(g.n), _mean_std(g, spec), *_diff_cells(g, spec), _num(g.filter_mb, ".1f"),
              _pct(g.filter_pct_of_peak, ".2f"), SELF if g.is_baseline else _pct(g.step_time_overhead_pct, "+.1f")]
             for g in c.groups]
     lines = [title, "", _md_row(header), _md_row(["---"] * len(header))] + [_md_row(r) for r in rows]
@@ -651,21 +715,21 @@ def _pct(value: float | None, spec: str) -> str:
     return text if text == NA else text + "%"
 
 
-def _mean_std(g: Group) -> str:
+def _mean_std(g: Group, spec: str) -> str:
     if g.mean is None:
         return NA
-    return f"{_num(g.mean, '.4f')} ± {_num(g.std, '.4f')}"
+    return f"{_num(g.mean, spec)} ± {_num(g.std, spec)}"
 
 
-def _diff_cells(g: Group) -> list[str]:
+def _diff_cells(g: Group, spec: str) -> list[str]:
     if g.is_baseline:
         return [SELF, SELF, SELF, SELF]
     t = g.test
     if t is None:
         return [NA, NA, NA, NA]
-    ci = NA if t.ci_low is None else f"[{t.ci_low:+.4f}, {t.ci_high:+.4f}]"
+    ci = NA if t.ci_low is None else f"[{t.ci_low:+{spec}}, {t.ci_high:+{spec}}]"
     p = NA if t.p_value is None else f"{t.p_value:.3g}"
-    return [_num(t.mean_diff, "+.4f"), ci, p, str(t.n_pairs)]
+    return [_num(t.mean_diff, "+" + spec), ci, p, str(t.n_pairs)]
 
 
 def _csv(c: Comparison) -> str:

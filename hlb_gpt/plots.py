@@ -144,7 +144,9 @@ def gain_figure(comparison: Comparison):
     ax = fig.add_subplot()
     series: dict[str, list[Group]] = {}
     for g in c.groups:
-        if not g.is_baseline and g.mean is not None and isinstance(g.config.get("gain"), (int, float)):
+        # A configuration whose mean is infinite (a run diverged, or never reached the target) has no point.
+        if (not g.is_baseline and g.mean is not None and math.isfinite(g.mean)
+                and isinstance(g.config.get("gain"), (int, float))):
             series.setdefault(_series_label(g), []).append(g)
     shapes = sorted({_shape(g.config) for v in series.values() for g in v}, key=lambda s: tuple(map(_order, s)))
     dashes = {shape: LINESTYLES[i % len(LINESTYLES)] for i, shape in enumerate(shapes)}
@@ -167,11 +169,15 @@ def gain_figure(comparison: Comparison):
         ax.set_xticks(sorted(set(gains)), labels=[f"{v:g}" for v in sorted(set(gains))])
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("gain")
-    ax.set_ylabel(f"{c.metric} {c.column.name}")
+    ax.set_ylabel(_statistic_name(c))
     ax.set_title(f"{c.metric.describe(c.column)}, {c.window.describe()}: mean ± std over seeds")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", frameon=False)
     return fig
+
+
+def _statistic_name(c: Comparison) -> str:
+    return str(c.metric) if c.metric.kind == "steps_to_target" else f"{c.metric} {c.column.name}"
 
 
 def _series_label(g: Group) -> str:
@@ -183,7 +189,7 @@ def plot(comparison: Comparison, out_dir: Path | str, log_x: bool = False, zoom:
     """Write the PNGs into `out_dir` and return their paths.
 
     `<column>_vs_epoch.png` always; `<column>_vs_epoch_first<K>.png` with `zoom`; `<column>_vs_gain.png`
-    when filtered configurations with a gain are compared.
+    (`steps_to_target_vs_gain.png` for that metric) when a filtered configuration has a finite statistic.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,8 +197,9 @@ def plot(comparison: Comparison, out_dir: Path | str, log_x: bool = False, zoom:
     figures = [(f"{name}_vs_epoch.png", curves_figure(comparison, log_x=log_x))]
     if zoom is not None:
         figures.append((f"{name}_vs_epoch_first{zoom:g}.png", curves_figure(comparison, log_x=log_x, zoom=zoom)))
-    if any(not g.is_baseline and g.mean is not None for g in comparison.groups):
-        figures.append((f"{name}_vs_gain.png", gain_figure(comparison)))
+    if any(not g.is_baseline and g.mean is not None and math.isfinite(g.mean) for g in comparison.groups):
+        statistic = "steps_to_target" if comparison.metric.kind == "steps_to_target" else name
+        figures.append((f"{statistic}_vs_gain.png", gain_figure(comparison)))
     paths = []
     for filename, fig in figures:
         fig.savefig(out_dir / filename, dpi=120)

@@ -10,8 +10,9 @@ import pytest
 from matplotlib.colors import to_rgba
 from scipy import stats
 
-from hlb_gpt.compare import (Column, Metric, Window, compare, format_notes, format_table, load_runs, parse_metric,
-                             parse_window)
+from hlb_gpt.cli import main
+from hlb_gpt.compare import (COLUMNS, Column, Metric, Window, compare, format_notes, format_table, load_runs,
+                             parse_metric, parse_window)
 from hlb_gpt.plots import curves_figure, gain_figure, plot
 from hlb_gpt.config import RunConfig
 
@@ -502,3 +503,114 @@ def test_gain_chart_has_one_series_per_alpha_over_the_gains_and_the_baseline(gri
     expected = [grid.group(f"ema α0.9 g{g:g}").mean for g in (0.1, 0.5, 2.0, 5.0)]
     assert list(data_line.get_ydata()) == pytest.approx(expected)
     assert ax.get_xscale() == "log"
+
+
+# ----------------------------------------------------------------------------------------------- grokking runs
+
+# val_acc per seed at steps 10, 20, ..., 60 (an evaluation per epoch of 10 steps, as --task modular).
+ACCURACY = {
+    "baseline": [[0.1, 0.2, 0.3, 0.35, 0.4, 0.45], [0.1, 0.2, 0.3, 0.3, 0.4, 0.5], [0.1, 0.1, 0.2, 0.3, 0.3, 0.4]],
+    "ema α0.98 g2": [[0.2, 0.5, 0.96, 0.97, 0.98, 0.99], [0.1, 0.3, 0.6, 0.9, 0.95, 0.99],
+                     [0.2, 0.4, 0.9, 0.951, 0.96, 0.97]],  # 0.95 first reached at steps 30, 50, 40
+    "ma w100 g5": [[0.1, 0.3, 0.9, 0.97, 0.9, 0.99], [0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+                   [0.1, 0.2, 0.3, 0.4, 0.5, 0.95]],  # steps 40, never, 60
+}
+GROKKING = {"baseline": {}, "ema α0.98 g2": dict(grokfast=True, alpha=0.98, gain=2.0),
+            "ma w100 g5": dict(grokfast=True, filter="ma", window=100, gain=5.0)}
+
+
+def write_accuracy_run(folder, settings, accuracy, seed, target_acc=0.95):
+    """A modular-task run: an evaluation every 10 steps (one epoch) with the given val_acc."""
+    epochs = [float(i + 1) for i in range(len(accuracy))]
+    write_run(folder, {"target_acc": target_acc, **settings}, [1.0] * len(accuracy), seed, epochs=epochs,
+              steps_per_epoch=10)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({**r, "val_acc": a, "train_acc": 1.0}) + "\n"
+                                                  for r, a in zip(rows, accuracy)))
+
+
+@pytest.fixture
+def grokking(tmp_path):
+    root = tmp_path / "grokking"
+    for label, curves in ACCURACY.items():
+        for seed, accuracy in enumerate(curves):
+            write_accuracy_run(root / f"{label.split()[0]}-s{seed}", GROKKING[label], accuracy, seed)
+    return root
+
+
+def test_steps_to_target_is_the_first_evaluation_at_or_above_the_runs_target(grokking):
+    c = compare(load_runs([grokking])[0], "steps_to_target", "all")
+    ema = c.group("ema α0.98 g2")
+    assert ema.values == [30.0, 50.0, 40.0] and ema.mean == 40.0 and ema.std == pytest.approx(10.0)
+    assert c.group("ma w100 g5").values == [40.0, math.inf, 60.0]
+    assert c.groups[0].label == "ema α0.98 g2"  # fewer steps is better
+    assert c.column.name == "val_acc"  # what its curves show
+
+
+def test_a_run_that_never_reaches_the_target_counts_as_infinite_and_says_so(grokking):
+    c = compare(load_runs([grokking])[0], "steps_to_target", "all")
+    assert c.group("baseline").values == [math.inf] * 3 and c.group("baseline").std is None
+    assert "baseline: 3 of 3 run(s) never reached the target (the longest ran 60 steps), so its mean is +inf " \
+           "and its std n/a" in c.notes
+    assert "ma w100 g5: 1 of 3 run(s) never reached the target (the longest ran 60 steps), so its mean is +inf " \
+           "and its std n/a" in c.notes
+    test = c.group("ema α0.98 g2").test
+    assert test.n_pairs == 3 and test.mean_diff is None and "target never reached" in test.reason
+
+
+def test_steps_to_target_is_paired_against_a_baseline_that_reaches_it(tmp_path):
+    reach = {"baseline": [60, 50, 60], "ema α0.98 g2": [30, 50, 40]}
+    for label, steps in reach.items():
+        for seed, step in enumerate(steps):
+            accuracy = [0.5 if 10 * (i + 1) < step else 0.96 for i in range(6)]
+            write_accuracy_run(tmp_path / "g" / f"{label.split()[0]}-s{seed}", GROKKING[label], accuracy, seed)
+    c = compare(load_runs([tmp_path / "g"])[0], "steps_to_target", "all")
+    t = c.group("ema α0.98 g2").test
+    expected = stats.ttest_rel([30, 50, 40], [60, 50, 60])
+    assert t.mean_diff == pytest.approx(-50 / 3) and t.p_value == pytest.approx(expected.pvalue, rel=1e-9)
+    table = format_table(c)
+    assert "steps to val_acc >= the run's --target-acc" in table and "lower is better" in table
+    assert "| ema α0.98 g2 | 3 | 40.0 ± 10.0 | -16.7 |" in table
+
+
+def test_steps_to_target_rejects_a_window_and_leaves_out_runs_without_a_target(grokking, tmp_path):
+    runs, _ = load_runs([grokking])
+    with pytest.raises(ValueError, match="drop --window"):
+        compare(runs, "steps_to_target", "last:2")
+    write_accuracy_run(tmp_path / "untargeted" / "baseline-s5", {}, [0.99], 5, target_acc=None)
+    c = compare(load_runs([tmp_path / "untargeted"])[0], "steps_to_target", "all")
+    assert "no --target-acc recorded for 1 run(s), left out: untargeted/baseline-s5" in c.notes
+    assert c.group("baseline").n == 0 and c.group("baseline").mean is None
+
+
+def test_accuracy_columns_are_higher_is_better_by_name(grokking):
+    assert not COLUMNS["val_acc"].lower_is_better and not COLUMNS["train_acc"].lower_is_better
+    c = compare(load_runs([grokking])[0], "best", "all", "val_acc")
+    assert c.group("ema α0.98 g2").values == [0.99, 0.99, 0.97] and c.groups[0].label == "ema α0.98 g2"
+
+
+def test_compare_command_tabulates_steps_to_target_and_plots_accuracy(grokking, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(grokking), "--metric", "steps_to_target", "--plot", str(tmp_path / "plots")])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 0
+    assert "| ema α0.98 g2 | 3 | 40.0 ± 10.0 |" in out and "never reached the target" in out
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["steps_to_target_vs_gain.png",
+                                                                     "val_acc_vs_epoch.png"]
+    assert "wrote" in err
+
+
+def test_compare_command_offers_exactly_the_known_columns(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "[val_loss|train_loss|val_acc|train_acc]" in out and list(COLUMNS) == ["val_loss", "train_loss",
+                                                                                   "val_acc", "train_acc"]
+
+
+def test_compare_command_refuses_a_bad_choice_in_one_line(grokking, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(grokking), "--metric", "steps_to_target", "--window", "first:3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.strip().splitlines() == [
+        "Error: --metric steps_to_target reads the whole run: drop --window first:3"]

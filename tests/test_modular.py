@@ -296,3 +296,27 @@ def test_grokfast_ema_reaches_95_percent_validation_accuracy_within_2000_steps(t
     assert summary["status"] == "completed"
     assert summary["steps_to_target"] is not None and summary["steps_to_target"] <= 2000
     assert math.isclose(summary["final_val_acc"], summary["best_val_acc"]) and summary["final_val_acc"] >= 0.95
+
+
+def test_a_modular_sweep_from_the_command_line_compares_on_steps_to_target(tmp_path, capsys):
+    from hlb_gpt.cli import main
+
+    sweep = tmp_path / "sweep"
+    args = ["--task", "modular", "--depth", "1", "--width", "32", "--max-steps", "20", "--device", "cpu",
+            "--grokfast", "--baseline", "--seed", "0,1", "--target-acc", "0.9", "--out", str(sweep)]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(runs) == 4 and all(read_run(sweep / r).summary["target_acc"] == 0.9 for r in runs)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(sweep), "--metric", "steps_to_target", "--plot", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    # 20 steps of a tiny model reach no 90%: both configurations are +inf, and say so.
+    assert "| baseline | 2 | inf ± n/a |" in out and "| ema α0.98 g2 | 2 | inf ± n/a |" in out
+    assert "2 of 2 run(s) never reached the target (the longest ran 20 steps)" in out
+    # The accuracy curves; no statistic-against-gain chart, since no configuration has a finite statistic.
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["val_acc_vs_epoch.png"]
+    assert (tmp_path / "plots" / "val_acc_vs_epoch.png").stat().st_size > 10_000
