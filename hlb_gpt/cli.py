@@ -158,9 +158,7 @@ def cli(ctx: click.Context, **flags: Any) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     for r in results:
-        s = r.summary or {}
-        click.echo(f"{r.name}: {r.status}, best val {_fmt(s.get('best_val_loss'))}, "
-                   f"final val {_fmt(s.get('final_val_loss'))}")
+        click.echo(_result_line(r.name, r.status, r.summary or {}))
     click.echo(f"records: {out}")
     if any(r.status != "completed" for r in results):
         sys.exit(1)
@@ -230,8 +228,7 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     check_resumable(recorded.replace(**{k: getattr(command, k) for k in _config_keys(given)}), saved, run_dir)
     cfg = recorded.replace(**changes)
     summary = trainer_for(cfg)(cfg, run_dir, progress=not flags["quiet"], resume=True)
-    click.echo(f"{run_dir.name}: {summary['status']}, best val {_fmt(summary.get('best_val_loss'))}, "
-               f"final val {_fmt(summary.get('final_val_loss'))}")
+    click.echo(_result_line(run_dir.name, summary["status"], summary))
     if summary["status"] != "completed":
         sys.exit(1)
 
@@ -286,6 +283,19 @@ def check_writable(out: Path) -> None:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _result_line(name: str, status: str, summary: dict[str, Any]) -> str:
+    """One line per run: its status and validation loss, and for the grokking task its accuracy and target."""
+    parts = [f"{name}: {status}", f"best val {_fmt(summary.get('best_val_loss'))}",
+             f"final val {_fmt(summary.get('final_val_loss'))}"]
+    if "best_val_acc" in summary:
+        parts.append(f"best val acc {_fmt(summary['best_val_acc'])}")
+    if summary.get("target_acc") is not None:
+        reached = summary.get("steps_to_target")
+        parts.append(f"val acc {summary['target_acc']:g} " +
+                     ("not reached" if reached is None else f"reached at step {reached}"))
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:

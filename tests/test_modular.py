@@ -309,7 +309,8 @@ def test_a_modular_sweep_from_the_command_line_compares_on_steps_to_target(tmp_p
     assert exc.value.code == 0
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert len(runs) == 4 and all(read_run(sweep / r).summary["target_acc"] == 0.9 for r in runs)
-    capsys.readouterr()
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.endswith(", val acc 0.9 not reached") and "best val acc 0.0" in line for line in lines) == 4
     with pytest.raises(SystemExit) as exc:
         main(["compare", str(sweep), "--metric", "steps_to_target", "--plot", str(tmp_path / "plots")])
     out = capsys.readouterr().out
