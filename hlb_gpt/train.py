@@ -252,6 +252,28 @@ class LoopState:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
+    def metrics_row(self, n_train: int, train_loss: float, val_loss: float, lr: float, grad_norm: float,
+                    ema_ratio: float) -> dict[str, Any]:
+        """The metrics.jsonl row every task writes, at the current step (`ema_ratio` NaN when no filter acts).
+        Records the validation loss as the final and maybe best one, and starts the next throughput interval."""
+        self.final = val_loss
+        self.best = val_loss if math.isnan(self.best) else min(self.best, val_loss)
+        interval = self.train_time - self.mark_time
+        row = {
+            "epoch": self.tokens / n_train,
+            "step": self.step,
+            "tokens": self.tokens,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "ema_ratio": None if math.isnan(ema_ratio) else ema_ratio,
+            "time_s": self.train_time,
+            "tokens_per_s": (self.tokens - self.mark_tokens) / interval if interval > 0 else None,
+        }
+        self.mark_tokens, self.mark_time = self.tokens, self.train_time
+        return row
+
     def state_dict(self) -> dict[str, Any]:
         return {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
 
@@ -402,29 +424,15 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     def log_point(train_loss: float, result: StepResult) -> None:
         nonlocal last_val
         val = evaluate(eval_forward, eval_x, eval_y, cfg.batch_size, autocast).item() if ddp.is_main else math.nan
-        last_val = loop.final = val
-        loop.best = val if math.isnan(loop.best) else min(loop.best, val)
+        last_val = val
         ratio = math.nan if result.ema_ratio is None else result.ema_ratio.item()
-        interval = loop.train_time - loop.mark_time
-        row = {
-            "epoch": loop.tokens / n_train,
-            "step": loop.step,
-            "tokens": loop.tokens,
-            "train_loss": train_loss,
-            "val_loss": val,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": result.grad_norm.item(),
-            "ema_ratio": None if math.isnan(ratio) else ratio,
-            "time_s": loop.train_time,
-            "tokens_per_s": (loop.tokens - loop.mark_tokens) / interval if interval > 0 else None,
-        }
+        row = loop.metrics_row(n_train, train_loss, val, scheduler.get_last_lr()[0], result.grad_norm.item(), ratio)
         metrics.append(row)
         if writer:
             writer.append_metrics(row)
         tracker.log(row)
         if isinstance(optimizer, GrokAdamW):  # its filter reads the gap between validation and training loss
             optimizer.set_grokking_signal(train_loss, distributed.gather_floats(val, ddp, device)[0])
-        loop.mark_tokens, loop.mark_time = loop.tokens, loop.train_time
         if distributed.broadcast_flag(not math.isfinite(val), ddp, device):  # rank 0 decides for all ranks
             raise Diverged(f"validation loss is not finite at step {loop.step}")
 

@@ -373,28 +373,13 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
             loop.loss_sum / max(loop.loss_count, 1), loop.correct.float() / max(loop.loss_count, 1),
             result.grad_norm.float(), ratio.float().to(device),
         ]).tolist()
-        loop.final, loop.final_acc = val_loss, val_acc
-        loop.best = val_loss if math.isnan(loop.best) else min(loop.best, val_loss)
+        loop.final_acc = val_acc
         loop.best_acc = val_acc if math.isnan(loop.best_acc) else max(loop.best_acc, val_acc)
-        interval = loop.train_time - loop.mark_time
-        row = {
-            "epoch": loop.tokens / n_train,
-            "step": loop.step,
-            "tokens": loop.tokens,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "ema_ratio": None if math.isnan(ratio) else ratio,
-            "time_s": loop.train_time,
-            "tokens_per_s": (loop.tokens - loop.mark_tokens) / interval if interval > 0 else None,
-            "val_acc": val_acc,
-            "train_acc": train_acc,
-        }
+        row = {**loop.metrics_row(n_train, train_loss, val_loss, scheduler.get_last_lr()[0], grad_norm, ratio),
+               "val_acc": val_acc, "train_acc": train_acc}
         metrics.append(row)
         writer.append_metrics(row)
         tracker.log(row)
-        loop.mark_tokens, loop.mark_time = loop.tokens, loop.train_time
         loop.loss_sum.zero_()
         loop.correct.zero_()
         loop.loss_count = 0
