@@ -21,7 +21,8 @@ from hlb_gpt import data
 TEST_RAW_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 VALID_RAW_SHA256 = "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-SHARED_WIKITEXT_FILES = ("wiki.test.raw", "wiki.valid.raw")
+# The bundled mini corpus is WikiText-2 raw: its train split is wiki.test.raw, its valid split wiki.valid.raw.
+MINI_SHA256 = {"train": TEST_RAW_SHA256, "valid": VALID_RAW_SHA256}
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +41,10 @@ def mini_gpt2_tokens(tmp_path_factory, gpt2) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def single_call_encodings(gpt2) -> dict[str, tuple[str, list[int]]]:
-    """The shared WikiText files and their tokens from one plain encode_ordinary call each."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
+def single_call_encodings(gpt2, mini_texts) -> dict[str, tuple[str, list[int]]]:
+    """The bundled WikiText-2 splits and their tokens from one plain encode_ordinary call each."""
     encoding = data._gpt2_encoding()
-    out = {}
-    for name in SHARED_WIKITEXT_FILES:
-        text = (shared / name).read_bytes().decode("utf-8")
-        out[name] = (text, encoding.encode_ordinary(text))
-    return out
+    return {split: (text, encoding.encode_ordinary(text)) for split, text in mini_texts.items()}
 
 
 @pytest.fixture
@@ -113,7 +109,7 @@ def test_unknown_tokenizer_is_rejected():
         data.get_tokenizer("sentencepiece")
 
 
-@pytest.mark.parametrize("name", SHARED_WIKITEXT_FILES)
+@pytest.mark.parametrize("name", ["train", "valid"])
 def test_chunked_parallel_encode_equals_one_encode_ordinary_call(single_call_encodings, name):
     text, expected = single_call_encodings[name]
     assert len(data._chunk_bounds(text, 2000)) > 400  # hundreds of cuts, so every kind of line start is crossed
@@ -141,40 +137,41 @@ def test_chunk_boundary_rule_is_exact_on_text_built_to_break_it():
 # --- text -----------------------------------------------------------------------------------------------------
 
 
-def test_bundled_assets_are_byte_identical_to_the_shared_files(shared_data):
+def test_bundled_assets_have_the_published_checksums():
+    # The sha256 values of WikiText-2 raw's wiki.test.raw and wiki.valid.raw (as in the official zip) and of
+    # the GPT-2 ranks file: the tests below that use the mini texts therefore test against those files.
     assets = Path(str(data._asset()))
-    raw = shared_data / "wikitext-2-raw"
     mini_train = lzma.decompress((assets / "mini" / "wiki.train.raw.xz").read_bytes())
     mini_valid = lzma.decompress((assets / "mini" / "wiki.valid.raw.xz").read_bytes())
     assert hashlib.sha256(mini_train).hexdigest() == TEST_RAW_SHA256
     assert hashlib.sha256(mini_valid).hexdigest() == VALID_RAW_SHA256
-    assert mini_train == (raw / "wiki.test.raw").read_bytes()
-    assert mini_valid == (raw / "wiki.valid.raw").read_bytes()
+    assert (len(mini_train), mini_train.count(b"\n")) == (1_290_590, 4_358)
+    assert (len(mini_valid), mini_valid.count(b"\n")) == (1_146_846, 3_760)
     assert hashlib.sha256((assets / "gpt2.tiktoken").read_bytes()).hexdigest() == GPT2_RANKS_SHA256
 
 
-def test_mini_texts_are_the_wikitext2_test_and_valid_files(shared_data, mini_texts):
-    raw = shared_data / "wikitext-2-raw"
-    assert mini_texts["train"].encode("utf-8") == (raw / "wiki.test.raw").read_bytes()
-    assert mini_texts["valid"].encode("utf-8") == (raw / "wiki.valid.raw").read_bytes()
+def test_mini_texts_are_the_wikitext2_test_and_valid_files(mini_texts):
+    for split, sha256 in MINI_SHA256.items():
+        assert hashlib.sha256(mini_texts[split].encode("utf-8")).hexdigest() == sha256
 
 
-def test_hf_rows_to_text_reproduces_the_raw_file(shared_data):
-    path = shared_data / "wikitext-2-raw" / "wiki.valid.raw"
+def test_hf_rows_to_text_reproduces_the_raw_file(tmp_path, mini_texts):
+    path = tmp_path / "wiki.valid.raw"
+    path.write_bytes(mini_texts["valid"].encode("utf-8"))
     # Rows exactly as the Hugging Face wikitext builder yields them.
     with open(path, encoding="utf-8") as f:
         rows = [line if line.strip() else "" for line in f]
     assert "" in rows and all(row == "" or row.endswith("\n") for row in rows)
     dataset = datasets.Dataset.from_dict({"text": rows})
-    assert data.hf_rows_to_text(dataset["text"]).encode("utf-8") == path.read_bytes()
+    rebuilt = data.hf_rows_to_text(dataset["text"]).encode("utf-8")
+    assert hashlib.sha256(rebuilt).hexdigest() == VALID_RAW_SHA256
 
 
-def test_data_dir_texts_are_the_exact_file_contents(tmp_path, shared_data):
-    raw = shared_data / "wikitext-2-raw"
-    (tmp_path / "wiki.train.raw").write_bytes((raw / "wiki.test.raw").read_bytes())
+def test_data_dir_texts_are_the_exact_file_contents(tmp_path, mini_texts):
+    (tmp_path / "wiki.train.raw").write_bytes(mini_texts["train"].encode("utf-8"))
     (tmp_path / "wiki.valid.raw").write_bytes(b"line one\r\nline two\n")
     texts = data.load_split_texts("wikitext-103", data_dir=tmp_path)
-    assert texts["train"].encode("utf-8") == (raw / "wiki.test.raw").read_bytes()
+    assert hashlib.sha256(texts["train"].encode("utf-8")).hexdigest() == TEST_RAW_SHA256
     assert texts["valid"] == "line one\r\nline two\n"
 
 
