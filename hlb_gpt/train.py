@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -71,12 +72,23 @@ class BatchSchedule:
         return self.tokens_per_step // self.length_at(step)
 
     def steps_for(self, tokens: float) -> int:
-        """Steps needed to see at least `tokens` training tokens."""
+        """Steps needed to see at least `tokens` training tokens.
+
+        In closed form, phase by phase: a walk step by step takes minutes for `--epochs 1e9`. The warm-up has
+        a few phases of SEQ_GROWTH_STEPS steps of constant tokens per step, then every step has the same tokens.
+        """
         step, seen = 0, 0
-        while seen < tokens:
-            seen += self.batch_at(step) * self.length_at(step)
-            step += 1
-        return step
+        while self.length_at(step) < self.seq_len:  # the warm-up phases: at most log2(seq_len / SEQ_START)
+            per_step = self.batch_at(step) * self.length_at(step)
+            if seen + SEQ_GROWTH_STEPS * per_step >= tokens:
+                return step + _steps_to_cover(tokens, seen, per_step)
+            step, seen = step + SEQ_GROWTH_STEPS, seen + SEQ_GROWTH_STEPS * per_step
+        return step + _steps_to_cover(tokens, seen, self.batch_at(step) * self.length_at(step))
+
+
+def _steps_to_cover(tokens: float, seen: int, per_step: int) -> int:
+    """The least n >= 0 with seen + n * per_step >= tokens, in exact arithmetic (a float quotient rounds)."""
+    return max(0, math.ceil((Fraction(tokens) - seen) / per_step))
 
 
 def eval_due(tokens_before: int, tokens_after: int, tokens_per_eval: float) -> bool:

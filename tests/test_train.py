@@ -43,6 +43,39 @@ def test_steps_for_covers_the_requested_tokens():
     assert seen >= 10_000 > seen - s.batch_at(steps - 1) * s.length_at(steps - 1)
 
 
+def walked_steps_for(s: BatchSchedule, tokens: float) -> int:
+    """The reference: step by step until the tokens are covered."""
+    step, seen = 0, 0
+    while seen < tokens:
+        seen += s.batch_at(step) * s.length_at(step)
+        step += 1
+    return step
+
+
+SCHEDULES = [BatchSchedule(seq_len, batch, warmup)
+             for seq_len in (1, 4, 31, 32, 33, 48, 64, 100, 256, 1000, 1024, 4096)
+             for batch in (1, 3, 16) for warmup in (True, False)]
+
+
+@pytest.mark.parametrize("s", SCHEDULES, ids=lambda s: f"T{s.seq_len}-B{s.batch_size}-{'warm' if s.seq_warmup else 'flat'}")
+def test_steps_for_in_closed_form_equals_the_step_by_step_walk(s):
+    per_phase = [80 * s.batch_at(80 * k) * s.length_at(80 * k) for k in range(9)]
+    edges = [sum(per_phase[:k]) for k in range(1, 10)]  # tokens at each warm-up phase's end
+    amounts = [0, -5, 1, 0.5, 31.9, 32, 33, 2_500, 10_000.25, 123_457, 1e6, 3_333_333.3]
+    amounts += [e + d for e in edges for d in (-1, 0, 1, 0.5)]
+    for tokens in amounts:
+        assert s.steps_for(tokens) == walked_steps_for(s, tokens), tokens
+
+
+def test_steps_for_a_billion_epochs_is_exact_without_walking():
+    s = BatchSchedule(seq_len=256, batch_size=16, seq_warmup=True)
+    tokens = 1e9 * 1_290_590  # --epochs 1e9 of mini with --tokenizer bytes
+    steps = s.steps_for(tokens)
+    warmup_tokens = 3 * 80 * 4096  # three warm-up phases (32, 64, 128), then full 256-token sequences
+    assert steps == 240 + math.ceil((tokens - warmup_tokens) / 4096)
+    assert s.steps_for(1e300) > 10 ** 295  # exact arithmetic: no overflow, no endless correction
+
+
 def test_eval_is_due_when_a_token_threshold_is_crossed():
     assert eval_due(90, 110, 100) and not eval_due(110, 190, 100) and eval_due(190, 200, 100)
 
