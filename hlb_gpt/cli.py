@@ -42,7 +42,11 @@ FLOATS, INTS = CommaList(click.FLOAT), CommaList(click.INT)
 
 
 def _options(fn: Callable) -> Callable:
-    """The training flags, in the order --help shows them."""
+    """The training flags, in the order --help shows them.
+
+    Every flag can come from the environment as HLB_GPT_<FLAG> (`compare`'s as HLB_GPT_COMPARE_<FLAG>). click
+    derives that name from the parameter's name, so a parameter named unlike its flag states its envvar.
+    """
     opts = [
         click.option("--task", type=click.Choice(TASKS), default="lm", show_default=True,
                      help="lm: WikiText language modelling; modular: the (x * y) mod 97 grokking benchmark."),
@@ -84,7 +88,8 @@ def _options(fn: Callable) -> Callable:
         # grokfast
         click.option("--grokfast", is_flag=True, help="Filter gradients with Grokfast (the filtered configurations)."),
         click.option("--baseline", is_flag=True, help="With --grokfast: also run the unfiltered configuration per seed."),
-        click.option("--filter", "filter_", type=CommaList(click.Choice(FILTERS)), default="ema", show_default=True,
+        click.option("--filter", "filter_", envvar="HLB_GPT_FILTER", type=CommaList(click.Choice(FILTERS)),
+                     default="ema", show_default=True,
                      help="ema: exponential moving average; ma: mean of the last --window gradients."),
         click.option("--alpha", type=FLOATS, default="0.98", show_default=True, help="EMA momentum in [0, 1). List for a grid."),
         click.option("--gain", type=FLOATS, default="2.0", show_default=True, help="Amplification (lambda) >= 0. List for a grid."),
@@ -110,7 +115,8 @@ def _options(fn: Callable) -> Callable:
                      help="Checkpoint interval in epochs (0: none); interrupted runs resume from the latest "
                           "[1; modular 100, an epoch there being 10 steps]."),
         click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Checkpoints kept per run."),
-        click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        click.option("--resume", "resume_dir", envvar="HLB_GPT_RESUME",
+                     type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Continue this run folder from its latest checkpoint, with its recorded settings "
                           "(flags may change only --epochs, --max-steps, --device and logging)."),
         # hardware and logging
@@ -119,7 +125,8 @@ def _options(fn: Callable) -> Callable:
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                      help="auto: bf16 autocast on CUDA, fp32 elsewhere."),
         click.option("--compile/--no-compile", default=None, help="torch.compile the model and filter [on for CUDA]."),
-        click.option("--wandb", "use_wandb", is_flag=True, help="Also log to Weights & Biases (WANDB_MODE=offline works)."),
+        click.option("--wandb", "use_wandb", envvar="HLB_GPT_WANDB", is_flag=True,
+                     help="Also log to Weights & Biases (WANDB_MODE=offline works)."),
         click.option("--wandb-project", default="hlb-gpt", show_default=True, help="wandb project."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
     ]
@@ -169,12 +176,14 @@ def cli(ctx: click.Context, **flags: Any) -> None:
 @click.option("--metric", default="final", show_default=True,
               help="Per-run statistic: final, best, best:N (mean of the N best evaluations), mean, or "
                    "steps_to_target (--task modular: the step val_acc first reached the run's --target-acc).")
-@click.option("--window", "window_", default="all", show_default=True,
+@click.option("--window", "window_", envvar="HLB_GPT_COMPARE_WINDOW", default="all", show_default=True,
               help="Epochs the statistic covers: all, first:K or last:K (K in epochs).")
 @click.option("--column", type=click.Choice(["val_loss", "train_loss", "val_acc", "train_acc"]), default=None,
               help="The metrics.jsonl column compared and plotted [val_loss; val_acc for steps_to_target].")
-@click.option("--format", "fmt", type=click.Choice(["markdown", "csv"]), default="markdown", show_default=True)
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--format", "fmt", envvar="HLB_GPT_COMPARE_FORMAT", type=click.Choice(["markdown", "csv"]),
+              default="markdown", show_default=True)
+@click.option("--plot", "plot_dir", envvar="HLB_GPT_COMPARE_PLOT", type=click.Path(file_okay=False, path_type=Path),
+              default=None,
               help="Write PNG plots (the column vs epoch, the statistic vs gain) into this folder.")
 @click.option("--log-x", is_flag=True, help="Plots: logarithmic epoch axis (the first epochs stay visible).")
 @click.option("--zoom", type=click.FloatRange(min=0, min_open=True), default=None,
