@@ -161,6 +161,10 @@ def cli(ctx: click.Context, **flags: Any) -> None:
         raise ConfigError("two grid points would share a run folder; remove repeated values from the lists")
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
     check_writable(out)
+    from hlb_gpt.train import check_memory
+
+    for cfg in configs:
+        check_memory(cfg)
     results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"])
     if os.environ.get("RANK", "0") != "0":
         return
@@ -209,6 +213,8 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
     loaded, notes = cmp.load_runs(runs)
     if not loaded:
         raise click.UsageError(f"no run folders (with config.json) under {', '.join(map(str, runs))}")
+    if parsed[0].kind != "steps_to_target" and all(cmp.lacks_column(run, parsed[2]) for run in loaded):
+        raise click.UsageError(f"--column {parsed[2].name}: none of these runs records it ({cmp.COLUMN_OWNERS})")
     comparison = cmp.compare(loaded, *parsed, notes=notes)
     click.echo(cmp.format_table(comparison, fmt))
     if fmt == "csv" and comparison.notes:
@@ -236,6 +242,9 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     changes = {k: getattr(command, k) for k in RESUMABLE_CHANGES if k in given}
     check_resumable(recorded.replace(**{k: getattr(command, k) for k in _config_keys(given)}), saved, run_dir)
     cfg = recorded.replace(**changes)
+    from hlb_gpt.train import check_memory
+
+    check_memory(cfg)
     summary = trainer_for(cfg)(cfg, run_dir, progress=not flags["quiet"], resume=True)
     click.echo(_result_line(run_dir.name, summary["status"], summary))
     if summary["status"] != "completed":
@@ -277,7 +286,8 @@ def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list
 
 def default_out(base: RunConfig, grokfast: bool) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{base.dataset}-{base.preset}{'-grokfast' if grokfast else ''}"
+    data = Path(base.data_dir).resolve().name if base.data_dir else base.dataset  # --data-dir replaces --dataset
+    return Path("runs") / f"{stamp}-{data}-{base.preset}{'-grokfast' if grokfast else ''}"
 
 
 def check_writable(out: Path) -> None:

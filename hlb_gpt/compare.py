@@ -73,7 +73,7 @@ CONFIDENCE = 0.95
 # Settings that do not change what is measured (where it ran, how it was logged, bookkeeping).
 IRRELEVANT_KEYS = frozenset({
     "seed", "versions", "resolved_device", "device", "compile", "data_cache", "data_dir", "wandb",
-    "wandb_project", "max_bad_steps", "n_params", "train_tokens",
+    "wandb_project", "max_bad_steps", "n_params", "train_tokens", "data_source",
 })
 FILTER_SETTINGS = ("filter", "alpha", "gain", "window", "filter_dtype", "grok_kappa", "grok_gamma")
 # Settings the short label already says (or that decide which label is used).
@@ -102,6 +102,7 @@ COLUMNS: dict[str, Column] = {
     "val_acc": Column("val_acc", lower_is_better=False),  # --task modular
     "train_acc": Column("train_acc", lower_is_better=False),
 }
+COLUMN_OWNERS = "language-model runs record val_loss and train_loss; val_acc and train_acc are --task modular's"
 # The column `steps_to_target` reads: the run reached its --target-acc at its first evaluation at or above it.
 TARGET_COLUMN = "val_acc"
 
@@ -284,6 +285,12 @@ def run_rows(run: Run) -> list[dict[str, Any]]:
             step = row.get("step")
             by_step[step if step is not None else ("epoch", row["epoch"])] = row
     return sorted(by_step.values(), key=lambda r: r["epoch"])
+
+
+def lacks_column(run: Run, column: Column) -> bool:
+    """Whether the run has evaluations but none records `column` (an LM run asked for val_acc)."""
+    rows = run_rows(run)
+    return bool(rows) and not any(column.name in r for r in rows)
 
 
 def run_series(run: Run, column: Column) -> Series:
@@ -470,7 +477,7 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
     groups = {key: Group(labels[key][0], configs[key], members, settings=labels[key][1])
               for key, members in keyed.items()}
 
-    short_windows, empty, no_target = [], [], []
+    short_windows, empty, no_target, lacking = [], [], [], []
     for g in groups.values():
         for run in g.runs:
             if metric.kind == "steps_to_target":
@@ -480,6 +487,9 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
                 else:
                     g.seeds.append(run.config.get("seed"))
                     g.values.append(steps)
+                continue
+            if lacks_column(run, column):  # not a diverged run: it never recorded this column at all
+                lacking.append(run_name(run))
                 continue
             values = window_values(run_series(run, column), window)
             if len(values) == 0:
@@ -495,6 +505,9 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
                          "every run counts in n, mean and std, and the paired test uses each seed's mean")
     if empty:
         notes.append(f"no evaluations in window {window} for {len(empty)} run(s), left out: {', '.join(empty)}")
+    if lacking:
+        notes.append(f"no {column.name} column in the metrics of {len(lacking)} run(s), left out "
+                     f"({COLUMN_OWNERS}): {', '.join(lacking)}")
     if no_target:
         notes.append(f"no --target-acc recorded for {len(no_target)} run(s), left out: {', '.join(no_target)}")
     if short_windows:

@@ -170,6 +170,9 @@ class RunConfig:
         _positive("--evals-per-epoch", self.evals_per_epoch)
         if self.eval_tokens < 0:
             raise ConfigError(f"--eval-tokens must be >= 0, 0 meaning the whole validation split (got {self.eval_tokens})")
+        if self.task == "lm" and 0 < self.eval_tokens < self.seq_len + 1:  # one window needs seq_len + 1 tokens
+            raise ConfigError(f"--eval-tokens ({self.eval_tokens}) must be at least --seq-len + 1 = {self.seq_len + 1}, "
+                              "or 0 for the whole validation split")
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0 (got {self.seed})")
         _positive("--max-bad-steps", self.max_bad_steps)
@@ -184,6 +187,8 @@ class RunConfig:
             for split in ("wiki.train.raw", "wiki.valid.raw"):
                 if not (Path(self.data_dir) / split).is_file():
                     raise ConfigError(f"--data-dir {self.data_dir} has no {split}")
+                if (Path(self.data_dir) / split).stat().st_size == 0:
+                    raise ConfigError(f"--data-dir {self.data_dir}: {split} is empty")
 
     def differences(self, other: RunConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
         """`--flag: mine vs theirs` for every setting that differs, except those in `ignore`."""

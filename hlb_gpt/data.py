@@ -6,6 +6,7 @@ files, or from the `mini` corpus bundled in the package; tokens are cached on di
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import importlib.resources
@@ -226,6 +227,15 @@ def load_split_texts(dataset: str, data_dir: Path | None = None) -> dict[str, st
     return _load_from_hub(dataset)
 
 
+def data_source(dataset: str, data_dir: Path | str | None) -> str:
+    """Where a run's text comes from, in words for its records: with --data-dir, the folder, not --dataset."""
+    if data_dir is not None:
+        return f"folder {Path(data_dir).resolve()}"
+    if dataset == "mini":
+        return "mini, bundled (WikiText-2 raw test as train, valid as valid)"
+    return f"{dataset}, Hugging Face {_HUB_REPO} {_HUB_CONFIGS[dataset]}"
+
+
 def _read_raw_file(path: Path) -> str:
     # Bytes, not read_text: text mode would turn "\r\n" into "\n", and the split text is the file's exact contents.
     try:
@@ -281,22 +291,24 @@ def load_tokens(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     texts = load_split_texts(dataset, data_dir)
+    source = "data-dir" if data_dir is not None else dataset  # a folder's text is not the named dataset's
     tokens = {}
     for split in SPLITS:
         text = texts[split]
         key = {
             "format": _CACHE_FORMAT,
-            "dataset": dataset,
+            "dataset": source,
             "split": split,
             "tokenizer": tokenizer.name,
             "n_vocab": tokenizer.n_vocab,
             "dtype": tokenizer.dtype.newbyteorder("<").str,
             "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         }
-        stem = f"{dataset}.{split}.{tokenizer.name}.{key['text_sha256'][:16]}"
+        stem = f"{source}.{split}.{tokenizer.name}.{key['text_sha256'][:16]}"
         ids = _read_cache(cache_dir / f"{stem}.bin", cache_dir / f"{stem}.json", key)
         if ids is None:
-            logger.info("tokenizing %s %s with %s", dataset, split, tokenizer.name)
+            logger.info("tokenizing %s %s with %s", data_dir if data_dir is not None else dataset, split,
+                        tokenizer.name)
             ids = np.asarray(tokenizer.encode(text)).astype(np.dtype(key["dtype"]), copy=False)
             _write_cache(cache_dir / f"{stem}.bin", cache_dir / f"{stem}.json", key, ids)
         tokens[split] = torch.from_numpy(ids.astype(np.int32))
@@ -341,16 +353,35 @@ def _write_cache(bin_path: Path, meta_path: Path, key: dict, ids: np.ndarray) ->
 
 def _atomic_write(path: Path, data: bytes) -> None:
     # A unique temporary name, so that several processes (DDP ranks) may build the same entry at once.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _cache_unwritable(path, error) from None
+    try:
+        # mkstemp creates the file 0600; a cache shared by a group must be readable like any file its user writes.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _cache_unwritable(path, error) from None
         raise
+
+
+def _cache_unwritable(path: Path, error: OSError) -> DataUnavailable:
+    reason = "no space left on the device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    return DataUnavailable(f"cannot write the token cache {path} ({reason}); free space there or choose "
+                           "another folder with --data-cache")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return mask
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Nothing here hard-codes a device: CUDA, then MPS, then the CPU, whichever is pre
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import resource
 from typing import Any, Callable, Iterable
@@ -52,6 +53,18 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if platform.system() == "Darwin" else rss * 1024, "process_peak_rss"
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a run on `device` may use at most: free memory on CUDA, physical memory on CPU; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
 
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:

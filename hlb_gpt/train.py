@@ -7,6 +7,7 @@ The order of one optimizer step is written once, in `optimizer_step`. Everything
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import platform
@@ -27,8 +28,9 @@ import hlb_gpt
 from hlb_gpt import distributed
 from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
-from hlb_gpt.data import BatchSampler, eval_windows, get_tokenizer, load_tokens
-from hlb_gpt.device import autocast_for, final_memory, format_memory, memory_breakdown, resolve_device, synchronize
+from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_tokens
+from hlb_gpt.device import (autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
+                            resolve_device, synchronize)
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
@@ -106,6 +108,42 @@ def build_filter(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], c
     if cfg.filter == "ema":
         return EMAFilter(named_params, alpha=cfg.alpha, gain=cfg.gain, dtype=dtype, compile=compile)
     return MAFilter(named_params, window=cfg.window, gain=cfg.gain, dtype=dtype, compile=compile)
+
+
+def count_params(cfg: RunConfig) -> int:
+    """The run's parameter count, from its model built on the meta device: no memory, no initialisation."""
+    return _count_params(cfg.task, cfg.tokenizer, cfg.depth, cfg.width, cfg.seq_len, cfg.gate)
+
+
+@functools.lru_cache(maxsize=None)
+def _count_params(task: str, tokenizer: str, depth: int, width: int, seq_len: int, gate: str) -> int:
+    with torch.device("meta"):
+        if task == "modular":
+            from hlb_gpt.tasks.modular import ModularConfig, ModularTransformer  # that module imports this one
+
+            return ModularTransformer(ModularConfig(depth=depth, width=width)).num_params()
+        vocab = pad_vocab(get_tokenizer(tokenizer).n_vocab)
+        return GPT(GPTConfig(vocab_size=vocab, depth=depth, width=width, max_seq_len=seq_len, gate=gate)).num_params()
+
+
+def check_memory(cfg: RunConfig) -> None:
+    """Refuse, before any work, a Grokfast filter whose state cannot fit in the device's memory: the MA filter
+    allocates its (window + 1) copies of the parameters only at the first step, long after the run started."""
+    if not cfg.grokfast:
+        return
+    n_params = count_params(cfg)
+    copies = cfg.window + 1 if cfg.filter == "ma" else 1  # MA: the ring of `window` gradients and their sum
+    value_bytes = 2 if cfg.filter_dtype == "bfloat16" else 4  # "param": the model's float32 parameters
+    filter_bytes = copies * n_params * value_bytes
+    training_bytes = 4 * n_params * 4  # weights, gradients and AdamW's two moments, in float32
+    device = resolve_device(cfg.device)
+    available = available_memory(device)
+    if available is not None and filter_bytes + training_bytes > available:
+        what = f"{copies:,} copies" if copies > 1 else "one copy"
+        raise ConfigError(
+            f"the {cfg.filter.upper()} filter's state needs about {filter_bytes / 2**30:,.1f} GiB ({what} of "
+            f"{n_params:,} parameters in {cfg.filter_dtype}), more than the {available / 2**30:,.1f} GiB of {device} "
+            f"memory; use a smaller --window or --filter-dtype bfloat16")
 
 
 def build_optimizer(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], device: torch.device):
@@ -352,6 +390,7 @@ def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_t
                   world_size: int = 1) -> dict[str, Any]:
     return {
         **cfg.to_dict(),
+        "data_source": data_source(cfg.dataset, cfg.data_dir) if cfg.task == "lm" else "generated",
         "resolved_device": str(device),
         "world_size": world_size,
         "n_params": n_params,
@@ -384,6 +423,9 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     tokens = load_tokens(cfg.dataset, tokenizer, Path(cfg.data_cache),
                          Path(cfg.data_dir) if cfg.data_dir else None)
     n_train = len(tokens["train"])
+    if n_train < cfg.seq_len + 1:  # the sampler needs one window, the schedule more than zero tokens
+        raise ConfigError(f"the training text has {n_train} tokens, fewer than --seq-len + 1 = {cfg.seq_len + 1}; "
+                          "use a shorter --seq-len or more training text")
 
     torch.manual_seed(cfg.seed)
     model_cfg = GPTConfig(vocab_size=pad_vocab(tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,

@@ -8,6 +8,7 @@ import pytest
 from click.core import ParameterSource
 
 from hlb_gpt.cli import CommaList, cli, compare_command, main
+from hlb_gpt.records import read_run
 
 TINY = ["--dataset", "mini", "--preset", "tiny", "--tokenizer", "bytes"]
 
@@ -47,6 +48,10 @@ def test_help_documents_every_training_option(capsys):
     ["--task", "modular", "--optimizer", "grokadamw"],
     ["--task", "modular", "--gate", "relu"],
     ["--no-such-flag"],
+    ["--eval-tokens", "256"],  # tiny's --seq-len is 256: one window needs 257 tokens
+    ["--seq-len", "64", "--eval-tokens", "64"],
+    ["--grokfast", "--filter", "ma", "--window", "100000000"],  # ~180 TiB of filter state
+    ["--grokfast", "--filter", "ema,ma", "--window", "10,100000000"],  # one grid point too big is enough
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, capsys, tmp_path):
     out_dir = tmp_path / "sweep"
@@ -144,3 +149,80 @@ def test_filter_wandb_and_resume_from_the_environment_reach_the_run(monkeypatch,
     monkeypatch.setenv("HLB_GPT_RESUME", str(tmp_path / "not-a-run"))
     code, _, err = run_main(TINY, capsys)
     assert code == 2 and f"--resume {tmp_path / 'not-a-run'}: not a run folder" in err
+
+
+# --- input that used to fail late -----------------------------------------------------------------------------
+
+
+def test_a_filter_too_big_for_memory_is_refused_with_the_estimate_and_the_fixes(capsys, tmp_path):
+    code, _, err = run_main(TINY + ["--grokfast", "--filter", "ma", "--window", "100000000", "--out", str(tmp_path)],
+                            capsys)
+    assert code == 2
+    assert "the MA filter's state needs about" in err and "100,000,001 copies of 475,780 parameters" in err
+    assert "--window" in err and "--filter-dtype bfloat16" in err
+
+
+def test_the_parameter_count_for_the_memory_check_is_the_built_model_s(tmp_path):
+    import torch
+
+    from hlb_gpt.config import RunConfig
+    from hlb_gpt.model import GPT, GPTConfig, pad_vocab
+    from hlb_gpt.tasks.modular import ModularConfig, ModularTransformer
+    from hlb_gpt.train import count_params
+
+    for tokenizer, vocab, gate in (("bytes", 256, "none"), ("gpt2", 50257, "relu")):
+        cfg = RunConfig(preset="tiny", tokenizer=tokenizer, depth=2, gate=gate)
+        built = GPT(GPTConfig(vocab_size=pad_vocab(vocab), depth=2, width=128, max_seq_len=256, gate=gate))
+        assert count_params(cfg) == built.num_params()
+    assert count_params(RunConfig(task="modular")) == ModularTransformer(ModularConfig()).num_params()
+    assert torch.empty(0).device.type == "cpu"  # the meta device did not leak out
+
+
+def test_an_empty_training_file_is_refused_in_one_line(capsys, tmp_path):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "wiki.train.raw").write_bytes(b"")
+    (folder / "wiki.valid.raw").write_bytes(b" = Valid = \n" * 100)
+    code, _, err = run_main(TINY + ["--data-dir", str(folder), "--out", str(tmp_path / "out"),
+                                    "--data-cache", str(tmp_path / "cache")], capsys)
+    assert code == 2 and err.strip().splitlines() == [f"Error: --data-dir {folder}: wiki.train.raw is empty"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_training_text_shorter_than_one_window_is_refused_in_one_line(capsys, tmp_path):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "wiki.train.raw").write_bytes(b" = Short = \n")
+    (folder / "wiki.valid.raw").write_bytes(b" = Valid = \n" * 100)
+    code, _, err = run_main(TINY + ["--data-dir", str(folder), "--out", str(tmp_path / "out"),
+                                    "--data-cache", str(tmp_path / "cache")], capsys)
+    assert code == 2
+    assert err.strip().splitlines() == ["Error: the training text has 12 tokens, fewer than --seq-len + 1 = 257; "
+                                        "use a shorter --seq-len or more training text"]
+
+
+def test_a_billion_epochs_with_max_steps_runs_its_five_steps(capsys, tmp_path):
+    # The step count of 1e9 epochs used to be walked step by step: tens of minutes before the first step.
+    code, out, err = run_main(TINY + ["--depth", "1", "--width", "32", "--seq-len", "32", "--batch-size", "4",
+                                      "--eval-tokens", "1024", "--epochs", "1e9", "--max-steps", "5", "-q",
+                                      "--checkpoint-every", "0", "--out", str(tmp_path / "out"),
+                                      "--data-cache", str(tmp_path / "cache")], capsys)
+    assert code == 0, err
+    assert "baseline-s0: completed" in out
+    assert read_run(tmp_path / "out" / "baseline-s0").summary["steps"] == 5
+
+
+def test_data_dir_runs_are_named_and_recorded_by_their_folder(tmp_path):
+    from hlb_gpt.cli import default_out
+    from hlb_gpt.config import RunConfig
+    from hlb_gpt.data import data_source
+
+    folder = tmp_path / "my-corpus"
+    folder.mkdir()
+    for name in ("wiki.train.raw", "wiki.valid.raw"):
+        (folder / name).write_text(" = Text = \n" * 100)
+    cfg = RunConfig(data_dir=str(folder), preset="tiny")
+    assert "-my-corpus-tiny" in default_out(cfg, grokfast=False).name
+    assert "wikitext-103" not in default_out(cfg, grokfast=False).name
+    assert data_source(cfg.dataset, cfg.data_dir) == f"folder {folder.resolve()}"
+    assert data_source("mini", None).startswith("mini, bundled")

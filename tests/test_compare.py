@@ -614,3 +614,22 @@ def test_compare_command_refuses_a_bad_choice_in_one_line(grokking, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.strip().splitlines() == [
         "Error: --metric steps_to_target reads the whole run: drop --window first:3"]
+
+
+def test_val_acc_of_language_model_runs_is_a_usage_error_not_a_divergence(sweep, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(sweep), "--column", "val_acc"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == ""
+    assert err.strip().splitlines() == ["Error: --column val_acc: none of these runs records it (language-model "
+                                        "runs record val_loss and train_loss; val_acc and train_acc are --task "
+                                        "modular's)"]
+
+
+def test_runs_without_the_column_are_left_out_with_a_note_beside_runs_that_have_it(sweep, grokking):
+    c = compare(load_runs([sweep, grokking])[0], "best", "all", "val_acc")
+    lacking = [n for n in c.notes if n.startswith("no val_acc column in the metrics of 12 run(s), left out")]
+    assert len(lacking) == 1 and "sweep/baseline-s0" in lacking[0]
+    assert not any("diverged" in n for n in c.notes)
+    assert c.group("ema α0.98 g2 target_acc=0.95").values == [0.99, 0.99, 0.97]
+    assert c.group("baseline target_acc=None").n == 0  # not counted as -inf

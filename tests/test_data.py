@@ -261,7 +261,7 @@ def test_token_cache_is_reused_and_stored_as_uint16(tmp_path, small_data_dir, mo
         meta = json.loads(bin_path.with_suffix(".json").read_text())
         assert bin_path.stat().st_size == 2 * first[split].numel()
         assert meta["dtype"] == "<u2" and meta["n_tokens"] == first[split].numel()
-        assert all(field in bin_path.name for field in ("wikitext-2", split, name, meta["text_sha256"][:16]))
+        assert all(field in bin_path.name for field in ("data-dir", split, name, meta["text_sha256"][:16]))
     text = (small_data_dir / "wiki.valid.raw").read_bytes().decode("utf-8")
     assert second["valid"].tolist() == tokenizer.encode(text).tolist()
 
@@ -426,3 +426,23 @@ def test_eval_windows_reject_a_split_shorter_than_one_window():
         data.eval_windows(arange_tokens(10), seq_len=10, max_tokens=None)
     with pytest.raises(ValueError, match="--eval-tokens"):
         data.eval_windows(arange_tokens(1_000), seq_len=10, max_tokens=5)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)])
+def test_token_cache_files_get_the_mode_the_umask_gives_a_normal_file(tmp_path, small_data_dir, umask, mode):
+    old = os.umask(umask)
+    try:
+        data.load_tokens("wikitext-2", data.get_tokenizer("bytes"), tmp_path / "cache", small_data_dir)
+        (tmp_path / "normal").write_bytes(b"")
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "cache").iterdir())
+    assert len(files) == 4  # a .bin and a .json per split
+    assert {f.stat().st_mode & 0o777 for f in files} == {mode} == {(tmp_path / "normal").stat().st_mode & 0o777}
+
+
+def test_a_data_dir_cache_entry_says_it_came_from_a_folder(tmp_path, small_data_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="hlb_gpt.data"):
+        data.load_tokens("wikitext-103", data.get_tokenizer("bytes"), tmp_path / "cache", small_data_dir)
+    assert all(p.name.startswith("data-dir.") for p in (tmp_path / "cache").iterdir())
+    assert f"tokenizing {small_data_dir} train with bytes" in caplog.text and "wikitext-103" not in caplog.text
