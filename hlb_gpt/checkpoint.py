@@ -8,6 +8,7 @@ a pickled callable.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -27,6 +28,14 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line that says why."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint file that is damaged or cut short (not one that holds disallowed objects)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk); the message names the file and the reason."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -55,10 +64,20 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     tmp = folder / f".{path.name}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            out = _KeepWriteError(f)
+            try:
+                torch.save(state, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise  # not a failed write: a bug worth its traceback
+                raise out.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        reason = "no space left on the device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise CheckpointWriteError(error.errno, f"cannot write {path}: {reason}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -68,15 +87,41 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     return path
 
 
+class _KeepWriteError:
+    """A file whose failed write is kept: torch.save turns it (ENOSPC) into a RuntimeError that no longer says why."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's state. CorruptCheckpoint if the file is damaged or truncated; CheckpointError if it holds
+    anything but tensors and plain data (weights_only refuses a disallowed global: never run, never skipped)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data "
-                              f"(weights_only load failed: {first})") from None
-    except (EOFError, RuntimeError, OSError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        text = str(exc)
+        detail = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error" in line), "")
+        if "Unsupported global" in text:
+            first = detail.split(". Please")[0] if detail else text.strip().splitlines()[0]
+            raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data "
+                                  f"(weights_only load failed: {first})") from None
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated ({detail or 'unpickling failed'})") from None
+    except (EOFError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". This is an internal")[0]
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated ({first})") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -228,13 +228,16 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
 
 def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     """`--resume RUN_DIR`: the run's recorded settings, with only the flags given on this command applied."""
-    from hlb_gpt.records import is_run_dir, read_run
+    from hlb_gpt.records import CorruptRecord, is_run_dir, read_run
     from hlb_gpt.sweep import trainer_for
 
     run_dir: Path = flags["resume_dir"]
     if not is_run_dir(run_dir):
         raise ConfigError(f"--resume {run_dir}: not a run folder (it has no config.json)")
-    saved = read_run(run_dir).config
+    try:
+        saved = read_run(run_dir).config
+    except CorruptRecord as exc:
+        raise ConfigError(f"--resume {run_dir}: {exc}") from None
     given = {name for name in flags
              if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
     command, _ = configs_from_flags(flags)

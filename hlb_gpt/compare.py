@@ -225,6 +225,7 @@ def load_runs(paths: Sequence[Path | str]) -> tuple[list[Run], list[str]]:
         if not isinstance(run.config, dict):
             notes.append(f"{run_name(run_dir)}: config.json is not an object, skipped")
             continue
+        notes += run.problems  # damaged metrics lines: the rows around them are used
         keep, note = _status(run)
         if keep:
             runs.append(run)

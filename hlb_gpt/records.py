@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,34 @@ METRIC_KEYS = (
 STATUSES = ("completed", "diverged", "interrupted", "failed")
 
 
+class RecordWriteError(OSError):
+    """A record that could not be written (a full disk); the message is one line naming the file and why."""
+
+
+class CorruptRecord(ValueError):
+    """A record file that is not valid JSON; the message names the file."""
+
+
+def _write_error(path: Path, error: OSError) -> RecordWriteError:
+    reason = "no space left on the device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    return RecordWriteError(error.errno, f"cannot write {path}: {reason}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: readers see the old or the new file."""
+    """Write to a temporary name in the same folder, fsync, then rename: readers see the old or the new file.
+    A write that fails (a full disk) leaves the old file and no temporary one, and raises RecordWriteError."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from None
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -73,9 +94,12 @@ class RunWriter:
         missing = [k for k in METRIC_KEYS if k not in row]
         if missing:
             raise ValueError(f"metrics row lacks {missing}")
-        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_finite_or_null(row)) + "\n")
-            f.flush()
+        try:
+            with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(_finite_or_null(row)) + "\n")
+                f.flush()
+        except OSError as error:
+            raise _write_error(self.run_dir / METRICS, error) from None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if summary.get("status") not in STATUSES:
@@ -91,6 +115,7 @@ class Run:
     config: dict[str, Any]
     metrics: list[dict[str, Any]]
     summary: dict[str, Any] | None
+    problems: list[str] = field(default_factory=list)  # damaged metrics lines, as `file:line: why`
 
     @property
     def status(self) -> str | None:
@@ -98,20 +123,37 @@ class Run:
 
 
 def read_run(run_dir: Path) -> Run:
+    """The run folder's records. A config.json or summary.json that is not JSON raises CorruptRecord. A damaged
+    line of metrics.jsonl is skipped and noted in `problems`, and the rows after it are read; only a last line
+    cut short by a kill (no final newline: it was being written) is dropped silently."""
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
-    metrics = []
+    config = _read_json(run_dir / CONFIG)
+    metrics, problems = [], []
     metrics_path = run_dir / METRICS
     if metrics_path.exists():
-        for line in metrics_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError:
+        text = metrics_path.read_text(encoding="utf-8", errors="replace")
+        lines = text.splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if number == len(lines) and not text.endswith("\n"):
                     break  # a row cut short by a kill: everything before it is intact
+                problems.append(f"{metrics_path}:{number}: not valid JSON ({exc.msg}), skipped")
     summary_path = run_dir / SUMMARY
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
-    return Run(run_dir, config, metrics, summary)
+    summary = _read_json(summary_path) if summary_path.exists() else None
+    return Run(run_dir, config, metrics, summary, problems)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CorruptRecord(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise CorruptRecord(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
 
 
 def is_run_dir(path: Path) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import DataUnavailable
-from hlb_gpt.records import Run, RunWriter, is_run_dir, read_run
+from hlb_gpt.records import CorruptRecord, Run, RunWriter, is_run_dir, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +76,22 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
     """Run every config into `out/<run name>/`: completed runs are skipped, unfinished ones (and completed ones
     asked for more epochs) continue from their latest checkpoint, and a failed run does not stop the rest."""
     out = Path(out)
+    unreadable: dict[str, str] = {}  # run folders whose records are damaged: those runs fail alone, below
     for cfg in configs:  # before any work: a run folder may only be continued with its own settings
         run_dir = out / run_name(cfg, vary)
         if is_run_dir(run_dir):
-            check_resumable(cfg, read_run(run_dir).config, run_dir)
+            try:
+                check_resumable(cfg, read_run(run_dir).config, run_dir)
+            except CorruptRecord as exc:
+                unreadable[run_dir.name] = str(exc)
     results = []
     for i, cfg in enumerate(configs, 1):
         name = run_name(cfg, vary)
         run_dir = out / name
+        if name in unreadable:
+            logger.error("[%d/%d] %s failed: %s", i, len(configs), name, unreadable[name])
+            results.append(SweepResult(name, "failed", {"status": "failed", "error": unreadable[name]}))
+            continue
         if is_run_dir(run_dir) and is_done(cfg, read_run(run_dir)):
             logger.info("[%d/%d] %s: completed already, skipped", i, len(configs), name)
             results.append(SweepResult(name, "completed", read_run(run_dir).summary))
@@ -118,12 +126,15 @@ def trainer_for(cfg: RunConfig) -> Callable[..., dict[str, Any]]:
 
 def _record_failure(cfg: RunConfig, run_dir: Path, exc: Exception) -> dict[str, Any]:
     """A run that failed before training wrote its own records still leaves a folder saying why."""
-    writer = RunWriter(run_dir)
-    if not is_run_dir(run_dir):
-        writer.write_config(cfg.to_dict())
-    run = read_run(run_dir)
-    if run.summary is not None:
-        return run.summary
     summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    writer.write_summary(summary)
+    try:
+        writer = RunWriter(run_dir)
+        if not is_run_dir(run_dir):
+            writer.write_config(cfg.to_dict())
+        run = read_run(run_dir)
+        if run.summary is not None:
+            return run.summary
+        writer.write_summary(summary)
+    except (OSError, CorruptRecord) as error:  # a full disk: the sweep goes on, the folder cannot say why
+        logger.error("%s: %s; its folder has no summary saying it failed", run_dir.name, error)
     return summary

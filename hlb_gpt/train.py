@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 import hlb_gpt
 from hlb_gpt import distributed
-from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, checkpoint_dir, list_checkpoints, load_checkpoint,
+                                rng_state, save_checkpoint, set_rng_state)
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_tokens
 from hlb_gpt.device import (autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
@@ -34,7 +35,7 @@ from hlb_gpt.device import (autocast_for, available_memory, final_memory, format
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
-from hlb_gpt.records import RunWriter
+from hlb_gpt.records import RecordWriteError, RunWriter
 from hlb_gpt.tracking import NoTracker, make_tracker
 
 logger = logging.getLogger(__name__)
@@ -358,10 +359,9 @@ class Resumable:
     def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
         """(loop counters, metrics so far, checkpoint resumed from): a fresh start, or with `resume` the state of
         the run's latest checkpoint if it has one, after checking that it was trained with these settings."""
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        checkpoint, saved = self._newest_intact() if resume else (None, None)
         if checkpoint is None:
             return loop_cls(), [], None
-        saved = load_checkpoint(checkpoint)
         check_resumable(self.cfg, saved["config"], self.run_dir)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -372,6 +372,21 @@ class Resumable:
         loop = loop_cls.from_state_dict(saved["loop"])
         self.saved_at = loop.step
         return loop, saved["metrics"], checkpoint
+
+    def _newest_intact(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The newest checkpoint that loads, and its state. A corrupt or truncated one is set aside (renamed, not
+        deleted) with a warning, and the one before it is tried; if none is left intact, the run cannot resume."""
+        found = list_checkpoints(self.run_dir)
+        for path in reversed(found):
+            try:
+                return path, load_checkpoint(path)
+            except CorruptCheckpoint as exc:
+                path.replace(path.with_name(path.name + ".corrupt"))
+                logger.warning("%s; set aside as %s.corrupt, resuming from the checkpoint before it", exc, path.name)
+        if found:
+            raise CheckpointError(f"every checkpoint of {self.run_dir} is corrupt or truncated (set aside as *.corrupt);"
+                                  f" remove {checkpoint_dir(self.run_dir)} to train the run from the start")
+        return None, None
 
     def save(self, loop: LoopState, metrics: list[dict[str, Any]], reason: str, say: Callable[[str], Any]) -> None:
         """Checkpoint this step, unless it already is or --checkpoint-every is 0. A write that fails (a full disk)
@@ -546,9 +561,17 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         if ddp.enabled and outcome.status != "failed":
             summary["ddp"] = {"world_size": ddp.world_size,
                               "filter_checksums": distributed.gather_floats(filter_checksum(grad_filter), ddp, device)}
+        unwritten = None
         if writer:
-            writer.write_summary(summary)
+            try:
+                writer.write_summary(summary)
+            except RecordWriteError as exc:  # a full disk: say so; a run that ends without its summary failed
+                unwritten = exc
+                if outcome.status in ("failed", "interrupted"):  # its own error follows: this line only adds to it
+                    say(f"{run_dir.name}: {exc}; the run has no summary.json")
         tracker.finish(summary)
+        if unwritten is not None and outcome.status not in ("failed", "interrupted"):
+            raise unwritten
     return summary
 
 
