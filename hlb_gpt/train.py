@@ -27,7 +27,8 @@ from hlb_gpt import distributed
 from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import BatchSampler, eval_windows, get_tokenizer, load_tokens
-from hlb_gpt.device import autocast_for, final_memory, format_memory, memory_breakdown, resolve_device, synchronize
+from hlb_gpt.device import (PeakMemory, autocast_for, final_memory, format_memory, memory_breakdown, resolve_device,
+                            synchronize)
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
@@ -358,6 +359,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     run_dir = Path(run_dir)
     ddp = distributed.from_env()
     device = distributed.init(ddp, resolve_device(cfg.device))
+    peak = PeakMemory.start(device)
     say = (tqdm.write if progress else logger.info) if ddp.is_main else (lambda msg: None)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -471,7 +473,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                                        f"gradients, from step {int(loop.diverged_at.item()) - cfg.max_bad_steps}")
                     train_loss = distributed.mean(loop.loss_sum / max(loop.loss_count, 1), ddp).item()
                     if not memory:
-                        memory = memory_breakdown(model, optimizer, grad_filter, device)
+                        memory = memory_breakdown(model, optimizer, grad_filter, peak)
                         say(format_memory(memory))
                     if evaluate_now:
                         loop.loss_sum.zero_()
@@ -487,7 +489,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
             save("final")  # so that a completed run can be extended with more --epochs
     finally:
         bar.close()
-        memory = final_memory(memory, model, optimizer, grad_filter, device)
+        memory = final_memory(memory, model, optimizer, grad_filter, peak)
         summary = run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory)
         if ddp.enabled and outcome.status != "failed":
             summary["ddp"] = {"world_size": ddp.world_size,
