@@ -299,11 +299,16 @@ class Resumable:
     sampler: Any
     saved_at: int = -1  # the step of the checkpoint last written or resumed from
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def state(self, loop: LoopState, metrics: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "config": self.cfg.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "filter": self.grad_filter.state_dict(),
-            "sampler": self.sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(), "metrics": metrics,
+            "sampler": self.sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(self.device),
+            "metrics": metrics,
         }
 
     def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
@@ -319,7 +324,7 @@ class Resumable:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.grad_filter.load_state_dict(saved["filter"])
         self.sampler.load_state_dict(saved["sampler"])
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"], self.device)
         loop = loop_cls.from_state_dict(saved["loop"])
         self.saved_at = loop.step
         return loop, saved["metrics"], checkpoint
