@@ -399,8 +399,10 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         train_forward, no_sync = wrapped, wrapped.no_sync
     if compile_model:
         train_forward = torch.compile(train_forward)
-    # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward.
+    # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward. It evaluates in
+    # chunks of the per-rank micro-batch, which training has shown to fit, not at the global batch.
     eval_forward = train_forward if not ddp.enabled else model
+    eval_batch = cfg.batch_size // (cfg.grad_accum * ddp.world_size)
 
     eval_x, eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len, cfg.eval_tokens or None))
     schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
@@ -430,7 +432,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     def log_point(train_loss: float, result: StepResult) -> None:
         nonlocal last_val
-        val = evaluate(eval_forward, eval_x, eval_y, cfg.batch_size, autocast).item() if ddp.is_main else math.nan
+        val = evaluate(eval_forward, eval_x, eval_y, eval_batch, autocast).item() if ddp.is_main else math.nan
         last_val = val
         ratio = math.nan if result.ema_ratio is None else result.ema_ratio.item()
         row = loop.metrics_row(n_train, train_loss, val, scheduler.get_last_lr()[0], result.grad_norm.item(), ratio)
