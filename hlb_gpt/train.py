@@ -19,7 +19,6 @@ from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import hlb_gpt
@@ -395,7 +394,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     train_forward, no_sync = model, contextlib.nullcontext
     if ddp.enabled:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = distributed.wrap(model, device)
         train_forward, no_sync = wrapped, wrapped.no_sync
     if compile_model:
         train_forward = torch.compile(train_forward)
