@@ -46,6 +46,38 @@ def test_leaving_the_process_group_is_safe_to_repeat(one_rank_group):
     distributed.shutdown()  # nothing joined: nothing to do
 
 
+def test_the_command_line_leaves_the_process_group_when_it_exits_under_torchrun(one_rank_group, monkeypatch):
+    from hlb_gpt.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the group itself is the fixture's
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_a_failed_run_ends_the_sweep_and_only_rank_0_records_it(tmp_path, monkeypatch, rank):
+    from hlb_gpt.config import RunConfig
+    from hlb_gpt.records import read_run
+    from hlb_gpt.sweep import run_sweep
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    started = []
+
+    def broken(cfg, run_dir, **kwargs):
+        started.append(cfg.seed)
+        raise RuntimeError("out of memory")
+
+    configs = [RunConfig(dataset="mini", seed=seed) for seed in (0, 1)]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_sweep(configs, tmp_path, train_fn=broken, progress=False)
+    assert started == [0]  # the other ranks are not left waiting while this one starts the next run
+    recorded = read_run(tmp_path / "baseline-s0").summary if (tmp_path / "baseline-s0").exists() else None
+    assert (recorded or {}).get("status") == ("failed" if rank == 0 else None)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rank, where", [(1, "step"), (0, "eval")])
 def test_a_failing_rank_ends_every_rank_promptly_and_the_run_is_recorded_failed_once(tmp_path, rank, where):
