@@ -26,8 +26,9 @@ import hlb_gpt
 from hlb_gpt import distributed
 from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
-from hlb_gpt.data import BatchSampler, eval_windows, get_tokenizer, load_tokens
-from hlb_gpt.device import autocast_for, final_memory, format_memory, memory_breakdown, resolve_device, synchronize
+from hlb_gpt.data import BatchSampler, eval_windows, get_tokenizer, load_data
+from hlb_gpt.device import (autocast_for, final_memory, format_memory, memory_breakdown, resolve_device,
+                            resolve_precision, synchronize)
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
@@ -77,6 +78,12 @@ class BatchSchedule:
             seen += self.batch_at(step) * self.length_at(step)
             step += 1
         return step
+
+
+def planned_steps(cfg: RunConfig, n_train: int) -> int:
+    """The steps a run of `cfg` takes on `n_train` training tokens: --epochs of them, or --max-steps if fewer."""
+    schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
+    return min(schedule.steps_for(cfg.epochs * n_train), cfg.max_steps or math.inf)
 
 
 def eval_due(tokens_before: int, tokens_after: int, tokens_per_eval: float) -> bool:
@@ -336,14 +343,21 @@ class Resumable:
                 f"the previous one is kept")
 
 
-def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int,
-                  world_size: int = 1) -> dict[str, Any]:
+def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int, world_size: int = 1,
+                  *, precision: str, text_sha256: dict[str, str] | None = None) -> dict[str, Any]:
+    """config.json: the settings, and what the run really trained with (device, precision, world size, data).
+
+    `precision` is the autocast precision the run used (bf16 or fp32); `text_sha256` the sha256 of each split's
+    text, which identifies the data wherever it was read from (`compare` separates runs by it).
+    """
     return {
         **cfg.to_dict(),
         "resolved_device": str(device),
+        "resolved_precision": precision,
         "world_size": world_size,
         "n_params": n_params,
         "train_tokens": n_train_tokens,
+        **({"text_sha256": text_sha256} if text_sha256 is not None else {}),
         "versions": {"hlb_gpt": hlb_gpt.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
 
@@ -369,8 +383,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                           f"({cfg.grad_accum} x {ddp.world_size})")
 
     tokenizer = get_tokenizer(cfg.tokenizer)
-    tokens = load_tokens(cfg.dataset, tokenizer, Path(cfg.data_cache),
-                         Path(cfg.data_dir) if cfg.data_dir else None)
+    data = load_data(cfg.dataset, tokenizer, Path(cfg.data_cache), Path(cfg.data_dir) if cfg.data_dir else None)
+    tokens = data.tokens
     n_train = len(tokens["train"])
 
     torch.manual_seed(cfg.seed)
@@ -397,14 +411,15 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     eval_x, eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len, cfg.eval_tokens or None))
     schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
-    total_steps = min(schedule.steps_for(cfg.epochs * n_train), cfg.max_steps or math.inf)
+    total_steps = planned_steps(cfg, n_train)
     tokens_per_eval = n_train / cfg.evals_per_epoch
     tokens_per_checkpoint = cfg.checkpoint_every * n_train if cfg.checkpoint_every else math.inf
 
     writer = RunWriter(run_dir) if ddp.is_main else None
     if writer:
-        writer.write_config(config_record(cfg, device, model.num_params(), n_train, ddp.world_size))
-        writer.rewrite_metrics(metrics)
+        writer.begin(config_record(cfg, device, model.num_params(), n_train, ddp.world_size,
+                                   precision=resolve_precision(device, cfg.precision),
+                                   text_sha256=data.text_sha256), metrics)
     tracker = make_tracker(cfg, run_dir) if ddp.is_main else NoTracker()
     say(f"{run_dir.name}: {model.num_params():,} parameters on {device}"
         f"{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, {n_train:,} training tokens, "
