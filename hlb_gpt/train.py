@@ -229,10 +229,10 @@ class RunStatus:
             self.status, self.error = "diverged", str(exc)
             self._say(f"{self._name}: diverged: {exc}")
             return True
-        if issubclass(exc_type, KeyboardInterrupt):
-            self.status, self.error = "interrupted", str(exc) or "KeyboardInterrupt"
-        elif issubclass(exc_type, Exception):
+        if issubclass(exc_type, Exception):
             self.status, self.error = "failed", f"{exc_type.__name__}: {exc}"
+        else:  # KeyboardInterrupt, SystemExit: stopped from outside, and never "completed"
+            self.status, self.error = "interrupted", str(exc) or exc_type.__name__
         return False
 
 
