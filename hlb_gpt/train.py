@@ -303,6 +303,7 @@ class Resumable:
     scheduler: Any
     grad_filter: GradFilter
     sampler: Any
+    text_sha256: dict[str, str] | None = None  # of the data, when it is text: a resumed run must read the same
     saved_at: int = -1  # the step of the checkpoint last written or resumed from
 
     def state(self, loop: LoopState, metrics: list[dict[str, Any]]) -> dict[str, Any]:
@@ -310,6 +311,7 @@ class Resumable:
             "config": self.cfg.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "filter": self.grad_filter.state_dict(),
             "sampler": self.sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(), "metrics": metrics,
+            **({"text_sha256": self.text_sha256} if self.text_sha256 is not None else {}),
         }
 
     def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
@@ -320,6 +322,12 @@ class Resumable:
             return loop_cls(), [], None
         saved = load_checkpoint(checkpoint)
         check_resumable(self.cfg, saved["config"], self.run_dir)
+        before = saved.get("text_sha256")
+        if before is not None and self.text_sha256 is not None and before != self.text_sha256:
+            split = next(k for k in self.text_sha256 if before.get(k) != self.text_sha256[k])
+            raise ConfigError(f"{self.run_dir} was trained on other text (sha256 of its {split} split "
+                              f"{str(before.get(split))[:12]}…, now {self.text_sha256[split][:12]}…): point "
+                              "--data-dir or --dataset at the data it was trained on")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -396,7 +404,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     optimizer, scheduler = build_optimizer(cfg, named_params, device)
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
     sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
-    parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler)
+    parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler, data.text_sha256)
     loop, metrics, checkpoint = parts.start(resume, LoopState)
     loop.to(device)
 
