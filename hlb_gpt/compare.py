@@ -37,10 +37,11 @@ Configurations
   `data` (the sha256 of the training and validation text; for runs recorded before config.json held it, the
   sha of other runs that read the same dataset from the same --data-dir, else the dataset or the --data-dir),
   `device` (cpu, cuda, mps), `precision` (bf16 or fp32 as resolved), `compile` (`default` when the run did
-  what its device does by default, on for CUDA only; else on or off) and `world_size`. Settings that a configuration does not use are dropped: all filter settings when
-  the run is unfiltered (grokfast false, AdamW), `window` for EMA, `alpha` for MA, the GrokAdamW settings
-  for Grokfast runs, and `filter`, `window`, `filter_dtype` for GrokAdamW. So two baselines whose configs
-  carry different, unused alphas are the same configuration.
+  what its device does by default, on for CUDA only; else on or off) and `world_size`. Settings that a
+  configuration does not use are dropped: all filter settings when the run is unfiltered (grokfast false,
+  AdamW), `window` for EMA, `alpha` for MA, the GrokAdamW settings for Grokfast runs, and `filter`, `window`,
+  `filter_dtype` for GrokAdamW. So two baselines whose configs carry different, unused alphas are the same
+  configuration.
 - Configurations that differ only in their environment are labelled apart (`device=cpu`, `data=173c87a5`),
   never pooled or paired, and a note says so.
 - The baseline of a configuration is the unfiltered AdamW configuration equal in every other setting, the
@@ -390,11 +391,20 @@ def environment(config: dict[str, Any]) -> dict[str, Any]:
     return {
         "data": data_id(config),
         "device": device,
-        "precision": config.get("resolved_precision") or config.get("precision"),
+        "precision": config.get("resolved_precision") or _old_precision(config, device),
         # As the device does by default (train() compiles on CUDA only), or not: --compile on CUDA is the default.
         "compile": "default" if compile_ is None or compile_ == (device == "cuda") else ("on" if compile_ else "off"),
         "world_size": config.get("world_size", 1),
     }
+
+
+def _old_precision(config: dict[str, Any], device: str) -> Any:
+    """What --precision auto meant for runs recorded before config.json held the resolved precision: bf16 for
+    language models on CUDA, fp32 otherwise (the grokking task trains in fp32 unless asked)."""
+    precision = config.get("precision")
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cuda" and config.get("task", "lm") == "lm" else "fp32"
 
 
 def data_id(config: dict[str, Any]) -> str:
@@ -409,7 +419,7 @@ def data_id(config: dict[str, Any]) -> str:
 def with_data_hashes(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The configs, where one recorded without its data's sha256 takes the sha of the others read from the same
     place (dataset and --data-dir), when they all agree: old and new runs of one corpus stay one configuration."""
-    seen: dict[str, set[str]] = {}
+    seen: dict[str, set[Any]] = {}
     for cfg in configs:
         if isinstance(cfg.get("text_sha256"), dict):
             seen.setdefault(str(cfg.get("data_dir") or cfg.get("dataset")), set()).add(_hashable(cfg["text_sha256"]))
@@ -422,13 +432,28 @@ def with_data_hashes(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def environment_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
-    """`device (cpu vs cuda)` when normalised configs `a` and `b` differ only in their environment, else None."""
+def environment_difference(a: dict[str, Any], b: dict[str, Any], sources: dict[str, str] | None = None) -> str | None:
+    """`device (cpu vs cuda)` when normalised configs `a` and `b` differ only in their environment, else None.
+    `sources` names where each data sha's text was read (`data_sources`)."""
     differ = {k for k in set(a) | set(b) if _hashable(a.get(k)) != _hashable(b.get(k))}
     if not differ or not differ <= {*ENVIRONMENT_KEYS, "train_tokens"}:  # runs recorded before the data sha
         return None
-    return " and ".join(f"{k} ({_format_value(k, a.get(k))} vs {_format_value(k, b.get(k))})"
+
+    def text(key: str, value: Any) -> str:
+        where = (sources or {}).get(value) if key == "data" else None
+        return f"{_format_value(key, value)} from {where}" if where else _format_value(key, value)
+
+    return " and ".join(f"{k} ({text(k, a.get(k))} vs {text(k, b.get(k))})"
                         for k in (*ENVIRONMENT_KEYS, "train_tokens") if k in differ)
+
+
+def data_sources(configs: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Each data sha's source as the first run that read it recorded it: its --data-dir, else its dataset."""
+    sources: dict[str, str] = {}
+    for cfg in configs:
+        if isinstance(cfg.get("text_sha256"), dict):
+            sources.setdefault(data_id(cfg), str(cfg.get("data_dir") or cfg.get("dataset")))
+    return sources
 
 
 def baseline_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -544,6 +569,7 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
         keyed.setdefault(key, []).append(run)
         recorded.setdefault(key, config)
     configs = {key: normalise_config(config) for key, config in recorded.items()}
+    sources = data_sources(list(recorded.values()))
     labels = _labels(configs)
     groups = {key: Group(labels[key][0], configs[key], members, settings=labels[key][1])
               for key, members in keyed.items()}
@@ -587,7 +613,7 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
         g.baseline = base.label if base is not None else None
         if base is None:
             elsewhere = [f"{other.label} differs only in {why}" for other in groups.values()
-                         if (why := environment_difference(base_config, other.config))]
+                         if (why := environment_difference(base_config, other.config, sources))]
             if elsewhere:
                 notes.append(f"{g.label}: no baseline with its data, device and precision ({'; '.join(elsewhere)}): "
                              "not paired")
@@ -599,7 +625,7 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
     if missing:
         notes.append("no baseline (the unfiltered AdamW run with the same other settings) for "
                      f"{', '.join(missing)}: the baseline difference, memory share and step-time columns are n/a")
-    notes += _environment_notes(list(groups.values()))
+    notes += _environment_notes(list(groups.values()), sources)
 
     ordered = sorted(groups.values(), key=lambda g: _sort_key(g, lower_is_better))
     notes += _test_notes(ordered) + _tie_notes(ordered) + _infinite_notes(ordered, metric, lower_is_better)
@@ -626,13 +652,13 @@ def _labels(configs: dict[tuple, dict[str, Any]]) -> dict[tuple, tuple[str, str]
     return labels
 
 
-def _environment_notes(groups: list[Group]) -> list[str]:
+def _environment_notes(groups: list[Group], sources: dict[str, str]) -> list[str]:
     """One note per pair of configurations that differ only in data, device, precision, compile or world size."""
     notes = []
     groups = sorted(groups, key=lambda g: g.label)
     for i, a in enumerate(groups):
         for b in groups[i + 1:]:
-            why = environment_difference(a.config, b.config)
+            why = environment_difference(a.config, b.config, sources)
             if why:
                 notes.append(f"{a.label} and {b.label} differ only in {why}: listed apart, never pooled or paired")
     return notes

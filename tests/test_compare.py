@@ -443,8 +443,9 @@ def test_runs_on_other_data_are_other_configurations_paired_within_their_own_dat
     mini, custom = c.group("ema α0.9 g0.1 data=173c87a5"), c.group("ema α0.9 g0.1 data=9e1f0a2b")
     assert mini.baseline == "baseline data=173c87a5" and mini.test.mean_diff == pytest.approx(-0.1)
     assert custom.baseline == "baseline data=9e1f0a2b" and custom.test.mean_diff == pytest.approx(-0.6)
-    assert any("baseline data=173c87a5 and baseline data=9e1f0a2b differ only in data (173c87a5 vs 9e1f0a2b)"
-               in n and "never pooled or paired" in n for n in c.notes)
+    assert any("baseline data=173c87a5 and baseline data=9e1f0a2b differ only in data "
+               "(173c87a5 from mini vs 9e1f0a2b from /corpora/custom)" in n and "never pooled or paired" in n
+               for n in c.notes)
 
 
 def test_the_same_text_read_from_different_folders_is_the_same_data(tmp_path):
@@ -470,20 +471,21 @@ def test_a_filtered_gpu_run_is_not_paired_with_a_cpu_baseline_and_a_note_says_wh
     write_pair(tmp_path / "cpu", "baseline", {0: 0, 1: 0, 2: 0}, device="cpu")
     write_pair(tmp_path / "gpu", "ema", {0: 0.5, 1: 0.5, 2: 0.4}, device="cuda")
     c = compare(load_runs([tmp_path])[0], "final", "all")
-    gpu = c.group("ema α0.9 g0.1 device=cuda")
+    # --precision auto: bf16 on CUDA, fp32 on the CPU, so they differ in both
+    gpu = c.group("ema α0.9 g0.1 device=cuda precision=bf16")
     assert gpu.baseline is None and gpu.test is None
-    assert c.group("baseline device=cpu").is_baseline
-    assert any(n.startswith("ema α0.9 g0.1 device=cuda: no baseline with its data, device and precision")
-               and "baseline device=cpu differs only in device (cuda vs cpu)" in n and n.endswith("not paired")
-               for n in c.notes)
+    assert c.group("baseline device=cpu precision=fp32").is_baseline
+    assert any(n.startswith("ema α0.9 g0.1 device=cuda precision=bf16: no baseline with its data, device and "
+                            "precision (baseline device=cpu precision=fp32 differs only in device (cuda vs cpu) and "
+                            "precision (bf16 vs fp32))") and n.endswith("not paired") for n in c.notes)
     # with a GPU baseline too, the GPU run pairs with it and the two baselines are listed apart
     write_pair(tmp_path / "gpu-base", "baseline", {0: 0, 1: 0, 2: 0}, device="cuda",
                recorded={"resolved_device": "cuda:1"})
     c = compare(load_runs([tmp_path])[0], "final", "all")
-    assert c.group("ema α0.9 g0.1 device=cuda").baseline == "baseline device=cuda"
-    assert c.group("ema α0.9 g0.1 device=cuda").test.n_pairs == 3
-    assert any("baseline device=cpu and baseline device=cuda differ only in device (cpu vs cuda)" in n
-               for n in c.notes)
+    gpu = c.group("ema α0.9 g0.1 device=cuda precision=bf16")
+    assert gpu.baseline == "baseline device=cuda precision=bf16" and gpu.test.n_pairs == 3
+    assert any("baseline device=cpu precision=fp32 and baseline device=cuda precision=bf16 differ only in device "
+               "(cpu vs cuda) and precision (fp32 vs bf16)" in n for n in c.notes)
 
 
 @pytest.mark.parametrize("recorded, label, why", [
@@ -502,6 +504,15 @@ def test_precision_world_size_and_compile_separate_configurations_with_a_note(tm
     other = c.group(f"ema α0.9 g0.1 {label}")
     assert other.baseline == f"baseline {label}" and other.test.mean_diff == pytest.approx(-0.35)
     assert any(f"differ only in {why}" in n for n in c.notes)
+
+
+def test_runs_recorded_before_the_resolved_precision_resolve_auto_as_training_did(tmp_path):
+    write_pair(tmp_path / "old", "baseline", {0: 0, 1: 0}, device="cuda")  # precision auto, not resolved
+    write_pair(tmp_path / "new", "ema", {0: 0.2, 1: 0.3}, device="cuda", recorded={"resolved_precision": "bf16"})
+    write_pair(tmp_path / "fp32", "ema", {0: 0.2}, device="cuda", recorded={"resolved_precision": "fp32"})
+    c = compare(load_runs([tmp_path])[0], "final", "all")
+    assert c.group("ema α0.9 g0.1 precision=bf16").test.n_pairs == 2
+    assert c.group("ema α0.9 g0.1 precision=fp32").baseline is None
 
 
 def test_compiling_against_the_device_s_default_separates_a_configuration(tmp_path):
