@@ -103,7 +103,8 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
 
 
 def is_done(cfg: RunConfig, run: Run) -> bool:
-    """Completed with this length; a completed run asked for more epochs or steps continues instead."""
+    """Completed with this length; a completed run asked for more epochs or steps continues instead. A summary
+    always belongs to the length config.json records: a run that continues removes it before its first step."""
     return run.status == "completed" and all(run.config.get(k) == getattr(cfg, k) for k in ("epochs", "max_steps"))
 
 
