@@ -17,7 +17,7 @@ import click
 
 from hlb_gpt import __version__
 from hlb_gpt.config import (TASKS, DATASETS, DEVICES, FILTER_DTYPES, FILTERS, GATES, OPTIMIZERS, PRECISIONS, PRESETS,
-                            RESUMABLE_CHANGES, TOKENIZERS, ConfigError, RunConfig, check_resumable)
+                            MAY_CHANGE_ON_RESUME, TOKENIZERS, ConfigError, RunConfig, check_resumable)
 
 LIST_KEYS = ("seed", "alpha", "gain", "depth", "width", "gate", "filter", "window")
 
@@ -229,7 +229,7 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
 def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     """`--resume RUN_DIR`: the run's recorded settings, with only the flags given on this command applied."""
     from hlb_gpt.records import CorruptRecord, is_run_dir, read_run
-    from hlb_gpt.sweep import trainer_for
+    from hlb_gpt.sweep import check_length, trainer_for
 
     run_dir: Path = flags["resume_dir"]
     if not is_run_dir(run_dir):
@@ -242,9 +242,10 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
              if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
     command, _ = configs_from_flags(flags)
     recorded = RunConfig.from_dict(saved)
-    changes = {k: getattr(command, k) for k in RESUMABLE_CHANGES if k in given}
+    changes = {k: getattr(command, k) for k in MAY_CHANGE_ON_RESUME if k in given}
     check_resumable(recorded.replace(**{k: getattr(command, k) for k in _config_keys(given)}), saved, run_dir)
     cfg = recorded.replace(**changes)
+    check_length(cfg, run_dir)
     from hlb_gpt.train import check_memory
 
     check_memory(cfg)

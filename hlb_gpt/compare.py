@@ -30,12 +30,23 @@ Per-run statistic (`Metric` over `Window`, on one `Column`, by default `val_loss
   a diverged one; a run without a target is left out with a note. It reads the whole run (no window).
 
 Configurations
-- The group key is the config without the seed and without settings that do not change the experiment
-  (`IRRELEVANT_KEYS`). Settings that a configuration does not use are dropped too: all filter settings when
-  the run is unfiltered (grokfast false, AdamW), `window` for EMA, `alpha` for MA, the GrokAdamW settings
-  for Grokfast runs, and `filter`, `window`, `filter_dtype` for GrokAdamW. So two baselines whose configs
-  carry different, unused alphas are the same configuration.
-- The baseline of a configuration is the unfiltered AdamW configuration equal in every other setting.
+- The group key is the config without the seed, the software versions and the bookkeeping settings that do
+  not change the experiment (`config.BOOKKEEPING`: checkpointing, logging, cache paths; the same list tells
+  what a resumed run may change). Every other recorded difference separates configurations, including the
+  length and the environment (`ENVIRONMENT_KEYS`), each taken as the run really had it:
+  `data` (the sha256 of the training and validation text; for runs recorded before config.json held it, the
+  sha of other runs that read the same dataset from the same --data-dir, else the dataset or the --data-dir),
+  `device` (cpu, cuda, mps), `precision` (bf16 or fp32 as resolved), `compile` (`default` when the run did
+  what its device does by default, on for CUDA only; else on or off) and `world_size`. Settings that a
+  configuration does not use are dropped: all filter settings when the run is unfiltered (grokfast false,
+  AdamW), `window` for EMA, `alpha` for MA, the GrokAdamW settings for Grokfast runs, and `filter`, `window`,
+  `filter_dtype` for GrokAdamW. So two baselines whose configs carry different, unused alphas are the same
+  configuration.
+- Configurations that differ only in their environment are labelled apart (`device=cpu`, `data=173c87a5`),
+  never pooled or paired, and a note says so.
+- The baseline of a configuration is the unfiltered AdamW configuration equal in every other setting, the
+  environment included: a filtered GPU run is never paired with a CPU baseline (a note names the baseline
+  that differs only in its environment).
 - Per configuration: n runs, mean, sample std (ddof=1; None below 2 runs; None when a run is infinite).
 - Paired test against the baseline over the seeds both have (a seed run twice in one configuration counts
   with its mean): mean of (config - baseline), so negative means the filter helped a loss; a 95% interval
@@ -65,16 +76,19 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from hlb_gpt.config import RunConfig
+from hlb_gpt.config import BOOKKEEPING, RunConfig
 from hlb_gpt.records import Run, is_run_dir, read_run
 
 CONFIDENCE = 0.95
 
-# Settings that do not change what is measured (where it ran, how it was logged, bookkeeping).
-IRRELEVANT_KEYS = frozenset({
-    "seed", "versions", "resolved_device", "device", "compile", "data_cache", "data_dir", "wandb",
-    "wandb_project", "max_bad_steps", "n_params", "train_tokens", "data_source",
-})
+# Never part of a configuration: the seed pairs runs, versions differ between machines, and the bookkeeping
+# settings (defined once in config.py, with resume) do not change what is measured.
+IRRELEVANT_KEYS = BOOKKEEPING | {"seed", "versions", "data_source"}
+# What a run ran on and how, as it really had it; each is a separate configuration (and a note).
+ENVIRONMENT_KEYS = ("data", "device", "precision", "compile", "world_size")
+# The recorded fields the environment is read from; the key holds the resolved values instead.
+_ENVIRONMENT_SOURCES = frozenset({"text_sha256", "dataset", "data_dir", "device", "resolved_device", "precision",
+                                  "resolved_precision", "compile", "world_size"})
 FILTER_SETTINGS = ("filter", "alpha", "gain", "window", "filter_dtype", "grok_kappa", "grok_gamma")
 # Settings the short label already says (or that decide which label is used).
 IDENTITY_KEYS = frozenset({"grokfast", "optimizer", "filter", "alpha", "gain", "window"})
@@ -355,23 +369,103 @@ def run_statistic(values: np.ndarray, metric: Metric, column: Column) -> float:
 
 def group_key(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """The configuration a run belongs to: every setting that changes the experiment, but the seed."""
-    return tuple(sorted((k, _hashable(v)) for k, v in normalise_config(config).items()))
+    return _key(normalise_config(config))
+
+
+def _key(normalised: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, _hashable(v)) for k, v in normalised.items()))
 
 
 def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without irrelevant keys and without settings this kind of run does not use."""
+    """The config without irrelevant keys and without settings this kind of run does not use, with its
+    environment (`ENVIRONMENT_KEYS`) as the run had it."""
     cfg = {**_DEFAULTS, **config}  # runs recorded before a setting existed ran with its default
-    drop = set(IRRELEVANT_KEYS)
+    drop = set(IRRELEVANT_KEYS) | _ENVIRONMENT_SOURCES
     if cfg.get("optimizer") == "grokadamw":
         drop |= {"filter", "window", "filter_dtype"}  # GrokAdamW filters with its own EMA in param dtype
     elif not cfg.get("grokfast"):
         drop |= set(FILTER_SETTINGS)
     else:
         drop |= {"grok_kappa", "grok_gamma", "alpha" if cfg.get("filter") == "ma" else "window"}
-    return {k: v for k, v in cfg.items() if k not in drop}
+    if isinstance(cfg.get("text_sha256"), dict):
+        drop.add("train_tokens")  # the text and the tokenizer decide it
+    return {**{k: v for k, v in cfg.items() if k not in drop}, **environment(cfg)}
+
+
+def environment(config: dict[str, Any]) -> dict[str, Any]:
+    """Data, device, precision, compile and world size as the run had them (`auto` resolved where recorded)."""
+    device = str(config.get("resolved_device") or config.get("device") or "").split(":")[0]
+    compile_ = config.get("compile")
+    return {
+        "data": data_id(config),
+        "device": device,
+        "precision": config.get("resolved_precision") or _old_precision(config, device),
+        # As the device does by default (train() compiles on CUDA only), or not: --compile on CUDA is the default.
+        "compile": "default" if compile_ is None or compile_ == (device == "cuda") else ("on" if compile_ else "off"),
+        "world_size": config.get("world_size", 1),
+    }
+
+
+def _old_precision(config: dict[str, Any], device: str) -> Any:
+    """What --precision auto meant for runs recorded before config.json held the resolved precision: bf16 for
+    language models on CUDA, fp32 otherwise (the grokking task trains in fp32 unless asked)."""
+    precision = config.get("precision")
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cuda" and config.get("task", "lm") == "lm" else "fp32"
+
+
+def data_id(config: dict[str, Any]) -> str:
+    """The sha256 of the training and validation text, or, for runs recorded before config.json held it, where
+    the text came from (the --data-dir, else the dataset)."""
+    sha = config.get("text_sha256")
+    if isinstance(sha, dict) and sha.get("train"):
+        return f"sha256:{sha['train']}/{sha.get('valid')}"
+    return str(config.get("data_dir") or config.get("dataset"))
+
+
+def with_data_hashes(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The configs, where one recorded without its data's sha256 takes the sha of the others read from the same
+    place (dataset and --data-dir), when they all agree: old and new runs of one corpus stay one configuration."""
+    seen: dict[str, set[Any]] = {}
+    for cfg in configs:
+        if isinstance(cfg.get("text_sha256"), dict):
+            seen.setdefault(str(cfg.get("data_dir") or cfg.get("dataset")), set()).add(_hashable(cfg["text_sha256"]))
+    out = []
+    for cfg in configs:
+        known = seen.get(str(cfg.get("data_dir") or cfg.get("dataset")), set())
+        if "text_sha256" not in cfg and len(known) == 1:
+            cfg = {**cfg, "text_sha256": dict(next(iter(known)))}
+        out.append(cfg)
+    return out
+
+
+def environment_difference(a: dict[str, Any], b: dict[str, Any], sources: dict[str, str] | None = None) -> str | None:
+    """`device (cpu vs cuda)` when normalised configs `a` and `b` differ only in their environment, else None.
+    `sources` names where each data sha's text was read (`data_sources`)."""
+    differ = {k for k in set(a) | set(b) if _hashable(a.get(k)) != _hashable(b.get(k))}
+    if not differ or not differ <= {*ENVIRONMENT_KEYS, "train_tokens"}:  # runs recorded before the data sha
+        return None
+
+    def text(key: str, value: Any) -> str:
+        where = (sources or {}).get(value) if key == "data" else None
+        return f"{_format_value(key, value)} from {where}" if where else _format_value(key, value)
+
+    return " and ".join(f"{k} ({text(k, a.get(k))} vs {text(k, b.get(k))})"
+                        for k in (*ENVIRONMENT_KEYS, "train_tokens") if k in differ)
+
+
+def data_sources(configs: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Each data sha's source as the first run that read it recorded it: its --data-dir, else its dataset."""
+    sources: dict[str, str] = {}
+    for cfg in configs:
+        if isinstance(cfg.get("text_sha256"), dict):
+            sources.setdefault(data_id(cfg), str(cfg.get("data_dir") or cfg.get("dataset")))
+    return sources
 
 
 def baseline_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The normalised config of the unfiltered AdamW configuration equal to `config` in every other setting."""
     return normalise_config({**config, "grokfast": False, "optimizer": "adamw"})
 
 
@@ -400,7 +494,13 @@ def short_label(config: dict[str, Any], gain: bool = True) -> str:
 
 
 def _format_setting(key: str, value: Any) -> str:
-    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+    return f"{key}={_format_value(key, value)}"
+
+
+def _format_value(key: str, value: Any) -> str:
+    if key == "data" and isinstance(value, str) and value.startswith("sha256:"):
+        return value[len("sha256:"):][:8]  # the training text's; enough to tell corpora apart in a label
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -471,9 +571,13 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
     notes = list(notes)
 
     keyed: dict[tuple, list[Run]] = {}
-    for run in runs:
-        keyed.setdefault(group_key(run.config), []).append(run)
-    configs = {key: normalise_config(members[0].config) for key, members in keyed.items()}
+    recorded: dict[tuple, dict[str, Any]] = {}  # each configuration's first config, its data sha filled in
+    for run, config in zip(runs, with_data_hashes([run.config for run in runs])):
+        key = group_key(config)
+        keyed.setdefault(key, []).append(run)
+        recorded.setdefault(key, config)
+    configs = {key: normalise_config(config) for key, config in recorded.items()}
+    sources = data_sources(list(recorded.values()))
     labels = _labels(configs)
     groups = {key: Group(labels[key][0], configs[key], members, settings=labels[key][1])
               for key, members in keyed.items()}
@@ -517,18 +621,25 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
 
     missing = []
     for key, g in groups.items():
-        base_key = group_key(baseline_config(g.runs[0].config))
-        base = groups.get(base_key)
-        g.is_baseline = base_key == key
+        base_config = baseline_config(recorded[key])
+        base = groups.get(_key(base_config))
+        g.is_baseline = base is g
         g.baseline = base.label if base is not None else None
         if base is None:
-            missing.append(g.label)
+            elsewhere = [f"{other.label} differs only in {why}" for other in groups.values()
+                         if (why := environment_difference(base_config, other.config, sources))]
+            if elsewhere:
+                notes.append(f"{g.label}: no baseline with its data, device and precision ({'; '.join(elsewhere)}): "
+                             "not paired")
+            else:
+                missing.append(g.label)
         elif not g.is_baseline:
             g.test = paired_test(g, base)
         _costs(g, base)
     if missing:
         notes.append("no baseline (the unfiltered AdamW run with the same other settings) for "
                      f"{', '.join(missing)}: the baseline difference, memory share and step-time columns are n/a")
+    notes += _environment_notes(list(groups.values()), sources)
 
     ordered = sorted(groups.values(), key=lambda g: _sort_key(g, lower_is_better))
     notes += _test_notes(ordered) + _tie_notes(ordered) + _infinite_notes(ordered, metric, lower_is_better)
@@ -553,6 +664,18 @@ def _labels(configs: dict[tuple, dict[str, Any]]) -> dict[tuple, tuple[str, str]
         used.add(label)
         labels[key] = (label, settings)
     return labels
+
+
+def _environment_notes(groups: list[Group], sources: dict[str, str]) -> list[str]:
+    """One note per pair of configurations that differ only in data, device, precision, compile or world size."""
+    notes = []
+    groups = sorted(groups, key=lambda g: g.label)
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            why = environment_difference(a.config, b.config, sources)
+            if why:
+                notes.append(f"{a.label} and {b.label} differ only in {why}: listed apart, never pooled or paired")
+    return notes
 
 
 def _describe(g: Group) -> None:

@@ -208,16 +208,20 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Settings a resumed run may change: how long it runs, where, and how it is logged, not what it trains.
-RESUMABLE_CHANGES = frozenset({
-    "epochs", "max_steps", "target_acc", "device", "compile", "data_cache", "data_dir", "wandb", "wandb_project",
-    "max_bad_steps", "checkpoint_every", "keep_checkpoints",
+# Settings that do not change the experiment: how a run is checkpointed and logged, and where its files go.
+# `compare` never separates runs by them, and a resumed run may change them.
+BOOKKEEPING = frozenset({"checkpoint_every", "keep_checkpoints", "wandb", "wandb_project", "data_cache"})
+# A resumed run may also change how long it runs (the length and its stopping rules), the device and compile, and
+# where its data lives (paths differ across machines; the data itself is checked by its sha256). Every one of
+# these but the bookkeeping separates configurations in `compare`.
+MAY_CHANGE_ON_RESUME = BOOKKEEPING | frozenset({
+    "epochs", "max_steps", "target_acc", "max_bad_steps", "device", "compile", "data_dir",
 })
 
 
 def check_resumable(cfg: RunConfig, saved: dict[str, Any], where: Path | str) -> None:
     """Refuse to continue a run under settings other than those it was trained with."""
-    diffs = cfg.differences(RunConfig.from_dict(saved), ignore=RESUMABLE_CHANGES)
+    diffs = cfg.differences(RunConfig.from_dict(saved), ignore=MAY_CHANGE_ON_RESUME)
     if diffs:
         raise ConfigError(f"{where} was trained with other settings (command vs run): {'; '.join(diffs)}")
 

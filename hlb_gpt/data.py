@@ -283,7 +283,20 @@ def _asset(*parts: str):  # -> importlib.resources.abc.Traversable
 def load_tokens(
     dataset: str, tokenizer: Tokenizer, cache_dir: Path, data_dir: Path | None = None
 ) -> dict[str, torch.Tensor]:
-    """{"train": ids, "valid": ids}: 1-D int32 CPU tensors, read from the cache in `cache_dir` or built into it.
+    """{"train": ids, "valid": ids}: 1-D int32 CPU tensors, read from the cache in `cache_dir` or built into it."""
+    return load_data(dataset, tokenizer, cache_dir, data_dir).tokens
+
+
+@dataclass(frozen=True)
+class Data:
+    """A dataset's tokens and what identifies its text wherever it was read from: the sha256 of each split."""
+
+    tokens: dict[str, torch.Tensor]
+    text_sha256: dict[str, str]
+
+
+def load_data(dataset: str, tokenizer: Tokenizer, cache_dir: Path, data_dir: Path | None = None) -> Data:
+    """The tokens of `load_tokens`, with the sha256 of each split's text (a run records them in config.json).
 
     One cache entry per (dataset, split, tokenizer, sha256 of the text): a raw little-endian token file plus a JSON
     sidecar with the key and the sha256 of the token bytes. A damaged or mismatched entry is logged and rebuilt.
@@ -292,7 +305,7 @@ def load_tokens(
     cache_dir.mkdir(parents=True, exist_ok=True)
     texts = load_split_texts(dataset, data_dir)
     source = "data-dir" if data_dir is not None else dataset  # a folder's text is not the named dataset's
-    tokens = {}
+    tokens, text_sha256 = {}, {}
     for split in SPLITS:
         text = texts[split]
         key = {
@@ -312,7 +325,8 @@ def load_tokens(
             ids = np.asarray(tokenizer.encode(text)).astype(np.dtype(key["dtype"]), copy=False)
             _write_cache(cache_dir / f"{stem}.bin", cache_dir / f"{stem}.json", key, ids)
         tokens[split] = torch.from_numpy(ids.astype(np.int32))
-    return tokens
+        text_sha256[split] = key["text_sha256"]
+    return Data(tokens, text_sha256)
 
 
 def _read_cache(bin_path: Path, meta_path: Path, key: dict) -> np.ndarray | None:

@@ -35,10 +35,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """What --precision means on this device: bf16 or fp32 (auto: bf16 on CUDA, fp32 elsewhere)."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
     """bf16 autocast on CUDA by default; on CPU it is opt-in (--precision bf16), which is how tests cover it."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if resolve_precision(device, precision) != "bf16":
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

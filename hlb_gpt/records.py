@@ -3,7 +3,9 @@
 `compare` reads runs only through this module, so the format is written down once:
 - config.json: every resolved setting, plus the seed, versions and device (written before training starts).
 - metrics.jsonl: one JSON object per evaluation, flushed as it is written so a killed run keeps its rows.
-- summary.json: written atomically at the end; its `status` is completed, diverged, interrupted or failed.
+- summary.json: written atomically at the end; its `status` is completed, diverged, interrupted or failed. A run
+  that continues (resumed, or extended with more epochs) removes it before its first step: a folder without
+  summary.json is running or was killed, whatever an earlier end said.
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ class RunWriter:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def begin(self, config: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
+        """Start or continue the run before its first step: the summary of an earlier end goes first (a continued
+        run is running, not completed), then the config it now runs with, then the metrics it continues from."""
+        (self.run_dir / SUMMARY).unlink(missing_ok=True)
+        self.write_config(config)
+        self.rewrite_metrics(metrics)
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_json(self.run_dir / CONFIG, config)

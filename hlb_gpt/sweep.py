@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from hlb_gpt.checkpoint import list_checkpoints
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import DataUnavailable
 from hlb_gpt.records import CorruptRecord, Run, RunWriter, is_run_dir, read_run
@@ -83,6 +84,7 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
         if is_run_dir(run_dir):
             try:
                 check_resumable(cfg, read_run(run_dir).config, run_dir)
+                check_length(cfg, run_dir)
             except CorruptRecord as exc:
                 unreadable[run_dir.name] = str(exc)
     results = []
@@ -116,8 +118,42 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
 
 
 def is_done(cfg: RunConfig, run: Run) -> bool:
-    """Completed with this length; a completed run asked for more epochs or steps continues instead."""
+    """Completed with this length; a completed run asked for more epochs or steps continues instead. A summary
+    always belongs to the length config.json records: a run that continues removes it before its first step."""
     return run.status == "completed" and all(run.config.get(k) == getattr(cfg, k) for k in ("epochs", "max_steps"))
+
+
+def check_length(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse, before any work, a run folder whose records go past the length `cfg` asks for: continuing it would
+    relabel a longer run as a shorter one. Its progress is the furthest step its summary, its metrics or its
+    checkpoints reached; the length asked for is in steps, on the run's recorded number of training tokens."""
+    run = read_run(run_dir)
+    reached = max([*(r.get("step", 0) for r in run.metrics if isinstance(r, dict)),
+                   (run.summary or {}).get("steps") or 0,
+                   *(int(p.stem.rpartition("-")[2]) for p in list_checkpoints(run_dir))], default=0)
+    n_train = run.config.get("train_tokens")
+    if not reached or not isinstance(n_train, int):
+        return  # nothing trained yet, or it never got as far as its data
+    asked = planned_steps_for(cfg)(cfg, n_train)
+    if reached > asked:
+        epochs = max([r.get("epoch", 0) for r in run.metrics if isinstance(r, dict)]
+                     + [(run.summary or {}).get("epochs") or 0])
+        flag = (f"--max-steps {cfg.max_steps}" if cfg.max_steps is not None and cfg.max_steps == asked
+                else f"--epochs {cfg.epochs:g}")
+        raise ConfigError(f"{run_dir} already went to step {reached:,}" + (f" (epoch {epochs:.4g})" if epochs else "")
+                          + f", past the {asked:,} steps of {flag}: ask for at least its length, or use another "
+                          "--out (the run folder is left as it is)")
+
+
+def planned_steps_for(cfg: RunConfig) -> Callable[[RunConfig, int], int]:
+    """The function that gives the config's task's length in steps (imported here: it brings in torch)."""
+    if cfg.task == "modular":
+        from hlb_gpt.tasks.modular import planned_steps
+
+        return planned_steps
+    from hlb_gpt.train import planned_steps
+
+    return planned_steps
 
 
 def trainer_for(cfg: RunConfig) -> Callable[..., dict[str, Any]]:
@@ -139,6 +175,8 @@ def _record_failure(cfg: RunConfig, run_dir: Path, exc: Exception) -> dict[str, 
         if not is_run_dir(run_dir):
             writer.write_config(cfg.to_dict())
         run = read_run(run_dir)
+        if run.status == "completed" and not is_done(cfg, run):
+            return summary  # an extension failed before it began: the folder still holds the shorter, completed run
         if run.summary is not None:
             return run.summary
         writer.write_summary(summary)

@@ -28,9 +28,9 @@ from hlb_gpt import distributed
 from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, checkpoint_dir, list_checkpoints, load_checkpoint,
                                 rng_state, save_checkpoint, set_rng_state)
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
-from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_tokens
+from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
-                            resolve_device, synchronize)
+                            resolve_device, resolve_precision, synchronize)
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
@@ -91,6 +91,12 @@ class BatchSchedule:
 def _steps_to_cover(tokens: float, seen: int, per_step: int) -> int:
     """The least n >= 0 with seen + n * per_step >= tokens, in exact arithmetic (a float quotient rounds)."""
     return max(0, math.ceil((Fraction(tokens) - seen) / per_step))
+
+
+def planned_steps(cfg: RunConfig, n_train: int) -> int:
+    """The steps a run of `cfg` takes on `n_train` training tokens: --epochs of them, or --max-steps if fewer."""
+    schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
+    return min(schedule.steps_for(cfg.epochs * n_train), cfg.max_steps or math.inf)
 
 
 def eval_due(tokens_before: int, tokens_after: int, tokens_per_eval: float) -> bool:
@@ -272,10 +278,10 @@ class RunStatus:
             self.status, self.error = "diverged", str(exc)
             self._say(f"{self._name}: diverged: {exc}")
             return True
-        if issubclass(exc_type, KeyboardInterrupt):
-            self.status, self.error = "interrupted", str(exc) or "KeyboardInterrupt"
-        elif issubclass(exc_type, Exception):
+        if issubclass(exc_type, Exception):
             self.status, self.error = "failed", f"{exc_type.__name__}: {exc}"
+        else:  # KeyboardInterrupt, SystemExit: stopped from outside, and never "completed"
+            self.status, self.error = "interrupted", str(exc) or exc_type.__name__
         return False
 
 
@@ -346,6 +352,7 @@ class Resumable:
     scheduler: Any
     grad_filter: GradFilter
     sampler: Any
+    text_sha256: dict[str, str] | None = None  # of the data, when it is text: a resumed run must read the same
     saved_at: int = -1  # the step of the checkpoint last written or resumed from
 
     @property
@@ -357,7 +364,7 @@ class Resumable:
             "config": self.cfg.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "filter": self.grad_filter.state_dict(),
             "sampler": self.sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(self.device),
-            "metrics": metrics,
+            "metrics": metrics, **({"text_sha256": self.text_sha256} if self.text_sha256 is not None else {}),
         }
 
     def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
@@ -367,6 +374,12 @@ class Resumable:
         if checkpoint is None:
             return loop_cls(), [], None
         check_resumable(self.cfg, saved["config"], self.run_dir)
+        before = saved.get("text_sha256")
+        if before is not None and self.text_sha256 is not None and before != self.text_sha256:
+            split = next(k for k in self.text_sha256 if before.get(k) != self.text_sha256[k])
+            raise ConfigError(f"{self.run_dir} was trained on other text (sha256 of its {split} split "
+                              f"{str(before.get(split))[:12]}…, now {self.text_sha256[split][:12]}…): point "
+                              "--data-dir or --dataset at the data it was trained on")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -405,15 +418,22 @@ class Resumable:
                 f"the previous one is kept")
 
 
-def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int,
-                  world_size: int = 1) -> dict[str, Any]:
+def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int, world_size: int = 1,
+                  *, precision: str, text_sha256: dict[str, str] | None = None) -> dict[str, Any]:
+    """config.json: the settings, and what the run really trained with (device, precision, world size, data).
+
+    `precision` is the autocast precision the run used (bf16 or fp32); `text_sha256` the sha256 of each split's
+    text, which identifies the data wherever it was read from (`compare` separates runs by it).
+    """
     return {
         **cfg.to_dict(),
         "data_source": data_source(cfg.dataset, cfg.data_dir) if cfg.task == "lm" else "generated",
         "resolved_device": str(device),
+        "resolved_precision": precision,
         "world_size": world_size,
         "n_params": n_params,
         "train_tokens": n_train_tokens,
+        **({"text_sha256": text_sha256} if text_sha256 is not None else {}),
         "versions": {"hlb_gpt": hlb_gpt.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
 
@@ -440,8 +460,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                           f"({cfg.grad_accum} x {ddp.world_size})")
 
     tokenizer = get_tokenizer(cfg.tokenizer)
-    tokens = load_tokens(cfg.dataset, tokenizer, Path(cfg.data_cache),
-                         Path(cfg.data_dir) if cfg.data_dir else None)
+    data = load_data(cfg.dataset, tokenizer, Path(cfg.data_cache), Path(cfg.data_dir) if cfg.data_dir else None)
+    tokens = data.tokens
     n_train = len(tokens["train"])
     if n_train < cfg.seq_len + 1:  # the sampler needs one window, the schedule more than zero tokens
         raise ConfigError(f"the training text has {n_train} tokens, fewer than --seq-len + 1 = {cfg.seq_len + 1}; "
@@ -456,7 +476,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     optimizer, scheduler = build_optimizer(cfg, named_params, device)
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
     sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
-    parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler)
+    parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler, data.text_sha256)
     loop, metrics, checkpoint = parts.start(resume, LoopState)
     loop.to(device)
 
@@ -473,14 +493,15 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     eval_x, eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len, cfg.eval_tokens or None))
     schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
-    total_steps = min(schedule.steps_for(cfg.epochs * n_train), cfg.max_steps or math.inf)
+    total_steps = planned_steps(cfg, n_train)
     tokens_per_eval = n_train / cfg.evals_per_epoch
     tokens_per_checkpoint = cfg.checkpoint_every * n_train if cfg.checkpoint_every else math.inf
 
     writer = RunWriter(run_dir) if ddp.is_main else None
     if writer:
-        writer.write_config(config_record(cfg, device, model.num_params(), n_train, ddp.world_size))
-        writer.rewrite_metrics(metrics)
+        writer.begin(config_record(cfg, device, model.num_params(), n_train, ddp.world_size,
+                                   precision=resolve_precision(device, cfg.precision),
+                                   text_sha256=data.text_sha256), metrics)
     tracker = make_tracker(cfg, run_dir) if ddp.is_main else NoTracker()
     say(f"{run_dir.name}: {model.num_params():,} parameters on {device}"
         f"{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, {n_train:,} training tokens, "

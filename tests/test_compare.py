@@ -14,6 +14,8 @@ from hlb_gpt.cli import main
 from hlb_gpt.compare import (COLUMNS, Column, Metric, Window, compare, format_notes, format_table, load_runs,
                              parse_metric, parse_window)
 from hlb_gpt.plots import curves_figure, gain_figure, plot
+from hlb_gpt.compare import group_key
+from hlb_gpt.config import BOOKKEEPING as BOOKKEEPING_KEYS
 from hlb_gpt.config import RunConfig
 
 MiB = 2**20
@@ -54,13 +56,16 @@ FOLDER = {"baseline": "baseline", "ema α0.9 g0.1": "ema-a0.9-g0.1", "ema α0.99
 
 
 def write_run(folder, settings, values, seed, epochs=EPOCHS, steps_per_epoch=100, costs=(0, 400 * MiB, 0.1),
-              status="completed", device="cpu", planned=6.0, optimizer_bytes=8000):
+              status="completed", device="cpu", planned=6.0, optimizer_bytes=8000, recorded=None):
+    """A hand-made run folder; `recorded` adds or replaces fields of config.json beyond the settings (e.g. the
+    data's text_sha256, resolved_precision, world_size)."""
     folder.mkdir(parents=True)
     config = {
         **RunConfig(dataset="mini", tokenizer="bytes", preset="tiny", epochs=planned, seed=seed,
                     device=device, **settings).to_dict(),
         "resolved_device": device, "n_params": 1000, "train_tokens": 10_000,
         "versions": {"hlb_gpt": "0.1.0", "torch": f"2.{seed}"},
+        **(recorded or {}),
     }
     (folder / "config.json").write_text(json.dumps(config))
     rows = [{"epoch": e, "step": round(e * steps_per_epoch), "tokens": 0, "train_loss": v, "val_loss": v, "lr": 1e-3,
@@ -74,13 +79,17 @@ def write_run(folder, settings, values, seed, epochs=EPOCHS, steps_per_epoch=100
         (folder / "summary.json").write_text(json.dumps(summary))
 
 
+# Per seed: bookkeeping settings that differ between runs of one configuration (a resume may change them).
+BOOKKEEPING = [dict(), dict(checkpoint_every=0.5, keep_checkpoints=5),
+               dict(wandb=True, wandb_project="other", data_cache="/elsewhere/cache")]
+
+
 @pytest.fixture
 def sweep(tmp_path):
     root = tmp_path / "sweep"
     for label, curves in CURVES.items():
         for seed, values, settings, costs in zip(SEEDS, curves, SETTINGS[label], COSTS[label]):
-            write_run(root / f"{FOLDER[label]}-s{seed}", settings, values, seed, costs=costs,
-                      device="cpu" if seed else "cuda")
+            write_run(root / f"{FOLDER[label]}-s{seed}", {**settings, **BOOKKEEPING[seed]}, values, seed, costs=costs)
     return root
 
 
@@ -175,7 +184,8 @@ def test_filter_memory_and_step_time_are_measured_against_the_baseline(sweep):
 def test_settings_that_do_not_change_the_experiment_do_not_split_a_configuration(sweep):
     runs, _ = runs_of(sweep)
     c = compare(runs, "final", "all")
-    # the baselines differ in unused alpha/gain/filter/window, device and versions; the EMA runs in window
+    # the baselines differ in unused alpha/gain/filter/window, every configuration's runs in bookkeeping settings
+    # (checkpointing, logging, cache path) and versions; the EMA runs in window
     assert len(c.groups) == 4 and all(g.n == 3 for g in c.groups)
     assert "alpha" not in c.group("baseline").config and "window" not in c.group("ema α0.99 g5").config
     assert "alpha" not in c.group("ma w100 g5").config
@@ -404,6 +414,140 @@ def test_a_seed_run_twice_in_a_configuration_pairs_by_its_mean_with_a_note(sweep
     d = np.array([(3.52 + 3.0) / 2 - 3.55, 3.57 - 3.6, 3.49 - 3.5])
     assert g.test.n_pairs == 3 and g.test.mean_diff == pytest.approx(d.mean())
     assert any("ema α0.9 g0.1: a seed appears more than once" in n for n in c.notes)
+
+
+# ----------------------------------------------------------------------------------------------- what separates runs
+
+MINI_SHA = {"train": "173c87a5" + "0" * 56, "valid": "4cd0f687" + "0" * 56}
+CUSTOM_SHA = {"train": "9e1f0a2b" + "1" * 56, "valid": "77aa0c3d" + "1" * 56}
+
+
+def write_pair(root, label, seed_values, **kwargs):
+    """A baseline and an EMA α0.9 g0.1 configuration over the seeds, the EMA runs `seed_values` below the baseline."""
+    for seed, shift in seed_values.items():
+        if label in ("both", "baseline"):
+            write_run(root / f"baseline-s{seed}", {}, [4.0 + seed] * 6, seed, **kwargs)
+        if label in ("both", "ema"):
+            write_run(root / f"ema-a0.9-g0.1-s{seed}", dict(grokfast=True, alpha=0.9, gain=0.1),
+                      [4.0 + seed - shift] * 6, seed, **kwargs)
+
+
+def test_runs_on_other_data_are_other_configurations_paired_within_their_own_data(tmp_path):
+    write_pair(tmp_path / "mini", "both", {0: 0.1, 1: 0.1, 2: 0.1}, recorded={"text_sha256": MINI_SHA})
+    write_pair(tmp_path / "custom", "both", {0: 0.5, 1: 0.6, 2: 0.7},
+               recorded={"text_sha256": CUSTOM_SHA, "data_dir": "/corpora/custom", "train_tokens": 20_000})
+    c = compare(load_runs([tmp_path])[0], "final", "all")
+    assert sorted(g.label for g in c.groups) == ["baseline data=173c87a5", "baseline data=9e1f0a2b",
+                                                 "ema α0.9 g0.1 data=173c87a5", "ema α0.9 g0.1 data=9e1f0a2b"]
+    assert all(g.n == 3 for g in c.groups)
+    mini, custom = c.group("ema α0.9 g0.1 data=173c87a5"), c.group("ema α0.9 g0.1 data=9e1f0a2b")
+    assert mini.baseline == "baseline data=173c87a5" and mini.test.mean_diff == pytest.approx(-0.1)
+    assert custom.baseline == "baseline data=9e1f0a2b" and custom.test.mean_diff == pytest.approx(-0.6)
+    assert any("baseline data=173c87a5 and baseline data=9e1f0a2b differ only in data "
+               "(173c87a5 from mini vs 9e1f0a2b from /corpora/custom)" in n and "never pooled or paired" in n
+               for n in c.notes)
+
+
+def test_the_same_text_read_from_different_folders_is_the_same_data(tmp_path):
+    write_pair(tmp_path / "a", "baseline", {0: 0, 1: 0}, recorded={"text_sha256": CUSTOM_SHA, "data_dir": "/a/wiki"})
+    write_pair(tmp_path / "b", "ema", {0: 0.2, 1: 0.3}, recorded={"text_sha256": CUSTOM_SHA, "data_dir": "/b/wiki"})
+    c = compare(load_runs([tmp_path])[0], "final", "all")
+    assert [g.label for g in c.groups] == ["ema α0.9 g0.1", "baseline"]
+    assert c.group("ema α0.9 g0.1").test.n_pairs == 2
+
+
+def test_runs_recorded_before_the_data_hash_join_the_runs_of_the_same_dataset_that_have_it(tmp_path):
+    write_pair(tmp_path / "old", "baseline", {0: 0, 1: 0})  # no text_sha256: dataset mini, no --data-dir
+    write_pair(tmp_path / "new", "ema", {0: 0.2, 1: 0.3}, recorded={"text_sha256": MINI_SHA})
+    write_pair(tmp_path / "old-dir", "both", {0: 0.1}, recorded={"data_dir": "/corpora/custom"})
+    c = compare(load_runs([tmp_path])[0], "final", "all")
+    ema = c.group("ema α0.9 g0.1 data=173c87a5")
+    assert c.group("baseline data=173c87a5").n == 2 and ema.test.n_pairs == 2
+    # an old run from a --data-dir no new run read is told apart by that folder
+    assert c.group("ema α0.9 g0.1 data=/corpora/custom").baseline == "baseline data=/corpora/custom"
+
+
+def test_a_filtered_gpu_run_is_not_paired_with_a_cpu_baseline_and_a_note_says_why(tmp_path):
+    write_pair(tmp_path / "cpu", "baseline", {0: 0, 1: 0, 2: 0}, device="cpu")
+    write_pair(tmp_path / "gpu", "ema", {0: 0.5, 1: 0.5, 2: 0.4}, device="cuda")
+    c = compare(load_runs([tmp_path])[0], "final", "all")
+    # --precision auto: bf16 on CUDA, fp32 on the CPU, so they differ in both
+    gpu = c.group("ema α0.9 g0.1 device=cuda precision=bf16")
+    assert gpu.baseline is None and gpu.test is None
+    assert c.group("baseline device=cpu precision=fp32").is_baseline
+    assert any(n.startswith("ema α0.9 g0.1 device=cuda precision=bf16: no baseline with its data, device and "
+                            "precision (baseline device=cpu precision=fp32 differs only in device (cuda vs cpu) and "
+                            "precision (bf16 vs fp32))") and n.endswith("not paired") for n in c.notes)
+    # with a GPU baseline too, the GPU run pairs with it and the two baselines are listed apart
+    write_pair(tmp_path / "gpu-base", "baseline", {0: 0, 1: 0, 2: 0}, device="cuda",
+               recorded={"resolved_device": "cuda:1"})
+    c = compare(load_runs([tmp_path])[0], "final", "all")
+    gpu = c.group("ema α0.9 g0.1 device=cuda precision=bf16")
+    assert gpu.baseline == "baseline device=cuda precision=bf16" and gpu.test.n_pairs == 3
+    assert any("baseline device=cpu precision=fp32 and baseline device=cuda precision=bf16 differ only in device "
+               "(cpu vs cuda) and precision (fp32 vs bf16)" in n for n in c.notes)
+
+
+@pytest.mark.parametrize("recorded, label, why", [
+    ({"resolved_precision": "bf16"}, "precision=bf16", "precision (bf16 vs fp32)"),
+    ({"world_size": 8}, "world_size=8", "world_size (1 vs 8)"),
+    ({"compile": False}, "compile=default", None),  # what the CPU does anyway
+])
+def test_precision_world_size_and_compile_separate_configurations_with_a_note(tmp_path, recorded, label, why):
+    write_pair(tmp_path / "a", "both", {0: 0.1, 1: 0.2}, recorded={"resolved_precision": "fp32"})
+    write_pair(tmp_path / "b", "both", {0: 0.3, 1: 0.4}, recorded={"resolved_precision": "fp32", **recorded})
+    c = compare(load_runs([tmp_path])[0], "final", "all")
+    if why is None:
+        assert len(c.groups) == 2 and c.group("ema α0.9 g0.1").n == 4
+        return
+    assert len(c.groups) == 4
+    other = c.group(f"ema α0.9 g0.1 {label}")
+    assert other.baseline == f"baseline {label}" and other.test.mean_diff == pytest.approx(-0.35)
+    assert any(f"differ only in {why}" in n for n in c.notes)
+
+
+def test_runs_recorded_before_the_resolved_precision_resolve_auto_as_training_did(tmp_path):
+    write_pair(tmp_path / "old", "baseline", {0: 0, 1: 0}, device="cuda")  # precision auto, not resolved
+    write_pair(tmp_path / "new", "ema", {0: 0.2, 1: 0.3}, device="cuda", recorded={"resolved_precision": "bf16"})
+    write_pair(tmp_path / "fp32", "ema", {0: 0.2}, device="cuda", recorded={"resolved_precision": "fp32"})
+    c = compare(load_runs([tmp_path])[0], "final", "all")
+    assert c.group("ema α0.9 g0.1 precision=bf16").test.n_pairs == 2
+    assert c.group("ema α0.9 g0.1 precision=fp32").baseline is None
+
+
+def test_compiling_against_the_device_s_default_separates_a_configuration(tmp_path):
+    write_pair(tmp_path / "a", "both", {0: 0.1}, device="cuda")
+    write_pair(tmp_path / "b", "both", {0: 0.3}, device="cuda", recorded={"compile": False})
+    write_pair(tmp_path / "c", "both", {0: 0.2}, device="cuda", recorded={"compile": True})  # the default on CUDA
+    c = compare(load_runs([tmp_path])[0], "final", "all")
+    assert c.group("baseline compile=default").n == 2 and c.group("baseline compile=off").n == 1
+    assert any("differ only in compile (default vs off)" in n for n in c.notes)
+
+
+def test_every_setting_but_the_seed_and_the_bookkeeping_separates_configurations():
+    ema = {**RunConfig(dataset="mini", tokenizer="bytes", preset="tiny", grokfast=True, alpha=0.9).to_dict(),
+           "resolved_device": "cpu", "resolved_precision": "fp32", "world_size": 1, "n_params": 1000,
+           "train_tokens": 10_000, "text_sha256": MINI_SHA, "versions": {"torch": "2.0"}}
+    other = {"task": "modular", "dataset": "wikitext-2", "data_cache": "/x", "tokenizer": "gpt2", "preset": "hlb",
+             "depth": 2, "width": 64, "gate": "relu", "seq_len": 64, "batch_size": 8, "grad_accum": 2,
+             "seq_warmup": False, "optimizer": "grokadamw", "lr": 0.5, "weight_decay": 0.5, "warmup_steps": 7,
+             "clip": 1.0, "grok_kappa": 0.5, "grok_gamma": 0.5, "grokfast": False, "filter": "ma", "alpha": 0.5,
+             "gain": 0.5, "window": 7, "filter_dtype": "bfloat16", "epochs": 2.0, "evals_per_epoch": 3,
+             "eval_tokens": 7, "seed": 9, "max_steps": 7, "target_acc": 0.5, "max_bad_steps": 3,
+             "checkpoint_every": 0.5, "keep_checkpoints": 7, "device": "cuda", "precision": "bf16", "compile": True,
+             "wandb": True, "wandb_project": "x", "data_dir": "/x", "resolved_device": "cuda",
+             "resolved_precision": "bf16", "world_size": 2, "n_params": 7, "train_tokens": 7,
+             "text_sha256": CUSTOM_SHA, "versions": {"torch": "9.9"}}
+    assert set(RunConfig.__dataclass_fields__) <= set(other)  # a new setting must be added here
+    # Neither what the run records but does not use (the window of an EMA run, GrokAdamW's settings), nor the
+    # request that the recorded result stands for (--device auto, resolved; --data-dir and --dataset, read
+    # through the text's sha256, which also decides train_tokens; --precision, resolved), nor the bookkeeping,
+    # the seed and the versions.
+    same = BOOKKEEPING_KEYS | {"seed", "versions", "window", "grok_kappa", "grok_gamma", "device", "data_dir",
+                               "dataset", "precision", "train_tokens"}
+    for key, value in other.items():
+        changed = group_key({**ema, key: value}) != group_key(ema)
+        assert changed == (key not in same), key
 
 
 def test_a_folder_of_sweeps_is_searched_for_runs(sweep):

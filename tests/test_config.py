@@ -54,3 +54,17 @@ def test_bad_settings_are_rejected_with_a_message_naming_the_flag(changes, flag)
 def test_replace_revalidates():
     with pytest.raises(ConfigError, match="--alpha"):
         RunConfig(preset="tiny").replace(alpha=2.0)
+
+
+def test_bookkeeping_is_one_list_that_resume_accepts_and_that_may_change_on_resume_extends():
+    from hlb_gpt.config import BOOKKEEPING, MAY_CHANGE_ON_RESUME, check_resumable
+
+    assert BOOKKEEPING < MAY_CHANGE_ON_RESUME
+    assert {"epochs", "max_steps", "target_acc", "device", "compile"} <= MAY_CHANGE_ON_RESUME - BOOKKEEPING
+    saved = RunConfig(preset="tiny").to_dict()
+    changed = RunConfig(preset="tiny", checkpoint_every=0.25, keep_checkpoints=9, wandb=True, wandb_project="x",
+                        data_cache="/elsewhere", epochs=3.0, max_steps=10, device="cpu", compile=False)
+    check_resumable(changed, saved, "run")
+    for other in (dict(precision="bf16"), dict(lr=0.5), dict(dataset="mini"), dict(tokenizer="bytes")):
+        with pytest.raises(ConfigError, match="other settings"):
+            check_resumable(RunConfig(preset="tiny", **other), saved, "run")

@@ -242,3 +242,182 @@ def test_a_completed_run_asked_for_more_epochs_continues_where_it_stopped(tmp_pa
     assert all(by_step[r["step"]] == r["val_loss"] for r in numbers(tmp_path / "direct"))
     # and the same command again has nothing left to do
     assert run_sweep([base.replace(epochs=0.004)], tmp_path / "sweep", progress=False)[0].summary == results[0].summary
+
+
+# ----------------------------------------------------------------------------------------------- extensions
+
+
+@pytest.fixture
+def one_thread():
+    """Short CPU runs on a busy machine: one thread, or a thread waiting for a busy core slows every step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def tiny_run(tmp_path, **changes):
+    """The SMALL command's config, with an evaluation at every step (so a run's rows do not depend on where an
+    earlier, shorter run of it ended) and a checkpoint about every 10 steps; 0.002 epochs are 21 steps."""
+    values = dict(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=32, seq_len=32, batch_size=4,
+                  eval_tokens=1024, evals_per_epoch=20_000, checkpoint_every=0.001, data_cache=str(tmp_path / "cache"))
+    return RunConfig(**{**values, **changes})
+
+
+def folder_bytes(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_extension_that_dies_mid_way_is_continued_not_taken_for_the_shorter_completed_run(
+        tmp_path, monkeypatch, caplog):
+    import hlb_gpt.train as train_module
+    from hlb_gpt.records import RunWriter
+
+    short, long = tiny_run(tmp_path, epochs=0.002), tiny_run(tmp_path, epochs=0.006)
+    train(long, tmp_path / "direct", progress=False)
+    run = tmp_path / "sweep" / "baseline-s0"
+    assert run_sweep([short], tmp_path / "sweep", progress=False)[0].summary["steps"] == 21
+
+    # The extension dies at step 35, after its checkpoint of step 31, the way a kill -9 leaves a run: whatever
+    # it wrote up to there stays, and it writes nothing more (no summary).
+    real_step, calls = train_module.optimizer_step, []
+
+    def dies_at_step_35(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 35 - 21:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "optimizer_step", dies_at_step_35)
+        m.setattr(RunWriter, "write_summary", lambda self, summary: None)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep([long], tmp_path / "sweep", progress=False)
+    killed = read_run(run)
+    assert killed.summary is None and killed.status is None  # not the stale "completed" of the 21-step run
+    assert killed.config["epochs"] == 0.006 and killed.metrics[-1]["step"] == 34
+    assert int(latest_checkpoint(run).stem.rpartition("-")[2]) == 31
+
+    with caplog.at_level("INFO", logger="hlb_gpt.sweep"):
+        result = run_sweep([long], tmp_path / "sweep", progress=False)[0]
+    assert "completed already" not in caplog.text
+    assert result.status == "completed" and result.summary["steps"] == 61
+    assert read_run(run).summary == result.summary
+    assert numbers(run) == numbers(tmp_path / "direct")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("task", ["lm", "modular"])
+def test_a_continued_run_has_no_summary_from_before_its_first_step(tmp_path, monkeypatch, task):
+    import hlb_gpt.tasks.modular as modular
+    import hlb_gpt.train as train_module
+
+    if task == "lm":
+        cfg = tiny_run(tmp_path, epochs=0.002)
+        longer = cfg.replace(epochs=0.004)
+    else:
+        cfg = RunConfig(task="modular", depth=1, width=32, max_steps=10, device="cpu", checkpoint_every=1)
+        longer = cfg.replace(max_steps=20)
+    run = tmp_path / "sweep" / "baseline-s0"
+    run_sweep([cfg], run.parent, progress=False)
+    assert read_run(run).status == "completed"
+    at_first_step = []
+    real_step = train_module.optimizer_step
+
+    def look(*args, **kwargs):
+        if not at_first_step:
+            at_first_step.append(read_run(run))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module if task == "lm" else modular, "optimizer_step", look)
+    assert run_sweep([longer], run.parent, progress=False)[0].status == "completed"
+    continuing = at_first_step[0]
+    assert continuing.summary is None  # while it trains, nothing says it completed
+    assert (continuing.config["epochs"], continuing.config["max_steps"]) == (longer.epochs, longer.max_steps)
+    assert read_run(run).status == "completed"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_request_shorter_than_a_runs_records_is_refused_in_one_line_and_the_folder_is_left_as_it_was(
+        tmp_path, capsys):
+    from hlb_gpt.cli import main
+
+    run_sweep([tiny_run(tmp_path, epochs=0.004)], tmp_path / "sweep", progress=False)  # 41 steps
+    run = tmp_path / "sweep" / "baseline-s0"
+    before = folder_bytes(run)
+    with pytest.raises(ConfigError, match=r"already went to step 41 \(epoch 0\.004066\), past the 21 steps of "
+                                          r"--epochs 0\.002"):
+        run_sweep([tiny_run(tmp_path, epochs=0.002)], tmp_path / "sweep", progress=False)
+    with pytest.raises(ConfigError, match=r"step 41 .*past the 30 steps of --max-steps 30"):
+        run_sweep([tiny_run(tmp_path, epochs=0.004, max_steps=30)], tmp_path / "sweep", progress=False)
+    assert folder_bytes(run) == before
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--resume", str(run), "--epochs", "0.003"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "step 41" in err and "past the 31 steps of --epochs 0.003" in err
+    assert folder_bytes(run) == before
+
+    # An unfinished run (killed: no summary) is measured by its metrics and checkpoints alike.
+    (run / "summary.json").unlink()
+    before = folder_bytes(run)
+    with pytest.raises(ConfigError, match="step 41"):
+        run_sweep([tiny_run(tmp_path, epochs=0.002)], tmp_path / "sweep", progress=False)
+    assert folder_bytes(run) == before
+    # and the same length, or a longer one, is accepted
+    assert run_sweep([tiny_run(tmp_path, epochs=0.004)], tmp_path / "sweep", progress=False)[0].status == "completed"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_modular_run_asked_for_fewer_steps_than_it_took_is_refused(tmp_path):
+    cfg = RunConfig(task="modular", depth=1, width=32, max_steps=20, device="cpu", checkpoint_every=1)
+    run_sweep([cfg], tmp_path, progress=False)
+    before = folder_bytes(tmp_path / "baseline-s0")
+    with pytest.raises(ConfigError, match=r"step 20 .*past the 10 steps of --max-steps 10"):
+        run_sweep([cfg.replace(max_steps=10)], tmp_path, progress=False)
+    assert folder_bytes(tmp_path / "baseline-s0") == before
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_extension_that_fails_before_it_starts_is_reported_failed_and_the_completed_run_kept(tmp_path, monkeypatch):
+    import hlb_gpt.train as train_module
+
+    short = tiny_run(tmp_path, epochs=0.002)
+    run_sweep([short], tmp_path, progress=False)
+    before = folder_bytes(tmp_path / "baseline-s0")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no model today")
+
+    monkeypatch.setattr(train_module, "GPT", broken)
+    result = run_sweep([short.replace(epochs=0.004)], tmp_path, progress=False)[0]
+    assert result.status == "failed" and "no model today" in result.summary["error"]
+    assert folder_bytes(tmp_path / "baseline-s0") == before  # still the completed 0.002-epoch run it was
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_an_extension_killed_with_sigkill_is_continued_by_the_same_command_to_a_direct_runs_metrics(tmp_path):
+    short, long = tiny_run(tmp_path, epochs=0.002), tiny_run(tmp_path, epochs=0.006)
+    train(long, tmp_path / "direct", progress=False)
+    run = tmp_path / "sweep" / "baseline-s0"
+    run_sweep([short], run.parent, progress=False)  # 21 steps, completed
+    command = SMALL + ["--epochs", "0.006", "--evals-per-epoch", "20000", "--checkpoint-every", "0.001",
+                       "--data-cache", str(tmp_path / "cache"), "--out", str(run.parent)]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as this process: the same sums in the same order
+    proc = subprocess.Popen([sys.executable, "-m", "hlb_gpt", *command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=one_thread)
+    past_21 = lambda: any(int(p.stem.rpartition("-")[2]) > 21 for p in list_checkpoints(run))  # noqa: E731
+    wait_for(past_21, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = read_run(run)
+    assert killed.summary is None and killed.config["epochs"] == 0.006
+    assert 21 < killed.metrics[-1]["step"] < 61
+
+    rerun = hlb(command, env=one_thread)  # the same command again
+    assert rerun.returncode == 0, rerun.stderr
+    assert "completed already" not in rerun.stderr and "resumed at step" in rerun.stderr
+    assert read_run(run).status == "completed" and read_run(run).summary["steps"] == 61
+    assert numbers(run) == numbers(tmp_path / "direct")

@@ -261,11 +261,47 @@ def test_run_status_records_how_a_run_ended_and_swallows_only_divergence():
         (Interrupted("stopped by SIGINT at step 3"), "interrupted", "stopped by SIGINT at step 3"),
         (KeyboardInterrupt(), "interrupted", "KeyboardInterrupt"),
         (OSError("disk full"), "failed", "OSError: disk full"),
+        (SystemExit(3), "interrupted", "3"),  # never "completed"
     ]:
         outcome = RunStatus("r", said.append)
         with pytest.raises(type(exc)), outcome:
             raise exc
         assert (outcome.status, outcome.error) == (status, error)
+
+
+def test_config_records_the_sha256_of_the_text_it_trained_on_and_the_precision_it_used(tmp_path):
+    import hashlib
+
+    from hlb_gpt.data import load_split_texts
+
+    train(tiny(tmp_path), tmp_path / "run", progress=False)
+    config = read_run(tmp_path / "run").config
+    texts = load_split_texts("mini")
+    assert config["text_sha256"] == {split: hashlib.sha256(texts[split].encode("utf-8")).hexdigest()
+                                     for split in ("train", "valid")}
+    assert config["resolved_precision"] == "fp32"  # --precision auto on the CPU
+
+
+def test_a_run_is_not_resumed_on_other_text_from_a_moved_data_dir(tmp_path):
+    from hlb_gpt.config import ConfigError
+
+    for name, word in (("here", "alpha beta gamma "), ("there", "delta epsilon zeta ")):
+        (tmp_path / name).mkdir()
+        for split in ("wiki.train.raw", "wiki.valid.raw"):
+            (tmp_path / name / split).write_text(word * 400)
+    cfg = tiny(tmp_path, data_dir=str(tmp_path / "here"), eval_tokens=512, epochs=100.0, max_steps=4)
+    train(cfg, tmp_path / "run", progress=False)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    # the same text in another folder (another machine) resumes; other text does not
+    (tmp_path / "moved").mkdir()
+    for split in ("wiki.train.raw", "wiki.valid.raw"):
+        (tmp_path / "moved" / split).write_bytes((tmp_path / "here" / split).read_bytes())
+    with pytest.raises(ConfigError, match=r"trained on other text \(sha256 of its train split"):
+        train(cfg.replace(data_dir=str(tmp_path / "there"), max_steps=8), tmp_path / "run", progress=False, resume=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    summary = train(cfg.replace(data_dir=str(tmp_path / "moved"), max_steps=8), tmp_path / "run", progress=False,
+                    resume=True)
+    assert summary["status"] == "completed" and summary["steps"] == 8
 
 
 def test_evaluation_in_chunks_gives_the_mean_over_all_windows_whatever_the_chunk_size():

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from hlb_gpt import distributed
 from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.device import (PeakMemory, autocast_for, final_memory, format_memory, memory_breakdown, resolve_device,
-                            synchronize)
+                            resolve_precision, synchronize)
 from hlb_gpt.optim import lr_lambda
 from hlb_gpt.records import RunWriter
 from hlb_gpt.tracking import make_tracker
@@ -299,6 +299,12 @@ class ModularLoop(LoopState):
         return self
 
 
+def planned_steps(cfg: RunConfig, n_train: int) -> int:
+    """The steps a run of `cfg` takes on `n_train` training equations: --max-steps, else --epochs of them."""
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)  # as EpochSampler cuts them
+    return cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
 def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Train one run of the grokking benchmark into `run_dir`; return its summary (also written to summary.json).
 
@@ -317,7 +323,8 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     compile_model = device.type == "cuda" if cfg.compile is None else cfg.compile
     # float32 unless bf16 is asked for: the published runs are float32, and this model is too small for bf16
     # to buy much even on a GPU.
-    autocast = autocast_for(device, "fp32" if cfg.precision == "auto" else cfg.precision)
+    precision = resolve_precision(device, "fp32" if cfg.precision == "auto" else cfg.precision)
+    autocast = autocast_for(device, precision)
 
     data = {split: tuple(t.to(device) for t in xy) for split, xy in modular_dataset(P, seed=cfg.seed).items()}
     train_x, train_y = data["train"]
@@ -338,7 +345,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     compiled = torch.compile(model) if compile_model else model
 
     steps_per_epoch = sampler.steps_per_epoch
-    total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total_steps = planned_steps(cfg, n_train)
     per_checkpoint = cfg.checkpoint_every * n_train if cfg.checkpoint_every else math.inf  # in equations
 
     def forward(x: Tensor, y: Tensor) -> Tensor:
@@ -347,12 +354,11 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
         return F.cross_entropy(logits.float(), y)
 
     writer = RunWriter(run_dir)
-    record = config_record(cfg, device, model.num_params(), n_train)
+    record = config_record(cfg, device, model.num_params(), n_train, precision=precision)
     record["modular"] = {"p": P, "train_equations": n_train, "valid_equations": len(valid_x),
                          "steps_per_epoch": steps_per_epoch, "optimizer": "Adam (coupled L2 weight decay)",
                          "betas": list(ADAM_BETAS), "tokens": "training equations seen"}
-    writer.write_config(record)
-    writer.rewrite_metrics(metrics)
+    writer.begin(record, metrics)
     tracker = make_tracker(cfg, run_dir)
     say(f"{run_dir.name}: {model.num_params():,} parameters on {device}, {n_train:,} training equations, "
         f"up to {total_steps:,} steps of {cfg.batch_size} ({steps_per_epoch} per epoch)"
