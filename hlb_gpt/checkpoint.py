@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hlb_gpt.records import temporary_name
+
 logger = logging.getLogger(__name__)
 
 FOLDER = "checkpoints"
@@ -52,9 +54,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:09d}.pt"
-    tmp = folder / f".{path.name}.tmp"
+    tmp = temporary_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
