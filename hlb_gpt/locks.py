@@ -192,6 +192,14 @@ class RunLock:
         atomic_write_json(self.record.path, _as_json(self.record))
 
 
+def parse_duration(text: str) -> float:
+    """Seconds in `text`: a plain number of seconds, or a number with a unit, as in 90s, 10m or 1.5h."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a positive duration such as 600, 90s, 10m or 1.5h (got {text!r})")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
 def format_age(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f}s"

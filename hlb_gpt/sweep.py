@@ -7,6 +7,7 @@ may run the same sweep: each run is trained by the one that holds its lock (see 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hlb_gpt import distributed
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
@@ -107,16 +109,17 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
                disable=not (progress and ddp.is_main and len(configs) > 1))
     results: dict[int, SweepResult] = {}
     todo = list(range(len(configs)))
-    for second_look in (False, True):  # the second looks again at runs held elsewhere: their process may have died
-        for i in todo:
-            label = f"[{i + 1}/{len(configs)}] {run_name(configs[i], vary)}"
-            results[i] = sweep_one(configs[i], out / run_name(configs[i], vary), label, train_fn, progress,
-                                   lock_timeout_s, ddp, report_busy=not second_look)
-            if results[i].status != "running":
-                bar.update(1)
-        todo = [i for i in todo if results[i].status == "running"]
-        bar.set_postfix_str(f"{len(todo)} running elsewhere" if todo else "", refresh=True)
-    bar.close()
+    with bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
+        for second_look in (False, True):  # a second look at runs held elsewhere: their process may have died
+            for i in todo:
+                label = f"[{i + 1}/{len(configs)}] {run_name(configs[i], vary)}"
+                results[i] = sweep_one(configs[i], out / run_name(configs[i], vary), label, train_fn, progress,
+                                       lock_timeout_s, ddp, report_busy=not second_look)
+                if results[i].status != "running":
+                    bar.update(1)
+            todo = [i for i in todo if results[i].status == "running"]
+            if todo:
+                bar.set_postfix_str(f"{len(todo)} running elsewhere")
     if todo:
         logger.info("still running in other processes: %s",
                     ", ".join(f"{results[i].name} ({results[i].holder})" for i in todo))
