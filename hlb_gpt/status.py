@@ -72,9 +72,12 @@ def run_state(run_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S, now: float | 
 
 
 def sweep_states(out: Path, timeout_s: float = DEFAULT_TIMEOUT_S, now: float | None = None) -> list[RunState]:
-    """Every run of the sweep: those its manifest names, in order, then any other run folder in `out`."""
+    """Every run of the sweep: those its manifest names, in order, then any other run folder in `out` (or `out`
+    itself, when it is a run folder)."""
     out = Path(out)
     names = read_manifest(out)
+    if not names and is_run_dir(out):  # a run folder given on its own
+        return [run_state(out, timeout_s, now)]
     others = sorted(p.name for p in out.iterdir()
                     if p.is_dir() and p.name not in names and (is_run_dir(p) or read_lock(p) is not None))
     return [run_state(out / name, timeout_s, now) for name in names + others]
@@ -84,5 +87,7 @@ def format_status(states: list[RunState]) -> str:
     width = max([len("run")] + [len(s.name) for s in states])
     header = f"{'run':<{width}}  {'state':<44}  {'epochs':>8}  {'val loss':>8}"
     counts = Counter(s.state for s in states)
-    total = f"{len(states)} runs: " + ", ".join(f"{n} {state}" for state, n in counts.most_common())
+    total = f"{len(states)} run{'s' * (len(states) != 1)}"
+    if states:
+        total += ": " + ", ".join(f"{n} {state}" for state, n in counts.most_common())
     return "\n".join([header, *(s.line(width) for s in states), total])

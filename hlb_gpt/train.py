@@ -308,10 +308,11 @@ class Resumable:
     def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
         """(loop counters, metrics so far, checkpoint resumed from): a fresh start, or with `resume` the state of
         the run's latest checkpoint if it has one, after checking that it was trained with these settings."""
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        # Rank 0 reads its disk and sends what it found: ranks on nodes without a shared filesystem agree.
+        checkpoint, saved = distributed.on_rank0(lambda: read_latest(self.run_dir) if resume else (None, None),
+                                                 distributed.from_env())
         if checkpoint is None:
             return loop_cls(), [], None
-        saved = load_checkpoint(checkpoint)
         check_resumable(self.cfg, saved["config"], self.run_dir)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -334,6 +335,12 @@ class Resumable:
         except OSError as exc:
             say(f"{self.run_dir.name}: could not write the {reason} checkpoint at step {loop.step} ({exc}); "
                 f"the previous one is kept")
+
+
+def read_latest(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The run's latest checkpoint and its contents (None, None when it has none)."""
+    checkpoint = latest_checkpoint(run_dir)
+    return checkpoint, None if checkpoint is None else load_checkpoint(checkpoint)
 
 
 def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int,
