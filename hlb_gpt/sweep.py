@@ -160,6 +160,12 @@ def sweep_one(cfg: RunConfig, run_dir: Path, label: str, train_fn: Callable[...,
         raise  # the user stopped, or no run can get its data: stop the sweep
     except Exception as exc:  # one broken configuration must not cost the others
         logger.error("%s failed: %s: %s", run_dir.name, type(exc).__name__, exc)
+        if ddp.enabled:
+            # ...except under torchrun: the other ranks wait for this one in a collective. Rank 0 records
+            # the failure; the exception ends this process, and torchrun stops the others.
+            if ddp.is_main:
+                _record_failure(cfg, run_dir, exc)
+            raise
         summary = _record_failure(cfg, run_dir, exc)
     finally:
         if lock is not None:
