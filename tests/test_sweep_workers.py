@@ -209,7 +209,8 @@ WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.mark.slow
 def test_three_workers_on_one_sweep_train_each_run_exactly_once(tmp_path):
     args = SMALL + ["--seed", "0,1,2,3,4,5", "--epochs", "0.03", "--evals-per-epoch", "1000",
-                    "--checkpoint-every", "0.01", "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "sweep")]
+                    "--checkpoint-every", "0.01", "--data-cache", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "sweep")]
     workers = [start(args, WORKER_ENV) for _ in range(3)]  # the cache is built by all three at once, too
     outputs = [w.communicate(timeout=900) for w in workers]
     for w, (out, err) in zip(workers, outputs):
