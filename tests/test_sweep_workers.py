@@ -146,6 +146,17 @@ def test_a_worker_whose_runs_are_all_held_elsewhere_exits_0_and_says_where_they_
     assert not (tmp_path / "sweep" / "baseline-s0" / "config.json").exists()
 
 
+@pytest.mark.parametrize("value", ["0", "ten minutes", "-1m"])
+def test_a_lock_timeout_that_is_not_a_duration_is_bad_input(tmp_path, capsys, value):
+    from hlb_gpt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(SMALL + ["--lock-timeout", value, "--out", str(tmp_path / "sweep")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("Error: Invalid value for '--lock-timeout'")
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_resume_refuses_a_run_another_process_is_training(tmp_path, capsys):
     from hlb_gpt.cli import main
 
