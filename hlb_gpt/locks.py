@@ -77,6 +77,8 @@ class LockRecord:
 
 def pid_alive(pid: int) -> bool:
     """Whether a process of this host runs under `pid`; a zombie (killed, not yet reaped) does not run."""
+    if pid <= 0:  # kill() would address a process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -100,7 +101,7 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
     those held by live processes (their results say "running"). A run whose process died, or whose heartbeat is
     older than `lock_timeout_s`, is taken over and continues from its checkpoint. Under torchrun, rank 0 decides
     for all ranks."""
-    out = Path(out)
+    out, started = Path(out), time.time()
     ddp = _join_process_group(configs)
     distributed.on_rank0(lambda: check_folders(configs, out, vary), ddp)
     if ddp.is_main:
@@ -114,7 +115,7 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
             for i in todo:
                 label = f"[{i + 1}/{len(configs)}] {run_name(configs[i], vary)}"
                 results[i] = sweep_one(configs[i], out / run_name(configs[i], vary), label, train_fn, progress,
-                                       lock_timeout_s, ddp, report_busy=not second_look)
+                                       lock_timeout_s, ddp, report_busy=not second_look, since=started)
                 if results[i].status != "running":
                     bar.update(1)
             todo = [i for i in todo if results[i].status == "running"]
@@ -135,20 +136,22 @@ def check_folders(configs: list[RunConfig], out: Path, vary: Sequence[str]) -> N
 
 
 def sweep_one(cfg: RunConfig, run_dir: Path, label: str, train_fn: Callable[..., dict[str, Any]] | None,
-              progress: bool, lock_timeout_s: float, ddp: distributed.Dist, report_busy: bool = True) -> SweepResult:
+              progress: bool, lock_timeout_s: float, ddp: distributed.Dist, report_busy: bool = True,
+              since: float | None = None) -> SweepResult:
     """One run of the sweep: skip it, leave it to its holder, or claim it and train it (every rank, under torchrun),
     releasing the lock however the run ends."""
     lock: RunLock | None = None
 
     def decide() -> Decision:
         nonlocal lock
-        decision, lock = claim(cfg, run_dir, lock_timeout_s)
+        decision, lock = claim(cfg, run_dir, lock_timeout_s, since)
         return decision
 
     decision = distributed.on_rank0(decide, ddp)
     if decision.action == "done":
-        logger.info("%s: completed already, skipped", label)
-        return SweepResult(run_dir.name, "completed", decision.summary)
+        status = decision.summary.get("status", "completed")
+        logger.info("%s: %s already, skipped", label, status)
+        return SweepResult(run_dir.name, status, decision.summary)
     if decision.action == "busy":
         if report_busy:
             logger.info("%s: running on %s, skipped", label, decision.holder)
@@ -173,18 +176,29 @@ def sweep_one(cfg: RunConfig, run_dir: Path, label: str, train_fn: Callable[...,
     return SweepResult(run_dir.name, summary["status"], summary)
 
 
-def claim(cfg: RunConfig, run_dir: Path, lock_timeout_s: float) -> tuple[Decision, RunLock | None]:
-    """Read from disk: a completed run is done; a run locked by a live process is busy; any other is claimed."""
-    if is_run_dir(run_dir) and is_done(cfg, run := read_run(run_dir)):
+def claim(cfg: RunConfig, run_dir: Path, lock_timeout_s: float,
+          since: float | None = None) -> tuple[Decision, RunLock | None]:
+    """Read from disk: a completed run is done, and so is one another process of the sweep finished (diverged or
+    failed) after `since`, so that workers do not each retry it; a run locked by a live process is busy; any other
+    is claimed."""
+    if is_run_dir(run_dir) and _finished(cfg, run := read_run(run_dir), since):
         return Decision("done", run.summary), None
     lock = try_claim(run_dir, lock_timeout_s)
     if lock is None:
         held = read_lock(run_dir)
         return Decision("busy", holder=str(held.owner) if held else "another process"), None
-    if is_run_dir(run_dir) and is_done(cfg, run := read_run(run_dir)):  # its holder finished it as we looked
+    if is_run_dir(run_dir) and _finished(cfg, run := read_run(run_dir), since):  # its holder ended it as we looked
         lock.release()
         return Decision("done", run.summary), None
     return Decision("train"), lock
+
+
+def _finished(cfg: RunConfig, run: Run, since: float | None) -> bool:
+    if is_done(cfg, run):
+        return True
+    ended = read_lock(run.path)
+    return (since is not None and run.summary is not None and ended is not None and ended.released is not None
+            and ended.released >= since)
 
 
 def _join_process_group(configs: list[RunConfig]) -> distributed.Dist:

@@ -90,6 +90,28 @@ def test_every_run_s_lock_is_released_however_it_ends(tmp_path):
     assert all(read_lock(tmp_path / r.name).state(600) == "released" for r in results)
 
 
+def test_a_run_another_worker_ended_as_failed_during_this_sweep_is_not_retried_but_an_older_failure_is(tmp_path):
+    train, calls = fake_train()
+    run_sweep(seeds(9), tmp_path, train_fn=train, progress=False)  # an earlier sweep: the run failed
+    leave_lock(tmp_path / "baseline-s8", ELSEWHERE)  # held while this sweep starts, then ended as failed
+    started = time.time()
+
+    def other_worker_fails_it(cfg, run_dir, progress=True, resume=False):
+        if run_dir.name == "baseline-s0":  # meanwhile, the other worker ends its run as failed
+            other = tmp_path / "baseline-s8"
+            RunWriter(other).write_config(BASE.replace(seed=8).to_dict())
+            RunWriter(other).write_summary({"status": "failed", "error": "RuntimeError: boom"})
+            lock = json.loads((other / "lock.0.json").read_text())
+            (other / "lock.0.json").write_text(json.dumps({**lock, "released": time.time()}))
+        return train(cfg, run_dir, progress, resume)
+
+    results = run_sweep(seeds(9, 0, 8), tmp_path, train_fn=other_worker_fails_it, progress=False)
+    assert [name for name, _ in calls] == ["baseline-s9", "baseline-s9", "baseline-s0"]  # s8: not again
+    assert [r.status for r in results] == ["failed", "completed", "failed"]
+    ended = read_lock(tmp_path / "baseline-s8")
+    assert ended.owner == ELSEWHERE and ended.released > started
+
+
 def test_a_sweep_writes_its_run_names_so_status_can_show_pending_runs(tmp_path):
     train, _ = fake_train()
     run_sweep(seeds(0, 1), tmp_path, train_fn=train, progress=False)
