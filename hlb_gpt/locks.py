@@ -3,10 +3,11 @@
 A process claims a run by creating `<run>/lock.<n>.json`, n one above the highest lock the folder holds (0 for
 the first). Creating a name that does not exist yet is atomic, also on NFS, so of several processes that try the
 same n exactly one succeeds. The run belongs to the holder of the highest lock until it releases it. A lock is
-stale when its process is gone (same host, PID no longer running) or when its heartbeat, refreshed every few
-seconds while the run trains, is older than the timeout; a stale or released lock is superseded by creating
-the next number, so two processes taking over the same stale lock cannot both win. A lock file is written
-only by its owner and never deleted: the files are the run's history of who trained it.
+stale when its process is gone (same host, PID no longer running) or when its heartbeat, refreshed every 30 s
+(a quarter of the timeout if that is shorter) while the run trains, is older than the timeout. A stale or
+released lock is superseded by creating the next number, so two processes taking over the same stale lock
+cannot both win. A lock file is written only by its owner and never deleted: the files are the run's history
+of who trained it.
 
 Hosts that share a sweep must have clocks that agree to well within the timeout. No torch here: `hlb-gpt status`
 reads locks and must stay fast.
@@ -154,10 +155,6 @@ class RunLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    @property
-    def path(self) -> Path:
-        return self.record.path
-
     def start(self) -> None:
         self._thread.start()
 
@@ -168,7 +165,11 @@ class RunLock:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-        self._write(released=time.time())
+        try:
+            self._write(released=time.time())
+        except OSError as exc:  # the run's own outcome matters more: the lock goes stale on its own
+            logger.warning("%s: could not mark the lock released (%s); it counts as stale once this process "
+                           "ends", self.record.path, exc)
 
     def beat(self) -> None:
         """Refresh the heartbeat, and check that no other process superseded this lock."""
