@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hlb_gpt.records import temporary_name
+
 logger = logging.getLogger(__name__)
 
 FOLDER = "checkpoints"
@@ -61,9 +63,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:09d}.pt"
-    tmp = folder / f".{path.name}.tmp"
+    tmp = temporary_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             out = _KeepWriteError(f)
             try:
                 torch.save(state, out)

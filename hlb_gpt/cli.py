@@ -41,6 +41,28 @@ class CommaList(click.ParamType):
 FLOATS, INTS = CommaList(click.FLOAT), CommaList(click.INT)
 
 
+class Duration(click.ParamType):
+    """Seconds, given as 600, 90s, 10m or 1.5h."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        from hlb_gpt.locks import parse_duration
+
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+LOCK_TIMEOUT = click.option(
+    "--lock-timeout", type=Duration(), default="10m", show_default=True,
+    help="A run whose process has sent no heartbeat for this long (600, 90s, 10m, 1.5h) is taken over by another "
+         "process of the sweep; a process that died on this host is taken over at once.")
+
+
 def _options(fn: Callable) -> Callable:
     """The training flags, in the order --help shows them.
 
@@ -115,6 +137,7 @@ def _options(fn: Callable) -> Callable:
                      help="Checkpoint interval in epochs (0: none); interrupted runs resume from the latest "
                           "[1; modular 100, an epoch there being 10 steps]."),
         click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Checkpoints kept per run."),
+        LOCK_TIMEOUT,
         click.option("--resume", "resume_dir", envvar="HLB_GPT_RESUME",
                      type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Continue this run folder from its latest checkpoint, with its recorded settings "
@@ -165,14 +188,34 @@ def cli(ctx: click.Context, **flags: Any) -> None:
 
     for cfg in configs:
         check_memory(cfg)
-    results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"])
+    results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"], lock_timeout_s=flags["lock_timeout"])
     if os.environ.get("RANK", "0") != "0":
         return
     for r in results:
-        click.echo(_result_line(r.name, r.status, r.summary or {}))
+        click.echo(f"{r.name}: running on {r.holder}" if r.status == "running"
+                   else _result_line(r.name, r.status, r.summary or {}))
     click.echo(f"records: {out}")
-    if any(r.status != "completed" for r in results):
+    if any(r.status not in ("completed", "running") for r in results):  # runs other processes train are theirs
         sys.exit(1)
+
+
+@cli.command("status")
+@click.argument("sweep", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@LOCK_TIMEOUT
+def status_command(sweep: Path, lock_timeout: float) -> None:
+    """Where a sweep stands: each run's state, epochs done and last validation loss.
+
+    States: pending (not started), running on host:pid, stale lock (its process died or stopped sending
+    heartbeats: the next sweep command takes it over), unfinished (stopped without a summary), completed,
+    diverged, failed, interrupted.
+
+    \b
+    Example:
+      hlb-gpt status runs/grid
+    """
+    from hlb_gpt.status import format_status, sweep_states
+
+    click.echo(format_status(sweep_states(sweep, lock_timeout)))
 
 
 @cli.command("compare")
@@ -228,6 +271,7 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
 
 def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     """`--resume RUN_DIR`: the run's recorded settings, with only the flags given on this command applied."""
+    from hlb_gpt.locks import read_lock, try_claim
     from hlb_gpt.records import CorruptRecord, is_run_dir, read_run
     from hlb_gpt.sweep import check_length, trainer_for
 
@@ -249,7 +293,11 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     from hlb_gpt.train import check_memory
 
     check_memory(cfg)
-    summary = trainer_for(cfg)(cfg, run_dir, progress=not flags["quiet"], resume=True)
+    lock = try_claim(run_dir, flags["lock_timeout"])
+    if lock is None:
+        raise ConfigError(f"--resume {run_dir}: the run is being trained by {read_lock(run_dir).owner}")
+    with lock:
+        summary = trainer_for(cfg)(cfg, run_dir, progress=not flags["quiet"], resume=True)
     click.echo(_result_line(run_dir.name, summary["status"], summary))
     if summary["status"] != "completed":
         sys.exit(1)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -96,3 +99,29 @@ def broadcast_flag(flag: bool, ctx: Dist, device: torch.device) -> bool:
     t = torch.tensor(int(flag), device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def broadcast_object(obj: Any, ctx: Dist) -> Any:
+    """Rank 0's (picklable) object, on every rank."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_rank0(fn: Callable[[], T], ctx: Dist) -> T:
+    """`fn()` run by rank 0 alone, its result given to every rank: decisions read from rank 0's disk hold on every
+    node, shared filesystem or not. An exception raised on rank 0 is raised on every rank, so none waits."""
+    if not ctx.enabled:
+        return fn()
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+    result, error = broadcast_object((result, error), ctx)
+    if error is not None:
+        raise error
+    return result

@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,18 @@ def _write_error(path: Path, error: OSError) -> RecordWriteError:
     return RecordWriteError(error.errno, f"cannot write {path}: {reason}")
 
 
+def temporary_name(path: Path) -> Path:
+    """A name beside `path` that no other writer uses (its PID and a random part), so that processes writing the
+    same file at once never write into each other's temporary file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary name in the same folder, fsync, then rename: readers see the old or the new file.
     A write that fails (a full disk) leaves the old file and no temporary one, and raises RecordWriteError."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(Path(path))
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

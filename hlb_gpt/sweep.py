@@ -1,22 +1,31 @@
 """Grids of runs: expand lists of settings into configs, name their folders, run them in order.
 
 A single run is a sweep of one, so the layout is always `<out>/<run name>/`. Seeds are shared by every
-configuration (a paired design), and a run that already completed in `<out>` is skipped.
+configuration (a paired design), and a run that already completed in `<out>` is skipped. Several processes
+may run the same sweep: each run is trained by the one that holds its lock (see `locks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from hlb_gpt import distributed
 from hlb_gpt.checkpoint import list_checkpoints
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import DataUnavailable
+from hlb_gpt.device import resolve_device
+from hlb_gpt.locks import DEFAULT_TIMEOUT_S, RunLock, read_lock, try_claim
 from hlb_gpt.records import CorruptRecord, Run, RunWriter, is_run_dir, read_run
+from hlb_gpt.status import write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +78,67 @@ def run_name(cfg: RunConfig, vary: Sequence[str] = ()) -> str:
 @dataclass
 class SweepResult:
     name: str
-    status: str
+    status: str  # the summary's status, or "running" while another process trains the run
     summary: dict[str, Any] | None
+    holder: str | None = None  # host:pid of that process
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Rank 0's verdict on one run, sent to every rank: train it here, skip it as done, or leave it to `holder`."""
+
+    action: str  # train, done or busy
+    summary: dict[str, Any] | None = None
+    holder: str | None = None
 
 
 def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
-              train_fn: Callable[..., dict[str, Any]] | None = None, progress: bool = True) -> list[SweepResult]:
+              train_fn: Callable[..., dict[str, Any]] | None = None, progress: bool = True,
+              lock_timeout_s: float = DEFAULT_TIMEOUT_S) -> list[SweepResult]:
     """Run every config into `out/<run name>/`: completed runs are skipped, unfinished ones (and completed ones
-    asked for more epochs) continue from their latest checkpoint, and a failed run does not stop the rest."""
-    out = Path(out)
-    unreadable: dict[str, str] = {}  # run folders whose records are damaged: those runs fail alone, below
-    for cfg in configs:  # before any work: a run folder may only be continued with its own settings
+    asked for more epochs) continue from their latest checkpoint, and a failed run does not stop the rest.
+
+    Processes running the same sweep split it: a process trains only the runs whose lock it claims, and leaves
+    those held by live processes (their results say "running"). A run whose process died, or whose heartbeat is
+    older than `lock_timeout_s`, is taken over and continues from its checkpoint. Under torchrun, rank 0 decides
+    for all ranks."""
+    out, started = Path(out), time.time()
+    ddp = _join_process_group(configs)
+    unreadable = distributed.on_rank0(lambda: check_folders(configs, out, vary), ddp)
+    if ddp.is_main:
+        write_manifest(out, [run_name(cfg, vary) for cfg in configs])
+    bar = tqdm(total=len(configs), unit="run", desc="sweep", position=0, dynamic_ncols=True,
+               disable=not (progress and ddp.is_main and len(configs) > 1))
+    results: dict[int, SweepResult] = {}
+    todo = list(range(len(configs)))
+    with bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
+        for second_look in (False, True):  # a second look at runs held elsewhere: their process may have died
+            for i in todo:
+                label = f"[{i + 1}/{len(configs)}] {run_name(configs[i], vary)}"
+                if run_name(configs[i], vary) in unreadable:  # damaged records: this run fails alone
+                    error = unreadable[run_name(configs[i], vary)]
+                    logger.error("%s failed: %s", label, error)
+                    results[i] = SweepResult(run_name(configs[i], vary), "failed", {"status": "failed", "error": error})
+                    bar.update(1)
+                    continue
+                results[i] = sweep_one(configs[i], out / run_name(configs[i], vary), label, train_fn, progress,
+                                       lock_timeout_s, ddp, report_busy=not second_look, since=started)
+                if results[i].status != "running":
+                    bar.update(1)
+            todo = [i for i in todo if results[i].status == "running"]
+            if todo:
+                bar.set_postfix_str(f"{len(todo)} running elsewhere")
+    if todo:
+        logger.info("still running in other processes: %s",
+                    ", ".join(f"{results[i].name} ({results[i].holder})" for i in todo))
+    return [results[i] for i in range(len(configs))]
+
+
+def check_folders(configs: list[RunConfig], out: Path, vary: Sequence[str]) -> dict[str, str]:
+    """Before any work: a run folder may only be continued with its own settings and up to its length. Returns the
+    runs whose records cannot be read, with why: those fail alone."""
+    unreadable: dict[str, str] = {}
+    for cfg in configs:
         run_dir = out / run_name(cfg, vary)
         if is_run_dir(run_dir):
             try:
@@ -87,34 +146,81 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
                 check_length(cfg, run_dir)
             except CorruptRecord as exc:
                 unreadable[run_dir.name] = str(exc)
-    results = []
-    for i, cfg in enumerate(configs, 1):
-        name = run_name(cfg, vary)
-        run_dir = out / name
-        if name in unreadable:
-            logger.error("[%d/%d] %s failed: %s", i, len(configs), name, unreadable[name])
-            results.append(SweepResult(name, "failed", {"status": "failed", "error": unreadable[name]}))
-            continue
-        if is_run_dir(run_dir) and is_done(cfg, read_run(run_dir)):
-            logger.info("[%d/%d] %s: completed already, skipped", i, len(configs), name)
-            results.append(SweepResult(name, "completed", read_run(run_dir).summary))
-            continue
-        logger.info("[%d/%d] %s", i, len(configs), name)
-        try:
-            summary = (train_fn or trainer_for(cfg))(cfg, run_dir, progress=progress, resume=True)
-        except (KeyboardInterrupt, DataUnavailable, ConfigError):
-            raise  # the user stopped, or no run can get its data: stop the sweep
-        except Exception as exc:  # one broken configuration must not cost the others
-            logger.error("%s failed: %s: %s", name, type(exc).__name__, exc)
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                # ...except under torchrun: the other ranks wait for this one in a collective. Rank 0 records
-                # the failure; the exception ends this process, and torchrun stops the others.
-                if os.environ.get("RANK", "0") == "0":
-                    _record_failure(cfg, run_dir, exc)
-                raise
-            summary = _record_failure(cfg, run_dir, exc)
-        results.append(SweepResult(name, summary["status"], summary))
-    return results
+    return unreadable
+
+
+def sweep_one(cfg: RunConfig, run_dir: Path, label: str, train_fn: Callable[..., dict[str, Any]] | None,
+              progress: bool, lock_timeout_s: float, ddp: distributed.Dist, report_busy: bool = True,
+              since: float | None = None) -> SweepResult:
+    """One run of the sweep: skip it, leave it to its holder, or claim it and train it (every rank, under torchrun),
+    releasing the lock however the run ends."""
+    lock: RunLock | None = None
+
+    def decide() -> Decision:
+        nonlocal lock
+        decision, lock = claim(cfg, run_dir, lock_timeout_s, since)
+        return decision
+
+    decision = distributed.on_rank0(decide, ddp)
+    if decision.action == "done":
+        status = decision.summary.get("status", "completed")
+        logger.info("%s: %s already, skipped", label, status)
+        return SweepResult(run_dir.name, status, decision.summary)
+    if decision.action == "busy":
+        if report_busy:
+            logger.info("%s: running on %s, skipped", label, decision.holder)
+        return SweepResult(run_dir.name, "running", None, decision.holder)
+    logger.info(label)
+    try:
+        summary = (train_fn or trainer_for(cfg))(cfg, run_dir, progress=progress, resume=True)
+    except (KeyboardInterrupt, DataUnavailable, ConfigError):
+        raise  # the user stopped, or no run can get its data: stop the sweep
+    except Exception as exc:  # one broken configuration must not cost the others
+        logger.error("%s failed: %s: %s", run_dir.name, type(exc).__name__, exc)
+        if ddp.enabled:
+            # ...except under torchrun: the other ranks wait for this one in a collective. Rank 0 records
+            # the failure; the exception ends this process, and torchrun stops the others.
+            if ddp.is_main:
+                _record_failure(cfg, run_dir, exc)
+            raise
+        summary = _record_failure(cfg, run_dir, exc)
+    finally:
+        if lock is not None:
+            lock.release()
+    return SweepResult(run_dir.name, summary["status"], summary)
+
+
+def claim(cfg: RunConfig, run_dir: Path, lock_timeout_s: float,
+          since: float | None = None) -> tuple[Decision, RunLock | None]:
+    """Read from disk: a completed run is done, and so is one another process of the sweep finished (diverged or
+    failed) after `since`, so that workers do not each retry it; a run locked by a live process is busy; any other
+    is claimed."""
+    if is_run_dir(run_dir) and _finished(cfg, run := read_run(run_dir), since):
+        return Decision("done", run.summary), None
+    lock = try_claim(run_dir, lock_timeout_s)
+    if lock is None:
+        held = read_lock(run_dir)
+        return Decision("busy", holder=str(held.owner) if held else "another process"), None
+    if is_run_dir(run_dir) and _finished(cfg, run := read_run(run_dir), since):  # its holder ended it as we looked
+        lock.release()
+        return Decision("done", run.summary), None
+    return Decision("train"), lock
+
+
+def _finished(cfg: RunConfig, run: Run, since: float | None) -> bool:
+    if is_done(cfg, run):
+        return True
+    ended = read_lock(run.path)
+    return (since is not None and run.summary is not None and ended is not None and ended.released is not None
+            and ended.released >= since)
+
+
+def _join_process_group(configs: list[RunConfig]) -> distributed.Dist:
+    """Under torchrun, join the process group now: the ranks agree on each run before training it."""
+    ddp = distributed.from_env()
+    if ddp.enabled and configs:
+        distributed.init(ddp, resolve_device(configs[0].device))
+    return ddp
 
 
 def is_done(cfg: RunConfig, run: Run) -> bool:

@@ -370,7 +370,9 @@ class Resumable:
     def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
         """(loop counters, metrics so far, checkpoint resumed from): a fresh start, or with `resume` the state of
         the run's latest checkpoint if it has one, after checking that it was trained with these settings."""
-        checkpoint, saved = self._newest_intact() if resume else (None, None)
+        # Rank 0 reads its disk and sends what it found: ranks on nodes without a shared filesystem agree.
+        checkpoint, saved = distributed.on_rank0(lambda: self._newest_intact() if resume else (None, None),
+                                                 distributed.from_env())
         if checkpoint is None:
             return loop_cls(), [], None
         check_resumable(self.cfg, saved["config"], self.run_dir)

@@ -214,7 +214,7 @@ def test_torchrun_with_two_cpu_ranks_matches_one_process_and_keeps_filters_ident
     ddp = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "hlb_gpt", *args,
                           "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["ema-a0.9-g1-s0"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.is_dir()) == ["ema-a0.9-g1-s0"]
     run = read_run(tmp_path / "ddp" / "ema-a0.9-g1-s0")
     assert run.config["world_size"] == 2
     checksums = run.summary["ddp"]["filter_checksums"]

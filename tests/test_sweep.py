@@ -82,7 +82,7 @@ def test_a_real_grid_sweep_pairs_seeds_and_survives_one_broken_run(tmp_path):
     broken.width = 12  # bypasses validation: the model refuses it when the run starts
     results = run_sweep(configs, tmp_path / "sweep", progress=False)
 
-    folders = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert len(folders) == 10
     statuses = {r.name: r.status for r in results}
     assert statuses.pop(run_name(broken)) == "failed"

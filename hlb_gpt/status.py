@@ -1,0 +1,93 @@
+"""Where a sweep stands: one line per run, read from its folders and their locks.
+
+A sweep writes `<out>/sweep.json` (the names of all its runs) when it starts, so runs that no process has begun
+yet show as pending. No torch here: `hlb-gpt status` is quick.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from hlb_gpt.locks import DEFAULT_TIMEOUT_S, format_age, read_lock
+from hlb_gpt.records import atomic_write_json, is_run_dir, read_run
+
+MANIFEST = "sweep.json"
+
+
+@dataclass(frozen=True)
+class RunState:
+    name: str
+    state: str  # pending, running, stale lock, unfinished, unreadable, or the summary's status
+    detail: str  # who holds the lock, and how old its heartbeat is
+    epochs: float | None
+    val_loss: float | None
+
+    def line(self, width: int) -> str:
+        epochs = "-" if self.epochs is None else f"{self.epochs:.4g}"
+        val = "-" if self.val_loss is None or not math.isfinite(self.val_loss) else f"{self.val_loss:.4f}"
+        state = f"{self.state} {self.detail}".strip()
+        return f"{self.name:<{width}}  {state:<44}  {epochs:>8}  {val:>8}"
+
+
+def read_manifest(out: Path) -> list[str]:
+    try:
+        return list(json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))["runs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def write_manifest(out: Path, names: list[str]) -> None:
+    """Record the sweep's run names, adding to those of earlier commands on the same folder."""
+    known = read_manifest(out)
+    merged = known + [n for n in names if n not in known]
+    if merged != known:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(out) / MANIFEST, {"runs": merged})
+
+
+def run_state(run_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S, now: float | None = None) -> RunState:
+    run_dir = Path(run_dir)
+    epochs = val = None
+    status, problem = None, None
+    if is_run_dir(run_dir):
+        try:
+            run = read_run(run_dir)
+            status = run.status or "unfinished"
+            if run.metrics:
+                epochs, val = run.metrics[-1].get("epoch"), run.metrics[-1].get("val_loss")
+        except (OSError, ValueError) as exc:
+            status, problem = "unreadable", f"({type(exc).__name__})"
+    lock = read_lock(run_dir)
+    state = lock.state(timeout_s, now) if lock is not None else None
+    if state == "held":
+        return RunState(run_dir.name, "running", f"on {lock.owner}", epochs, val)
+    if state == "stale":
+        return RunState(run_dir.name, "stale lock",
+                        f"({lock.owner}, heartbeat {format_age(lock.heartbeat_age(now))} ago)", epochs, val)
+    return RunState(run_dir.name, status or "pending", problem or "", epochs, val)
+
+
+def sweep_states(out: Path, timeout_s: float = DEFAULT_TIMEOUT_S, now: float | None = None) -> list[RunState]:
+    """Every run of the sweep: those its manifest names, in order, then any other run folder in `out` (or `out`
+    itself, when it is a run folder)."""
+    out = Path(out)
+    names = read_manifest(out)
+    if not names and is_run_dir(out):  # a run folder given on its own
+        return [run_state(out, timeout_s, now)]
+    others = sorted(p.name for p in out.iterdir()
+                    if p.is_dir() and p.name not in names and (is_run_dir(p) or read_lock(p) is not None))
+    return [run_state(out / name, timeout_s, now) for name in names + others]
+
+
+def format_status(states: list[RunState]) -> str:
+    width = max([len("run")] + [len(s.name) for s in states])
+    header = f"{'run':<{width}}  {'state':<44}  {'epochs':>8}  {'val loss':>8}"
+    counts = Counter(s.state for s in states)
+    total = f"{len(states)} run{'s' * (len(states) != 1)}"
+    if states:
+        total += ": " + ", ".join(f"{n} {state}" for state, n in counts.most_common())
+    return "\n".join([header, *(s.line(width) for s in states), total])

@@ -1,0 +1,314 @@
+"""Several processes on one sweep: they split the grid, take over the runs of dead ones, and `status` shows it."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from hlb_gpt.checkpoint import list_checkpoints
+from hlb_gpt.config import RunConfig
+from hlb_gpt.locks import Owner, read_lock
+from hlb_gpt.records import RunWriter, atomic_write_text, read_run
+from hlb_gpt.sweep import expand_grid, run_sweep
+
+BASE = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes")
+ELSEWHERE = Owner("another-host", 4242)
+TIME_KEYS = {"time_s", "tokens_per_s"}
+SMALL = ["--dataset", "mini", "--preset", "tiny", "--tokenizer", "bytes", "--depth", "1", "--width", "32",
+         "--seq-len", "32", "--batch-size", "4", "--eval-tokens", "1024", "-q"]
+
+
+def fake_train():
+    calls = []
+
+    def train(cfg, run_dir, progress=True, resume=False):
+        calls.append((run_dir.name, resume))
+        writer = RunWriter(run_dir)
+        writer.write_config(cfg.to_dict())
+        writer.append_metrics({"epoch": 1.0, "step": 1, "tokens": 1, "train_loss": 2.0, "val_loss": 2.5, "lr": 0.1,
+                               "grad_norm": 1.0, "ema_ratio": None, "time_s": 0.1, "tokens_per_s": 10.0})
+        summary = {"status": "failed" if cfg.seed == 9 else "completed", "best_val_loss": 2.5}
+        writer.write_summary(summary)
+        return summary
+
+    return train, calls
+
+
+def leave_lock(run_dir, owner, heartbeat_age=0.0):
+    """The lock a process leaves while it trains (or after it was killed): never released."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    beat = time.time() - heartbeat_age
+    (run_dir / "lock.0.json").write_text(json.dumps(
+        {"host": owner.host, "pid": owner.pid, "started": beat, "heartbeat": beat, "released": None}))
+
+
+def seeds(*values):
+    return expand_grid(BASE, {"seed": list(values)}, grokfast=False, baseline=False)
+
+
+def hlb(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "hlb_gpt", *args], capture_output=True, text=True, **kwargs)
+
+
+def numbers(run_dir):
+    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in read_run(run_dir).metrics]
+
+
+# ------------------------------------------------------------------------------------------ claiming, in-process
+
+
+def test_a_run_held_by_a_live_process_is_left_to_it_and_reported_as_running(tmp_path):
+    leave_lock(tmp_path / "baseline-s1", ELSEWHERE)
+    train, calls = fake_train()
+    results = run_sweep(seeds(0, 1, 2), tmp_path, train_fn=train, progress=False)
+    assert calls == [("baseline-s0", True), ("baseline-s2", True)]
+    assert [(r.status, r.holder) for r in results] == [
+        ("completed", None), ("running", "another-host:4242"), ("completed", None)]
+    assert read_lock(tmp_path / "baseline-s1").owner == ELSEWHERE  # untouched
+
+
+def test_a_run_whose_holder_went_silent_is_taken_over_and_resumed(tmp_path):
+    leave_lock(tmp_path / "baseline-s0", ELSEWHERE, heartbeat_age=30)
+    train, calls = fake_train()
+    results = run_sweep(seeds(0), tmp_path, train_fn=train, progress=False, lock_timeout_s=10)
+    assert calls == [("baseline-s0", True)] and results[0].status == "completed"
+    lock = read_lock(tmp_path / "baseline-s0")
+    assert lock.number == 1 and lock.owner == Owner.this_process() and lock.released is not None
+
+
+def test_every_run_s_lock_is_released_however_it_ends(tmp_path):
+    train, _ = fake_train()
+    results = run_sweep(seeds(0, 9), tmp_path, train_fn=train, progress=False)
+    assert [r.status for r in results] == ["completed", "failed"]
+    assert all(read_lock(tmp_path / r.name).state(600) == "released" for r in results)
+
+
+def test_a_run_another_worker_ended_as_failed_during_this_sweep_is_not_retried_but_an_older_failure_is(tmp_path):
+    train, calls = fake_train()
+    run_sweep(seeds(9), tmp_path, train_fn=train, progress=False)  # an earlier sweep: the run failed
+    leave_lock(tmp_path / "baseline-s8", ELSEWHERE)  # held while this sweep starts, then ended as failed
+    started = time.time()
+
+    def other_worker_fails_it(cfg, run_dir, progress=True, resume=False):
+        if run_dir.name == "baseline-s0":  # meanwhile, the other worker ends its run as failed
+            other = tmp_path / "baseline-s8"
+            RunWriter(other).write_config(BASE.replace(seed=8).to_dict())
+            RunWriter(other).write_summary({"status": "failed", "error": "RuntimeError: boom"})
+            lock = json.loads((other / "lock.0.json").read_text())
+            (other / "lock.0.json").write_text(json.dumps({**lock, "released": time.time()}))
+        return train(cfg, run_dir, progress, resume)
+
+    results = run_sweep(seeds(9, 0, 8), tmp_path, train_fn=other_worker_fails_it, progress=False)
+    assert [name for name, _ in calls] == ["baseline-s9", "baseline-s9", "baseline-s0"]  # s8: not again
+    assert [r.status for r in results] == ["failed", "completed", "failed"]
+    ended = read_lock(tmp_path / "baseline-s8")
+    assert ended.owner == ELSEWHERE and ended.released > started
+
+
+def test_a_sweep_writes_its_run_names_so_status_can_show_pending_runs(tmp_path):
+    train, _ = fake_train()
+    run_sweep(seeds(0, 1), tmp_path, train_fn=train, progress=False)
+    run_sweep(seeds(1, 2), tmp_path, train_fn=train, progress=False)
+    assert json.loads((tmp_path / "sweep.json").read_text())["runs"] == ["baseline-s0", "baseline-s1", "baseline-s2"]
+
+
+# ------------------------------------------------------------------------------------------ status and exit codes
+
+
+def status(out):
+    from hlb_gpt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["status", str(out), "--lock-timeout", "60"])
+    assert exc.value.code == 0
+
+
+def test_status_prints_one_line_per_run_with_its_state_epochs_and_last_val_loss(tmp_path, capsys):
+    train, _ = fake_train()
+    run_sweep(seeds(0, 9), tmp_path, train_fn=train, progress=False)
+    from hlb_gpt.status import write_manifest
+
+    write_manifest(tmp_path, ["baseline-s0", "baseline-s9", "baseline-s2", "baseline-s3", "baseline-s4"])
+    leave_lock(tmp_path / "baseline-s2", ELSEWHERE)
+    leave_lock(tmp_path / "baseline-s3", ELSEWHERE, heartbeat_age=600)
+    status(tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert list(rows) == ["baseline-s0", "baseline-s9", "baseline-s2", "baseline-s3", "baseline-s4"]
+    assert re.search(r"completed\s+1\s+2\.5000$", rows["baseline-s0"])
+    assert re.search(r"failed\s+1\s+2\.5000$", rows["baseline-s9"])
+    assert "running on another-host:4242" in rows["baseline-s2"]
+    assert "stale lock (another-host:4242, heartbeat 10m ago)" in rows["baseline-s3"]
+    assert re.search(r"pending\s+-\s+-$", rows["baseline-s4"])
+    assert lines[-1] == "5 runs: 1 completed, 1 failed, 1 running, 1 stale lock, 1 pending"
+
+
+def test_status_does_not_import_torch(tmp_path):
+    train, _ = fake_train()
+    run_sweep(seeds(0), tmp_path, train_fn=train, progress=False)
+    code = ("import sys\nfrom hlb_gpt.cli import main\ntry:\n    main(['status', sys.argv[1]])\n"
+            "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "baseline-s0" in res.stdout and "completed" in res.stdout
+
+
+def test_a_worker_whose_runs_are_all_held_elsewhere_exits_0_and_says_where_they_run(tmp_path):
+    leave_lock(tmp_path / "sweep" / "baseline-s0", ELSEWHERE)
+    res = hlb(SMALL + ["--out", str(tmp_path / "sweep"), "--data-cache", str(tmp_path / "cache"), "--max-steps", "2"])
+    assert res.returncode == 0, res.stderr
+    assert "baseline-s0: running on another-host:4242" in res.stdout
+    assert not (tmp_path / "sweep" / "baseline-s0" / "config.json").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "ten minutes", "-1m"])
+def test_a_lock_timeout_that_is_not_a_duration_is_bad_input(tmp_path, capsys, value):
+    from hlb_gpt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(SMALL + ["--lock-timeout", value, "--out", str(tmp_path / "sweep")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("Error: Invalid value for '--lock-timeout'")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_resume_refuses_a_run_another_process_is_training(tmp_path, capsys):
+    from hlb_gpt.cli import main
+
+    train, _ = fake_train()
+    run_sweep(seeds(0), tmp_path, train_fn=train, progress=False)
+    run_dir = tmp_path / "baseline-s0"
+    for p in run_dir.glob("lock.*.json"):
+        p.unlink()
+    leave_lock(run_dir, ELSEWHERE)
+    with pytest.raises(SystemExit) as exc:
+        main(["--resume", str(run_dir)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.strip() == f"Error: --resume {run_dir}: the run is being trained by " \
+                                                 "another-host:4242"
+
+
+# ------------------------------------------------------------------------------------------ temporary files
+
+
+def test_writers_of_the_same_file_at_once_never_share_a_temporary_file(tmp_path):
+    path, errors = tmp_path / "summary.json", []
+
+    def write(i):
+        try:
+            for j in range(200):
+                atomic_write_text(path, f"{i} {j}\n" * 100)
+        except Exception as exc:  # noqa: BLE001 - the test reports any failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(path.read_text().splitlines())) == 1  # one writer's whole text
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError):
+        atomic_write_text(tmp_path / "config.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ real workers
+
+
+def start(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "hlb_gpt", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_three_workers_on_one_sweep_train_each_run_exactly_once(tmp_path):
+    args = SMALL + ["--seed", "0,1,2,3,4,5", "--epochs", "0.03", "--evals-per-epoch", "1000",
+                    "--checkpoint-every", "0.01", "--data-cache", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "sweep")]
+    workers = [start(args, WORKER_ENV) for _ in range(3)]  # the cache is built by all three at once, too
+    outputs = [w.communicate(timeout=900) for w in workers]
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err
+    names = [f"baseline-s{s}" for s in range(6)]
+    trained_by, step_lists = {}, []
+    for name in names:
+        run_dir = tmp_path / "sweep" / name
+        run = read_run(run_dir)
+        assert run.status == "completed"
+        steps = [row["step"] for row in run.metrics]
+        assert steps == sorted(set(steps)) and steps[-1] == run.summary["steps"]  # no step twice, up to the end
+        step_lists.append(steps)
+        assert [p.name for p in run_dir.glob("lock.*.json")] == ["lock.0.json"]  # claimed once, never taken over
+        trained_by[name] = read_lock(run_dir).owner.pid
+        started = [err.count(f"{name}: 22,849 parameters") for _, err in outputs]
+        assert sorted(started) == [0, 0, 1]  # one process trained it, once
+        assert started[[w.pid for w in workers].index(trained_by[name])] == 1
+    assert all(steps == step_lists[0] for steps in step_lists)  # every run logged the same steps as the others
+    assert set(trained_by.values()) == {w.pid for w in workers}  # every worker trained at least one run
+    for w, (out, _) in zip(workers, outputs):  # each reports every run: completed, or still running in another
+        others = {f"running on {socket.gethostname()}:{v.pid}" for v in workers if v is not w}
+        for name in names:
+            line = next(line for line in out.splitlines() if line.startswith(f"{name}: "))
+            assert line.startswith(f"{name}: completed") or line.split(": ", 1)[1] in others, line
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    args = SMALL + KILL_ARGS + ["--data-cache", str(tmp / "cache"), "--out", str(tmp / "sweep")]
+    res = hlb(args, env=WORKER_ENV)
+    assert res.returncode == 0, res.stderr
+    return numbers(tmp / "sweep" / "baseline-s0")
+
+
+KILL_ARGS = ["--epochs", "0.01", "--evals-per-epoch", "2000", "--checkpoint-every", "0.002"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["its process is dead", "its heartbeat timed out"])
+def test_a_killed_worker_s_run_is_taken_over_by_another_and_ends_as_if_never_killed(tmp_path, uninterrupted, how):
+    timeout = 2.0 if how == "its process is dead" else 15.0  # long enough to see the run left to its holder first
+    args = SMALL + KILL_ARGS + ["--lock-timeout", f"{timeout}s", "--data-cache", str(tmp_path / "cache"),
+                                "--out", str(tmp_path / "sweep")]
+    run_dir = tmp_path / "sweep" / "baseline-s0"
+    killed = start(args, WORKER_ENV)
+    deadline = time.monotonic() + 300
+    while not (list_checkpoints(run_dir) and (run_dir / "metrics.jsonl").exists() and read_run(run_dir).metrics):
+        assert killed.poll() is None and time.monotonic() < deadline, "the worker ended before it could be killed"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert read_run(run_dir).summary is None and read_lock(run_dir).released is None
+    if how == "its heartbeat timed out":  # as if the worker ran on another machine: its PID says nothing here
+        lock = json.loads((run_dir / "lock.0.json").read_text())
+        (run_dir / "lock.0.json").write_text(json.dumps({**lock, "host": "another-host"}))
+        early = hlb(args, env=WORKER_ENV)  # before the timeout the run is left to its (silent) holder
+        assert early.returncode == 0 and f"baseline-s0: running on another-host:{killed.pid}" in early.stdout
+        while read_lock(run_dir).heartbeat_age() <= timeout:
+            time.sleep(0.1)
+    taker = start(args, WORKER_ENV)
+    out, err = taker.communicate(timeout=600)
+    assert taker.returncode == 0, err
+    assert "took over the stale lock" in err and "resumed at step" in err
+    assert read_run(run_dir).status == "completed"
+    assert read_lock(run_dir).number == 1 and read_lock(run_dir).owner.pid == taker.pid
+    assert numbers(run_dir) == uninterrupted
