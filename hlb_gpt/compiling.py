@@ -49,7 +49,8 @@ def is_compile_error(exc: BaseException) -> bool:
 class FallbackCompiled:
     """`fn` through torch.compile; after the first compile error, `fn` itself (eager), with one warning.
 
-    torch.compile is lazy, so errors come from the first calls (and from recompiles). The backward graph is
+    torch.compile is lazy, so errors come from the first calls (and from recompiles; reaching dynamo's recompile
+    limit counts as an error, where dynamo alone would quietly run the new shapes eagerly). The backward graph is
     compiled with the forward (not lazily at the first backward), so that its errors surface here too, before
     anything ran: the eager retry starts from untouched state. `dynamic_dims` are the dimensions of tensor
     arguments marked dynamic on every call (those a tensor has), so that new sizes along them reuse one graph.
@@ -69,10 +70,14 @@ class FallbackCompiled:
                         if dim < arg.dim():
                             # "maybe": a size-1 dimension (a last eval chunk of one) stays specialised, no error
                             torch._dynamo.maybe_mark_dynamic(arg, dim)
+            from torch._dynamo import config as dynamo_config
             from torch._functorch import config as aot_config
 
             try:
-                with aot_config.patch(force_non_lazy_backward_lowering=True):
+                # Past the recompile limit dynamo would run new shapes eagerly with a mere log line; raising
+                # instead makes it one warning here and `compiled: false` in the summary.
+                with aot_config.patch(force_non_lazy_backward_lowering=True), \
+                        dynamo_config.patch(fail_on_recompile_limit_hit=True):
                     return self._compiled(*args, **kwargs)
             except Exception as exc:
                 if not is_compile_error(exc):

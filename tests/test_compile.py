@@ -53,7 +53,8 @@ def sweep(tmp_path, *flags):
 
 
 # -- the filter: hyperparameters are graph inputs ------------------------------------------------------------
-def test_one_compiled_filter_graph_serves_every_alpha_gain_and_window_in_one_process():
+def test_one_compiled_filter_graph_serves_every_alpha_gain_and_window_in_one_process(monkeypatch):
+    monkeypatch.setattr(compiling, "BACKEND", "eager")  # the guards are dynamo's, whatever the backend
     torch._dynamo.reset()
     before = graphs_compiled()
     for i in range(10):  # more distinct settings than dynamo's recompile limit (8), no reset between them
@@ -84,6 +85,19 @@ def test_a_filter_whose_compile_fails_runs_eagerly_with_one_warning_and_the_same
     assert len([r for r in caplog.records if "torch.compile failed" in r.message]) == 1
     torch.testing.assert_close(params[0].grad, reference[0].grad)
     torch.testing.assert_close(filt.state[params[0]]["mu"], eager.state[reference[0]]["mu"])
+
+
+def test_reaching_the_recompile_limit_falls_back_to_eager_with_one_warning_instead_of_silently(
+        monkeypatch, caplog):
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch._dynamo.reset()
+    double = compiling.FallbackCompiled(lambda x: 2 * x, "doubling", dynamic=False)
+    with caplog.at_level(logging.WARNING, logger="hlb_gpt.compiling"):
+        results = [double(torch.ones(n)) for n in (1, 2, 3, 4, 5)]  # a new static shape each call
+    assert all(torch.equal(r, torch.full((n,), 2.0)) for r, n in zip(results, (1, 2, 3, 4, 5)))
+    assert "FailOnRecompileLimitHit" in double.error
+    assert len([r for r in caplog.records if "torch.compile failed" in r.message]) == 1
 
 
 # -- a run: fallback and summary fields ------------------------------------------------------------------------
@@ -132,6 +146,7 @@ def test_an_eager_run_has_no_compile_time_and_every_step_is_steady(tmp_path):
     assert summary["step_time_s"] * 21 == pytest.approx(summary["train_time_s"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_each_run_starts_from_a_clean_compile_state_so_a_model_grid_never_reaches_the_recompile_limit(
         tmp_path, monkeypatch):
     monkeypatch.setattr(compiling, "BACKEND", "eager")
