@@ -15,6 +15,10 @@ Design notes
   replaces both paths with one ``torch.compile``d function of the tensor lists, with or without
   ``found_inf`` (one fused pass per tensor: EMA reads g and mu and writes both).  The graph is
   specialised to the list of parameters that have gradients: if that set changes, it recompiles.
+  Every filter in a process shares that one function, so the hyperparameters enter it as 0-dim
+  tensors: one graph serves every alpha, gain and window (a Python float would be baked into the
+  graph, and a grid of 9 settings would hit dynamo's recompile limit).  A compile error falls back
+  to running the same function eagerly (``compile_error`` says why).
 * **Step counters.** Each parameter's state holds ``step`` (accepted steps) as a 0-dim int64 tensor
   on the parameter's device, so a non-finite step can leave it unchanged without a host sync
   (``step += 1 - found_inf``).  The eager path without ``found_inf`` branches on a host-side mirror of
@@ -60,6 +64,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from hlb_gpt.compiling import FallbackCompiled
 
 __all__ = ["GradFilter", "NoFilter", "EMAFilter", "MAFilter"]
 
@@ -121,8 +127,11 @@ class GradFilter:
         self.state: dict[Tensor, dict[str, Any]] = {}
         self._host_step: dict[Tensor, int] = {}  # mirror of state[p]["step"], valid when _mirror_valid
         self._mirror_valid = True
-        # torch.compile is lazy: nothing is traced until the first step.
-        self._fused = torch.compile(self._kernel, fullgraph=True, dynamic=False) if compile else None
+        # torch.compile is lazy: nothing is traced until the first step. Every filter shares one kernel
+        # function, so its graph must not depend on the hyperparameters: they enter as 0-dim tensors.
+        self._fused = (FallbackCompiled(self._kernel, f"the {self.kind.upper()} filter", fullgraph=True, dynamic=False)
+                       if compile else None)
+        self._scalars: dict[torch.device, tuple[Tensor, ...]] = {}
 
     # -- public API -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -205,6 +214,20 @@ class GradFilter:
         return torch.where(torch.stack(acted_any).any(), value, math.nan)
 
     # -- shared machinery -------------------------------------------------------------------------
+    @property
+    def compile_error(self) -> str | None:
+        """Why the compiled step fell back to eager (None: it compiled, or was never asked to)."""
+        return None if self._fused is None else self._fused.error
+
+    def _kernel_scalars(self, device: torch.device) -> tuple[Tensor, ...]:
+        """The hyperparameters as the compiled kernel takes them: 0-dim tensors, made once per device."""
+        if device not in self._scalars:
+            self._scalars[device] = tuple(torch.tensor(v, device=device) for v in self._kernel_values())
+        return self._scalars[device]
+
+    def _kernel_values(self) -> tuple[float | int, ...]:
+        return ()
+
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         return p.dtype if self.dtype is None else self.dtype
 
@@ -269,6 +292,10 @@ class NoFilter(GradFilter):
     @property
     def nbytes(self) -> int:
         return 0
+
+    @property
+    def compile_error(self) -> None:
+        return None
 
     def ratio(self) -> Tensor:
         return torch.full((), math.nan)
@@ -356,17 +383,20 @@ class EMAFilter(GradFilter):
                 self.state[p] = self._new_state(p, g, copy=False)
         sts = [self.state[p] for p, _ in live]
         self._fused([s["mu"] for s in sts], [g for _, g in live], [s["step"] for s in sts],
-                    found_inf, self.alpha, self.gain)
+                    found_inf, *self._kernel_scalars(live[0][1].device))
+
+    def _kernel_values(self) -> tuple[float, float]:
+        return (1.0 - self.alpha, self.gain)  # float32 tensors: 1 - alpha rounded once, as a Python scalar was
 
     @staticmethod
     def _kernel(mus: list[Tensor], grads: list[Tensor], steps: list[Tensor], found_inf: Tensor | None,
-                alpha: float, gain: float) -> None:
+                one_minus_alpha: Tensor, gain: Tensor) -> None:
         """One fused pass per tensor: read g and mu, write mu and g (and the 0-dim counter)."""
         ok = None if found_inf is None else found_inf == 0
         for mu, g, step in zip(mus, grads, steps):
             first = step == 0
             math_dtype = torch.promote_types(mu.dtype, torch.float32)  # as eager lerp's internal math
-            weight = torch.where(first, 1.0, 1.0 - alpha).to(math_dtype)
+            weight = torch.where(first, 1.0, one_minus_alpha).to(math_dtype)
             new_mu = torch.lerp(mu.to(math_dtype), g.to(math_dtype), weight).to(mu.dtype)
             if ok is not None:
                 new_mu = torch.where(ok, new_mu, mu)
@@ -507,14 +537,17 @@ class MAFilter(GradFilter):
         # Rare: re-sum after the fused step; if the step was skipped the saved sum is selected back.
         keep = [st["sum"].clone() for st in due]
         self._fused([st["ring"] for st in sts], [st["sum"] for st in sts], [g for _, g in live],
-                    [st["step"] for st in sts], positions, found, self.window, self.gain)
+                    [st["step"] for st in sts], positions, found, *self._kernel_scalars(live[0][1].device))
         for old_sum, st in zip(keep, due):
             exact = st["ring"].sum(dim=0)
             torch.where(found.to(exact.device) != 0, old_sum, exact, out=st["sum"])
 
+    def _kernel_values(self) -> tuple[int, float]:
+        return (self.window, self.gain / self.window)
+
     @staticmethod
     def _kernel(rings: list[Tensor], sums: list[Tensor], grads: list[Tensor], steps: list[Tensor],
-                positions: list[Tensor], found_inf: Tensor, window: int, gain: float) -> None:
+                positions: list[Tensor], found_inf: Tensor, window: Tensor, scale: Tensor) -> None:
         """One fused pass per tensor: read g, sum and ring[pos]; write them back."""
         ok = found_inf == 0
         for ring, total, g, step, pos in zip(rings, sums, grads, steps, positions):
@@ -525,7 +558,7 @@ class MAFilter(GradFilter):
             total.copy_(new_total)
             step.add_(ok.to(step.dtype))
             wide = torch.promote_types(g.dtype, total.dtype)
-            coeff = torch.where(step >= window, gain / window, 0.0)
+            coeff = torch.where(step >= window, scale, 0.0)  # scale = gain / window
             g.copy_(g.to(wide) + coeff * new_total.to(wide))
 
     def _signal(self, st: dict) -> tuple[Tensor, float, Tensor]:

@@ -27,6 +27,7 @@ import hlb_gpt
 from hlb_gpt import distributed
 from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, checkpoint_dir, list_checkpoints, load_checkpoint,
                                 rng_state, save_checkpoint, set_rng_state)
+from hlb_gpt.compiling import FallbackCompiled, Lap, compile_record, fresh_start, graphs_compiled
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
@@ -295,7 +296,13 @@ class LoopState:
     wall_time: float = 0.0
     best: float = math.nan
     final: float = math.nan
-    mark_tokens: int = 0
+    # Steady time: the loop's intervals between host syncs in which nothing was compiled. Intervals in which
+    # dynamo compiled (the first steps, a new shape) count as compile time instead; train_time holds both.
+    steady_time: float = 0.0
+    steady_steps: int = 0
+    steady_tokens: int = 0
+    compile_time: float = 0.0
+    mark_tokens: int = 0  # steady tokens and time at the last metrics row
     mark_time: float = 0.0
     loss_count: int = 0
     # Device-side, read only at logging points.
@@ -314,7 +321,7 @@ class LoopState:
         Records the validation loss as the final and maybe best one, and starts the next throughput interval."""
         self.final = val_loss
         self.best = val_loss if math.isnan(self.best) else min(self.best, val_loss)
-        interval = self.train_time - self.mark_time
+        interval = self.steady_time - self.mark_time
         row = {
             "epoch": self.tokens / n_train,
             "step": self.step,
@@ -325,10 +332,21 @@ class LoopState:
             "grad_norm": grad_norm,
             "ema_ratio": None if math.isnan(ema_ratio) else ema_ratio,
             "time_s": self.train_time,
-            "tokens_per_s": (self.tokens - self.mark_tokens) / interval if interval > 0 else None,
+            "tokens_per_s": (self.steady_tokens - self.mark_tokens) / interval if interval > 0 else None,
         }
-        self.mark_tokens, self.mark_time = self.tokens, self.train_time
+        self.mark_tokens, self.mark_time = self.steady_tokens, self.steady_time
         return row
+
+    def add_lap(self, lap: Lap) -> None:
+        """Count the training time of the loop since its last host sync, as steady or as compile time."""
+        seconds, compiled = lap.end()
+        self.train_time += seconds
+        if compiled:
+            self.compile_time += seconds
+        else:
+            self.steady_time += seconds
+            self.steady_steps += self.step - lap.step
+            self.steady_tokens += self.tokens - lap.tokens
 
     def state_dict(self) -> dict[str, Any]:
         return {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
@@ -448,6 +466,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     evaluates and writes; every rank returns the summary.
     """
     run_dir = Path(run_dir)
+    fresh_start()  # no compiled graph or recompile count of an earlier run in this process
+    graphs_at_start = graphs_compiled()
     ddp = distributed.from_env()
     device = distributed.init(ddp, resolve_device(cfg.device))
     peak = PeakMemory.start(device)
@@ -486,8 +506,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     if ddp.enabled:
         wrapped = distributed.wrap(model, device)
         train_forward, no_sync = wrapped, wrapped.no_sync
-    if compile_model:
-        train_forward = torch.compile(train_forward)
+    if compile_model:  # batch and sequence length vary: one graph serves the sequence-length warm-up
+        train_forward = FallbackCompiled(train_forward, "the model", dynamic_dims=(0, 1))
     # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward. It evaluates in
     # chunks of the per-rank micro-batch, which training has shown to fit, not at the global batch.
     eval_forward = train_forward if not ddp.enabled else model
@@ -538,7 +558,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     wall_start = time.perf_counter() - loop.wall_time
     try:
         with outcome, StopSignals() as stop:
-            tick = time.perf_counter()
+            lap = Lap.begin(loop)
             while loop.step < total_steps:
                 length, batch = schedule.length_at(loop.step), schedule.batch_at(loop.step)
                 x, y = sampler.sample(batch, length)
@@ -563,8 +583,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                     stopping = loop.step % REFRESH_STEPS == 0 and distributed.broadcast_flag(stopping, ddp, device)
                 if evaluate_now or checkpoint_now or stopping or loop.step % REFRESH_STEPS == 0 or loop.step == 1:
                     synchronize(device)
-                    now = time.perf_counter()
-                    loop.train_time += now - tick
+                    loop.add_lap(lap)
                     if loop.diverged_at.item() >= 0:
                         raise Diverged(f"more than {cfg.max_bad_steps} consecutive steps with non-finite "
                                        f"gradients, from step {int(loop.diverged_at.item()) - cfg.max_bad_steps}")
@@ -582,12 +601,14 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")
                     bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val), refresh=False)
-                    tick = time.perf_counter()
+                    lap = Lap.begin(loop)
             save("final")  # so that a completed run can be extended with more --epochs
     finally:
         bar.close()
         memory = final_memory(memory, model, optimizer, grad_filter, peak)
-        summary = run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory)
+        summary = run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory,
+                              compile_record(compile_model, [train_forward.error if compile_model else None,
+                                                             grad_filter.compile_error], graphs_at_start))
         if ddp.enabled and outcome.status != "failed":
             summary["ddp"] = {"world_size": ddp.world_size,
                               "filter_checksums": distributed.gather_floats(filter_checksum(grad_filter), ddp, device)}
@@ -606,8 +627,9 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
 
 def run_summary(status: str, error: str | None, loop: LoopState, n_train: int, wall_time: float,
-                memory: dict[str, Any]) -> dict[str, Any]:
-    """The keys every summary.json has, whatever the task."""
+                memory: dict[str, Any], compiled: dict[str, Any]) -> dict[str, Any]:
+    """The keys every summary.json has, whatever the task. `step_time_s` is the steady time per step (None if
+    every interval compiled something); `compiled` is `compile_record`'s."""
     return {
         "status": status,
         "error": error,
@@ -618,7 +640,10 @@ def run_summary(status: str, error: str | None, loop: LoopState, n_train: int, w
         "epochs": loop.tokens / n_train,
         "train_time_s": loop.train_time,
         "wall_time_s": wall_time,
-        "step_time_s": loop.train_time / loop.step if loop.step else None,
+        "step_time_s": loop.steady_time / loop.steady_steps if loop.steady_steps else None,
+        "steady_steps": loop.steady_steps,
+        "compile_time_s": loop.compile_time,
+        **compiled,
         "memory": memory,
     }
 

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hlb_gpt import distributed
+from hlb_gpt.compiling import FallbackCompiled, Lap, compile_record, fresh_start, graphs_compiled
 from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.device import (PeakMemory, autocast_for, final_memory, format_memory, memory_breakdown, resolve_device,
                             resolve_precision, synchronize)
@@ -317,6 +318,8 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     if distributed.from_env().enabled:
         raise ConfigError("--task modular trains in one process: launch it without torchrun")
     run_dir = Path(run_dir)
+    fresh_start()  # no compiled graph or recompile count of an earlier run in this process
+    graphs_at_start = graphs_compiled()
     device = resolve_device(cfg.device)
     peak = PeakMemory.start(device)
     say = tqdm.write if progress else logger.info
@@ -342,7 +345,8 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler)
     loop, metrics, checkpoint = parts.start(resume, ModularLoop)
     loop.to(device)
-    compiled = torch.compile(model) if compile_model else model
+    # Batches of 512, the epoch's remainder and the whole validation set: one graph for every batch size.
+    compiled = FallbackCompiled(model, "the model", dynamic_dims=(0,)) if compile_model else model
 
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = planned_steps(cfg, n_train)
@@ -403,7 +407,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
     wall_start = time.perf_counter() - loop.wall_time
     try:
         with outcome, StopSignals() as stop:
-            tick = time.perf_counter()
+            lap = Lap.begin(loop)
             while loop.step < total_steps:
                 index = sampler.next()
                 x, y = train_x[index], train_y[index]
@@ -425,7 +429,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
                 stopping = stop.requested is not None
                 if evaluate_now or checkpoint_now or stopping:  # the only host syncs of the loop
                     synchronize(device)
-                    loop.train_time += time.perf_counter() - tick
+                    loop.add_lap(lap)
                     if loop.diverged_at.item() >= 0:
                         raise Diverged(f"more than {cfg.max_bad_steps} consecutive steps with non-finite "
                                        f"gradients, from step {int(loop.diverged_at.item()) - cfg.max_bad_steps}")
@@ -442,14 +446,16 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
                         parts.save(loop, metrics, "signal" if stopping else "periodic", say)
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested} at step {loop.step}")
-                    tick = time.perf_counter()
+                    lap = Lap.begin(loop)
             # So that a completed run can be extended with a larger --max-steps.
             parts.save(loop, metrics, "final", say)
     finally:
         bar.close()
         memory = final_memory(memory, model, optimizer, grad_filter, peak)
         summary = {
-            **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory),
+            **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory,
+                          compile_record(compile_model, [compiled.error if compile_model else None,
+                                                         grad_filter.compile_error], graphs_at_start)),
             "best_val_acc": loop.best_acc,
             "final_val_acc": loop.final_acc,
             "target_acc": cfg.target_acc,

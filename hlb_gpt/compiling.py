@@ -1,0 +1,116 @@
+"""torch.compile within a run: a compiled function that falls back to eager, and dynamo's graph count.
+
+Three things make compiling safe in a sweep of many runs in one process:
+
+* Each run starts from a clean dynamo state (`fresh_start`): compiled variants of earlier runs' models and
+  filters would otherwise pile up against dynamo's recompile limit (8 per function), after which dynamo runs
+  the function eagerly (with `fullgraph=True`, it raises).
+* A compile failure never fails a run (`FallbackCompiled`): the function runs eagerly from then on, with one
+  warning, and the run's summary says `compiled: false`.
+* Compilation is counted (`graphs_compiled`), so the trainer can tell the loop's intervals that compiled
+  something from steady ones and keep compile time out of the step time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "inductor"  # torch.compile's default; tests swap in a failing or a tracing-only backend
+
+
+def fresh_start() -> None:
+    """Forget every compiled graph and guard failure of earlier runs in this process."""
+    torch._dynamo.reset()
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process (never reset): a difference of two reads counts compiles."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def is_compile_error(exc: BaseException) -> bool:
+    """An error of torch.compile itself (tracing, the backend, the recompile limit), not of the computation."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+
+    return isinstance(exc, (TorchDynamoException, FailOnRecompileLimitHit))
+
+
+class FallbackCompiled:
+    """`fn` through torch.compile; after the first compile error, `fn` itself (eager), with one warning.
+
+    torch.compile is lazy, so errors come from the first calls (and from recompiles; reaching dynamo's recompile
+    limit counts as an error, where dynamo alone would quietly run the new shapes eagerly). The backward graph is
+    compiled with the forward (not lazily at the first backward), so that its errors surface here too, before
+    anything ran: the eager retry starts from untouched state. `dynamic_dims` are the dimensions of tensor
+    arguments marked dynamic on every call (those a tensor has), so that new sizes along them reuse one graph.
+    """
+
+    def __init__(self, fn: Callable[..., Any], name: str, dynamic_dims: Sequence[int] = (), **options: Any) -> None:
+        self.fn, self.name = fn, name
+        self.dynamic_dims = tuple(dynamic_dims)
+        self.error: str | None = None
+        self._compiled = torch.compile(fn, backend=BACKEND, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.error is None:
+            for arg in args:
+                if isinstance(arg, Tensor):
+                    for dim in self.dynamic_dims:
+                        if dim < arg.dim():
+                            # "maybe": a size-1 dimension (a last eval chunk of one) stays specialised, no error
+                            torch._dynamo.maybe_mark_dynamic(arg, dim)
+            from torch._dynamo import config as dynamo_config
+            from torch._functorch import config as aot_config
+
+            try:
+                # Past the recompile limit dynamo would run new shapes eagerly with a mere log line; raising
+                # instead makes it one warning here and `compiled: false` in the summary.
+                with aot_config.patch(force_non_lazy_backward_lowering=True), \
+                        dynamo_config.patch(fail_on_recompile_limit_hit=True):
+                    return self._compiled(*args, **kwargs)
+            except Exception as exc:
+                if not is_compile_error(exc):
+                    raise
+                # The backend's own error is on the second line ("backend='inductor' raised:\nCppCompileError...").
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                self.error = f"{type(exc).__name__}: {' '.join(lines[:2])}"[:500]
+                logger.warning("%s: torch.compile failed, running it eagerly from now on (%s)", self.name, self.error)
+        return self.fn(*args, **kwargs)
+
+
+def compile_record(asked: bool, errors: Sequence[str | None], graphs_at_start: int) -> dict[str, Any]:
+    """The summary's compile fields: whether the run trained compiled (asked, and nothing fell back to eager),
+    the graphs dynamo compiled since `graphs_at_start`, and the first compile error."""
+    error = next((e for e in errors if e is not None), None)
+    return {"compiled": asked and error is None, "compile_count": graphs_compiled() - graphs_at_start,
+            "compile_error": error}
+
+
+@dataclass
+class Lap:
+    """The training loop from one host sync to the next: where it started, and whether dynamo compiled since."""
+
+    step: int
+    tokens: int
+    start: float
+    graphs: int
+
+    @classmethod
+    def begin(cls, loop: Any) -> Lap:
+        """Start timing at the loop's current step and token count (read right after a sync)."""
+        return cls(loop.step, loop.tokens, time.perf_counter(), graphs_compiled())
+
+    def end(self) -> tuple[float, bool]:
+        """(seconds since the start, whether a graph was compiled meanwhile); call it right after a sync."""
+        return time.perf_counter() - self.start, graphs_compiled() > self.graphs
