@@ -27,7 +27,8 @@ from hlb_gpt import distributed
 from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import BatchSampler, eval_windows, get_tokenizer, load_tokens
-from hlb_gpt.device import autocast_for, final_memory, format_memory, memory_breakdown, resolve_device, synchronize
+from hlb_gpt.device import (attention_for, autocast_for, final_memory, format_memory, memory_breakdown, resolve_device,
+                            synchronize)
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
@@ -337,10 +338,11 @@ class Resumable:
 
 
 def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int,
-                  world_size: int = 1) -> dict[str, Any]:
+                  world_size: int = 1, attention: str | None = None) -> dict[str, Any]:
     return {
         **cfg.to_dict(),
         "resolved_device": str(device),
+        "resolved_attention": attention,
         "world_size": world_size,
         "n_params": n_params,
         "train_tokens": n_train_tokens,
@@ -364,6 +366,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         torch.backends.cudnn.allow_tf32 = True
     compile_model = device.type == "cuda" if cfg.compile is None else cfg.compile
     autocast = autocast_for(device, cfg.precision)
+    attention = attention_for(cfg.attention, device, compile_model, cfg.width // GPTConfig.qk_div)
     if cfg.batch_size % (cfg.grad_accum * ddp.world_size):
         raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum x ranks "
                           f"({cfg.grad_accum} x {ddp.world_size})")
@@ -375,7 +378,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     torch.manual_seed(cfg.seed)
     model_cfg = GPTConfig(vocab_size=pad_vocab(tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,
-                          max_seq_len=cfg.seq_len, gate=cfg.gate)
+                          max_seq_len=cfg.seq_len, gate=cfg.gate, attention=attention)
     model = GPT(model_cfg).to(device)
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
@@ -403,7 +406,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     writer = RunWriter(run_dir) if ddp.is_main else None
     if writer:
-        writer.write_config(config_record(cfg, device, model.num_params(), n_train, ddp.world_size))
+        writer.write_config(config_record(cfg, device, model.num_params(), n_train, ddp.world_size, attention))
         writer.rewrite_metrics(metrics)
     tracker = make_tracker(cfg, run_dir) if ddp.is_main else NoTracker()
     say(f"{run_dir.name}: {model.num_params():,} parameters on {device}"
