@@ -3,7 +3,10 @@ with a causal block mask and the bias as a score_mod. torch 2.13 runs FlexAttent
 so forward equality is checked on CPU as the CUDA path will run it, and the backward through torch's own dense
 reference implementation (see `flex_backward_on_cpu`)."""
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +171,15 @@ def test_the_attention_setting_is_validated_and_is_not_a_resumable_change():
         RunConfig(task="modular", attention="flex")
     with pytest.raises(ConfigError, match="--attention"):
         check_resumable(RunConfig(attention="flex"), RunConfig(attention="sdpa").to_dict(), "runs/x")
+
+
+@pytest.mark.slow
+def test_the_attention_benchmark_runs_on_cpu_and_prints_its_table():
+    bench = Path(__file__).resolve().parents[1] / "bench" / "attention.py"
+    out = subprocess.run([sys.executable, str(bench), "--device", "cpu", "--batch", "1", "--seq-len", "100",
+                          "--repeats", "1", "--iters", "1", "--warmup", "1"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = {tuple(line.split()[:2]): line for line in out.splitlines()[2:]}
+    assert set(rows) == {(v, m) for v in ("sdpa", "flex", "flex-1head") for m in ("train", "eval")}, out
+    assert "n/a: NotImplementedError" in rows["flex", "train"]  # no FlexAttention backward on CPU
+    assert float(rows["flex", "eval"].split()[-2]) < 1e-5, out  # its output's max |difference| to SDPA's
