@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 GATES = ("none", "relu", "sigmoid")
 ATTENTIONS = ("sdpa", "flex")
-# FlexAttention's kernels are tuned for head widths up to 128; wider values are split into heads of at most this.
+# FlexAttention's CUDA kernels pick their tiles by the query width and round the value width up to a power of
+# two, so one 384-wide value head would carry 512-wide tiles; values are split into heads of at most this.
 MAX_VALUE_HEAD = 128
 
 
