@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hlb_gpt.compare import group_key
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import attention_for, flex_available
 from hlb_gpt.model import GPT, MAX_VALUE_HEAD, Block, GPTConfig, causal_block_mask, value_heads
@@ -171,6 +172,16 @@ def test_the_attention_setting_is_validated_and_is_not_a_resumable_change():
         RunConfig(task="modular", attention="flex")
     with pytest.raises(ConfigError, match="--attention"):
         check_resumable(RunConfig(attention="flex"), RunConfig(attention="sdpa").to_dict(), "runs/x")
+
+
+def test_the_attention_kernel_does_not_split_a_configuration_in_compare():
+    # The same computation by another kernel, as with --device and --compile; a run recorded before --attention
+    # existed still pairs with one that records it.
+    before = {**RunConfig(dataset="mini").to_dict(), "resolved_device": "cpu"}
+    del before["attention"]
+    flex = {**RunConfig(dataset="mini", attention="flex").to_dict(), "resolved_device": "cuda",
+            "resolved_attention": "flex"}
+    assert group_key(before) == group_key(flex)
 
 
 @pytest.mark.slow
