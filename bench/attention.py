@@ -155,8 +155,9 @@ def main() -> None:
             rel = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                       for a, b in zip(r["grads"], ref["grads"]))
         peak = f"{r['peak'] / 2**20:8.1f}" if "peak" in r else f"{'-':>8}"
+        num = lambda x: f"{x:9.2e}" if x == x else f"{'-':>9}"  # noqa: E731 (NaN: nothing to compare)
         print(f"{name:<11} {mode:<5} {statistics.median(r['times']):9.3f} {min(r['times']):9.3f} {peak} "
-              f"{diff:9.2e} {rel:9.2e}", flush=True)
+              f"{num(diff)} {num(rel)}", flush=True)
 
 
 if __name__ == "__main__":
