@@ -124,6 +124,7 @@ def test_the_compiled_flex_model_follows_the_length_warm_up_without_graph_breaks
     sdpa, flex = GPT(GPTConfig(**config)), GPT(GPTConfig(**config, attention="flex"))
     flex.load_state_dict(sdpa.state_dict())
     torch._dynamo.reset()
+    counters.clear()  # they count over the process, earlier tests' compiles included
     compiled = torch.compile(flex, backend="aot_eager")
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
