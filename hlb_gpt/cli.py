@@ -17,7 +17,7 @@ import click
 
 from hlb_gpt import __version__
 from hlb_gpt.config import (TASKS, DATASETS, DEVICES, FILTER_DTYPES, FILTERS, GATES, OPTIMIZERS, PRECISIONS, PRESETS,
-                            MAY_CHANGE_ON_RESUME, TOKENIZERS, ConfigError, RunConfig, check_resumable)
+                            ATTENTIONS, MAY_CHANGE_ON_RESUME, TOKENIZERS, ConfigError, RunConfig, check_resumable)
 
 LIST_KEYS = ("seed", "alpha", "gain", "depth", "width", "gate", "filter", "window")
 
@@ -148,6 +148,10 @@ def _options(fn: Callable) -> Callable:
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                      help="auto: bf16 autocast on CUDA, fp32 elsewhere."),
         click.option("--compile/--no-compile", default=None, help="torch.compile the model and filter [on for CUDA]."),
+        click.option("--attention", type=click.Choice(ATTENTIONS), default="auto", show_default=True,
+                     help="Attention kernel. sdpa: PyTorch's SDPA with the distance bias as a mask (any device); "
+                          "flex: FlexAttention, causal block mask, bias as a score_mod (CUDA); auto: flex on CUDA "
+                          "under --compile, else sdpa."),
         click.option("--wandb", "use_wandb", envvar="HLB_GPT_WANDB", is_flag=True,
                      help="Also log to Weights & Biases (WANDB_MODE=offline works)."),
         click.option("--wandb-project", default="hlb-gpt", show_default=True, help="wandb project."),
@@ -328,7 +332,7 @@ def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list
         target_acc=flags["target_acc"], max_bad_steps=flags["max_bad_steps"],
         checkpoint_every=flags["checkpoint_every"], keep_checkpoints=flags["keep_checkpoints"],
         device=flags["device"], precision=flags["precision"], compile=flags["compile"],
-        wandb=flags["use_wandb"], wandb_project=flags["wandb_project"],
+        attention=flags["attention"], wandb=flags["use_wandb"], wandb_project=flags["wandb_project"],
     )
     for key, vals in grid.items():  # every grid value must be valid on its own, before any run starts
         for v in vals[1:]:

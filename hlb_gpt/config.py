@@ -22,6 +22,7 @@ FILTERS = ("ema", "ma")
 FILTER_DTYPES = ("float32", "bfloat16", "param")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+ATTENTIONS = ("auto", "sdpa", "flex")
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool | None = None
+    attention: str = "auto"
     # logging
     wandb: bool = False
     wandb_project: str = "hlb-gpt"
@@ -121,6 +123,7 @@ class RunConfig:
         _choice("--filter-dtype", self.filter_dtype, FILTER_DTYPES)
         _choice("--precision", self.precision, PRECISIONS)
         _choice("--device", self.device, DEVICES)
+        _choice("--attention", self.attention, ATTENTIONS)
         preset = PRESETS[self.preset]
         for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens", "weight_decay", "warmup_steps",
                      "checkpoint_every"):
@@ -158,6 +161,8 @@ class RunConfig:
                               f"drop --optimizer {self.optimizer} (use --grokfast for the filter)")
         if self.task == "modular" and self.gate != "none":
             raise ConfigError(f"--task modular has no gated blocks; drop --gate {self.gate}")
+        if self.task == "modular" and self.attention == "flex":
+            raise ConfigError("--task modular attends over 4 tokens with its own model; drop --attention flex")
         if self.grokfast and self.optimizer == "grokadamw":
             raise ConfigError("--optimizer grokadamw filters gradients itself; drop --grokfast "
                               "(its --alpha and --gain set GrokAdamW's filter)")

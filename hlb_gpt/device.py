@@ -47,6 +47,38 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], contextli
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (torch >= 2.5)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention_for(choice: str, device: torch.device, compiled: bool, qk_dim: int) -> str:
+    """The attention kernel a run uses: `auto` is flex on CUDA under torch.compile, sdpa otherwise.
+
+    FlexAttention trains only on CUDA (torch has no CPU or MPS backward for it) and only pays off compiled:
+    eagerly it runs an unfused reference that materialises every score. Its CUDA kernels need queries of at
+    least 16 channels.
+    """
+    if choice == "auto":
+        fits = device.type == "cuda" and compiled and qk_dim >= 16 and flex_available()
+        return "flex" if fits else "sdpa"
+    if choice == "flex":
+        if not flex_available():
+            raise ConfigError(f"--attention flex needs torch >= 2.5 with FlexAttention (this is {torch.__version__}); "
+                              "use --attention sdpa")
+        if device.type != "cuda":
+            raise ConfigError(f"--attention flex needs a CUDA device: torch {torch.__version__} has no FlexAttention "
+                              f"backward on {device.type} (use --attention sdpa or auto)")
+        if qk_dim < 16:
+            raise ConfigError(f"--attention flex needs queries of at least 16 channels, --width >= 128 "
+                              f"(got {qk_dim}); use --attention sdpa")
+    return choice
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

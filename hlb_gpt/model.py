@@ -9,6 +9,7 @@ embedding. All initialisation happens in `GPT._init_weights`.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GATES = ("none", "relu", "sigmoid")
+ATTENTIONS = ("sdpa", "flex")
+# FlexAttention's CUDA kernels pick their tiles by the query width and round the value width up to a power of
+# two, so one 384-wide value head would carry 512-wide tiles; values are split into heads of at most this.
+MAX_VALUE_HEAD = 128
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -41,6 +46,8 @@ class GPTConfig:
     """Each GeGLU half (a and b) has expand * width channels."""
     gate: str = "none"
     """Gate each block's output by act(W x) of its input: none, relu or sigmoid (--gate)."""
+    attention: str = "sdpa"
+    """Attention kernel: sdpa (reference, any device) or flex (FlexAttention, CUDA under torch.compile)."""
 
     def __post_init__(self) -> None:
         flags = {
@@ -59,6 +66,59 @@ class GPTConfig:
             raise ValueError(f"--width must be divisible by {self.qk_div} (got {self.width})")
         if self.gate not in GATES:
             raise ValueError(f"--gate must be one of {', '.join(GATES)} (got {self.gate!r})")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)} (got {self.attention!r})")
+
+
+def _causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_causal_block_mask(T: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_causal, None, None, T, T, device=device)
+
+
+def causal_block_mask(T: int, device: torch.device):
+    """FlexAttention's causal BlockMask for length T, built once per (T, device) in eager mode. Under
+    torch.compile it is traced into the graph instead (dynamo ignores lru_cache), where it costs a few
+    elementwise kernels per forward."""
+    if torch.compiler.is_compiling():
+        return _cached_causal_block_mask.__wrapped__(T, device)
+    return _cached_causal_block_mask(T, device)
+
+
+def value_heads(width: int) -> int:
+    """The fewest equal heads of at most MAX_VALUE_HEAD channels that `width` splits into."""
+    return next(n for n in range(1, width + 1) if width % n == 0 and width // n <= MAX_VALUE_HEAD)
+
+
+def flex_distance_attention(q: Tensor, k: Tensor, v: Tensor, position_bias: Tensor, heads: int | None = None) -> Tensor:
+    """Causal attention with the bias -softplus(m) * (i - j), by FlexAttention; equal to SDPA with
+    `Block.attention_bias` as the mask. q, k (B, T, D) and v (B, T, C) -> (B, T, C).
+
+    The bias is a float32 table by distance, read in the score_mod (where scores are float32 under bf16
+    autocast too); the table is built from m by autograd outside, so m gets its gradient from the table's.
+    v is split into `heads` heads (default `value_heads(C)`) sharing one query and key: every head's scores
+    are the same, and the output is their concatenation, which is exactly single-head attention.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    B, T, D = q.shape
+    C = v.shape[-1]
+    H = heads or value_heads(C)
+    table = -F.softplus(position_bias.float()) * torch.arange(T, device=q.device, dtype=torch.float32)  # (T,)
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        # Masked entries of partial blocks are scored too: clamp so their lookup stays inside the table.
+        return score + table[torch.clamp(q_idx - kv_idx, min=0)]
+
+    out = flex_attention(q.unsqueeze(1).expand(B, H, T, D), k.unsqueeze(1).expand(B, H, T, D),
+                         v.view(B, T, H, C // H).transpose(1, 2),
+                         score_mod=score_mod, block_mask=causal_block_mask(T, q.device))  # (B, H, T, C // H)
+    return out.transpose(1, 2).reshape(B, T, C)
 
 
 class Block(nn.Module):
@@ -83,6 +143,7 @@ class Block(nn.Module):
         self.position_bias = nn.Parameter(torch.tensor(1.0))
         self.gate = nn.Parameter(torch.empty(config.width, config.width)) if config.gate != "none" else None
         self.gate_act = {"none": None, "relu": F.relu, "sigmoid": torch.sigmoid}[config.gate]
+        self.flex = config.attention == "flex"
 
     def attention_bias(self, distance: Tensor) -> Tensor:
         """Additive mask from a (T, T) table of i - j: -softplus(m) * (i - j) on and below the diagonal, -inf above."""
@@ -91,16 +152,22 @@ class Block(nn.Module):
         # a zero gradient, where 0 * inf would make the gradient of m NaN.
         return bias.masked_fill(distance < 0, float("-inf"))
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, distance: Tensor) -> Tensor:
+        """One head of causal attention with the distance bias: q, k (B, T, qk_dim), v (B, T, C) -> (B, T, C)."""
+        if self.flex:  # fixed at construction
+            return flex_distance_attention(q, k, v, self.position_bias)
+        # The head axis is made explicit (B, 1, T, ·) because SDPA's fused kernels accept only 4-D
+        # inputs; the mask follows q's dtype (bf16 under autocast) for the same reason.
+        mask = self.attention_bias(distance).to(q.dtype)
+        return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=mask).squeeze(1)
+
     def forward(self, x: Tensor, distance: Tensor) -> Tensor:
         h = self.norm(x)  # (B, T, C)
         q, k, a, b = F.linear(h, self.expand).split((self.qk_dim, self.qk_dim, self.hidden, self.hidden), dim=-1)
         u = a * F.gelu(b)  # (B, T, hidden)
         u_local, v = u.split((self.hidden - self.width, self.width), dim=-1)  # (B, T, hidden - C), (B, T, C)
-        # One head. The head axis is made explicit (B, 1, T, ·) because SDPA's fused kernels
-        # accept only 4-D inputs; the mask follows q's dtype (bf16 under autocast) for the same reason.
-        mask = self.attention_bias(distance).to(q.dtype)
-        att = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=mask)
-        y = F.linear(torch.cat([u_local, att.squeeze(1)], dim=-1), self.project)  # (B, T, C)
+        att = self.attend(q, k, v, distance)  # (B, T, C)
+        y = F.linear(torch.cat([u_local, att], dim=-1), self.project)  # (B, T, C)
         if self.gate is not None:  # fixed at construction, so no branch in the compiled graph
             y = y * self.gate_act(F.linear(x, self.gate))
         return x + y

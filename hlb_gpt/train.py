@@ -30,8 +30,8 @@ from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, checkpoint_d
 from hlb_gpt.compiling import FallbackCompiled, Lap, compile_record, fresh_start, graphs_compiled
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
-from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
-                            resolve_device, resolve_precision, synchronize)
+from hlb_gpt.device import (PeakMemory, attention_for, autocast_for, available_memory, final_memory, format_memory,
+                            memory_breakdown, resolve_device, resolve_precision, synchronize)
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
@@ -439,8 +439,10 @@ class Resumable:
 
 
 def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int, world_size: int = 1,
-                  *, precision: str, text_sha256: dict[str, str] | None = None) -> dict[str, Any]:
-    """config.json: the settings, and what the run really trained with (device, precision, world size, data).
+                  *, precision: str, text_sha256: dict[str, str] | None = None,
+                  attention: str | None = None) -> dict[str, Any]:
+    """config.json: the settings, and what the run really trained with (device, precision, attention kernel, world
+    size, data).
 
     `precision` is the autocast precision the run used (bf16 or fp32); `text_sha256` the sha256 of each split's
     text, which identifies the data wherever it was read from (`compare` separates runs by it).
@@ -450,6 +452,7 @@ def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_t
         "data_source": data_source(cfg.dataset, cfg.data_dir) if cfg.task == "lm" else "generated",
         "resolved_device": str(device),
         "resolved_precision": precision,
+        "resolved_attention": attention,
         "world_size": world_size,
         "n_params": n_params,
         "train_tokens": n_train_tokens,
@@ -477,6 +480,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         torch.backends.cudnn.allow_tf32 = True
     compile_model = device.type == "cuda" if cfg.compile is None else cfg.compile
     autocast = autocast_for(device, cfg.precision)
+    attention = attention_for(cfg.attention, device, compile_model, cfg.width // GPTConfig.qk_div)
     if cfg.batch_size % (cfg.grad_accum * ddp.world_size):
         raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum x ranks "
                           f"({cfg.grad_accum} x {ddp.world_size})")
@@ -491,7 +495,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     torch.manual_seed(cfg.seed)
     model_cfg = GPTConfig(vocab_size=pad_vocab(tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,
-                          max_seq_len=cfg.seq_len, gate=cfg.gate)
+                          max_seq_len=cfg.seq_len, gate=cfg.gate, attention=attention)
     model = GPT(model_cfg).to(device)
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
@@ -523,7 +527,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     if writer:
         writer.begin(config_record(cfg, device, model.num_params(), n_train, ddp.world_size,
                                    precision=resolve_precision(device, cfg.precision),
-                                   text_sha256=data.text_sha256), metrics)
+                                   text_sha256=data.text_sha256, attention=attention), metrics)
     tracker = make_tracker(cfg, run_dir) if ddp.is_main else NoTracker()
     say(f"{run_dir.name}: {model.num_params():,} parameters on {device}"
         f"{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, {n_train:,} training tokens, "

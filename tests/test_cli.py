@@ -27,7 +27,8 @@ def test_help_documents_every_training_option(capsys):
                  "--seq-len", "--batch-size", "--grad-accum", "--lr", "--weight-decay", "--gate", "--device",
                  "--precision", "--compile / --no-compile", "--epochs", "--evals-per-epoch", "--eval-tokens",
                  "--seed", "--out", "--grokfast", "--alpha", "--gain", "--filter", "--window", "--filter-dtype",
-                 "--clip", "--optimizer", "--grok-kappa", "--grok-gamma", "--seq-warmup / --no-seq-warmup"]:
+                 "--clip", "--optimizer", "--grok-kappa", "--grok-gamma", "--seq-warmup / --no-seq-warmup",
+                 "--attention"]:
         assert flag in out, flag
 
 
@@ -47,6 +48,8 @@ def test_help_documents_every_training_option(capsys):
     ["--data-dir", "/nonexistent/folder"],
     ["--task", "modular", "--optimizer", "grokadamw"],
     ["--task", "modular", "--gate", "relu"],
+    ["--device", "cpu", "--attention", "flex"],  # torch has no FlexAttention backward on CPU
+    ["--attention", "flash"],
     ["--no-such-flag"],
     ["--eval-tokens", "256"],  # tiny's --seq-len is 256: one window needs 257 tokens
     ["--seq-len", "64", "--eval-tokens", "64"],

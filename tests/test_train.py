@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hlb_gpt.config import RunConfig
+from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.grokfast import EMAFilter
 from hlb_gpt.model import GPT, GPTConfig
 from hlb_gpt.optim import make_optimizer, make_scheduler, param_groups
@@ -326,3 +326,16 @@ def test_evaluation_runs_in_chunks_of_the_training_micro_batch_not_the_global_ba
     monkeypatch.setattr(train_module, "evaluate", spy)
     train(tiny(tmp_path, batch_size=8, grad_accum=4, max_steps=2), tmp_path / "run", progress=False)
     assert chunks and set(chunks) == {2}
+
+
+def test_auto_attention_trains_with_sdpa_on_cpu_and_the_record_says_so(tmp_path):
+    summary = train(tiny(tmp_path, attention="auto", max_steps=2), tmp_path / "run", progress=False)
+    run = read_run(tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert run.config["attention"] == "auto" and run.config["resolved_attention"] == "sdpa"
+
+
+def test_flex_attention_on_cpu_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="--attention flex needs a CUDA device"):
+        train(tiny(tmp_path, attention="flex", device="cpu"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

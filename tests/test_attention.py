@@ -1,0 +1,208 @@
+"""The two attention kernels of a block: SDPA with the distance bias as a mask (the reference), and FlexAttention
+with a causal block mask and the bias as a score_mod. torch 2.13 runs FlexAttention on CPU only without gradients,
+so forward equality is checked on CPU as the CUDA path will run it, and the backward through torch's own dense
+reference implementation (see `flex_backward_on_cpu`)."""
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hlb_gpt.compare import group_key
+from hlb_gpt.config import ConfigError, RunConfig, check_resumable
+from hlb_gpt.device import attention_for, flex_available
+from hlb_gpt.model import GPT, MAX_VALUE_HEAD, Block, GPTConfig, causal_block_mask, value_heads
+
+pytestmark = [
+    pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention"),
+    # Eager FlexAttention warns once that it is the unfused implementation; that is what these tests want.
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+]
+
+
+def block_pair(width: int, qk_div: int, position_bias: float, seed: int = 0) -> tuple[Block, Block]:
+    """Two blocks with the same weights, one per kernel."""
+    torch.manual_seed(seed)
+    sdpa = Block(GPTConfig(width=width, qk_div=qk_div, attention="sdpa"))
+    flex = Block(GPTConfig(width=width, qk_div=qk_div, attention="flex"))
+    with torch.no_grad():
+        sdpa.position_bias.fill_(position_bias)
+    flex.load_state_dict(sdpa.state_dict())
+    return sdpa, flex
+
+
+def qkv(T: int, qk: int, width: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, T, d, generator=g) for d in (qk, qk, width)]
+
+
+def distance(T: int) -> torch.Tensor:
+    pos = torch.arange(T, dtype=torch.int32)
+    return pos[:, None] - pos[None, :]
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """torch 2.13 refuses FlexAttention on CPU when an input needs a gradient, in its Python front end only.
+    Lifting that check runs torch's dense reference forward and backward (the same score_mod, block mask and
+    captured-buffer gradient path the CUDA kernels are generated from): it tests our score_mod's gradients,
+    not the CUDA kernels."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "_validate_device", lambda query, key, value: None)
+
+
+# Lengths of the sequence warm-up (32, 64, ...) and lengths that are not multiples of the 128-token mask block.
+LENGTHS = [1, 7, 32, 64, 100, 128, 200, 300]
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("width, qk_div, position_bias", [(40, 4, 0.3), (384, 8, 1.0), (384, 8, -2.0)])
+def test_flex_forward_equals_sdpa_with_the_distance_bias(T, width, qk_div, position_bias):
+    # width 384 splits the values into 3 heads of 128 sharing one query and key; width 40 is one head of 40.
+    sdpa, flex = block_pair(width, qk_div, position_bias)
+    q, k, v = qkv(T, width // qk_div, width)
+    with torch.no_grad():
+        expected, got = sdpa.attend(q, k, v, distance(T)), flex.attend(q, k, v, distance(T))
+    assert got.shape == expected.shape == (2, T, width)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [7, 100, 200])
+@pytest.mark.parametrize("width, qk_div", [(40, 4), (384, 8)])
+def test_flex_gradients_of_q_k_v_and_position_bias_equal_sdpa(flex_backward_on_cpu, T, width, qk_div):
+    sdpa, flex = block_pair(width, qk_div, position_bias=0.5)
+    weight = torch.randn(2, T, width, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for block in (sdpa, flex):
+        inputs = [t.requires_grad_() for t in qkv(T, width // qk_div, width)]
+        (block.attend(*inputs, distance(T)) * weight).sum().backward()
+        grads.append([t.grad for t in inputs] + [block.position_bias.grad])
+    for name, expected, got in zip(["q", "k", "v", "position_bias"], *grads):
+        assert got is not None, name
+        scale = max(expected.abs().max().item(), 1.0)  # position_bias sums over B x T x T scores
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_a_flex_model_gives_the_sdpa_model_s_logits_with_the_same_weights():
+    torch.manual_seed(0)
+    sdpa = GPT(GPTConfig(vocab_size=96, depth=2, width=128, max_seq_len=160))
+    flex = GPT(GPTConfig(vocab_size=96, depth=2, width=128, max_seq_len=160, attention="flex"))
+    flex.load_state_dict(sdpa.state_dict())  # the kernel is not part of the weights: checkpoints carry over
+    for T in (32, 64, 160):
+        idx = torch.randint(0, 96, (2, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            torch.testing.assert_close(flex(idx), sdpa(idx), rtol=0, atol=1e-5)
+
+
+def test_a_flex_model_trains_like_the_sdpa_model(flex_backward_on_cpu):
+    torch.manual_seed(0)
+    config = dict(vocab_size=96, depth=2, width=128, max_seq_len=100)
+    sdpa, flex = GPT(GPTConfig(**config)), GPT(GPTConfig(**config, attention="flex"))
+    flex.load_state_dict(sdpa.state_dict())
+    g = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, 96, (2, 100), generator=g), torch.randint(0, 96, (2, 100), generator=g)
+    for model in (sdpa, flex):
+        model(idx, targets).backward()
+    for (name, p), q in zip(sdpa.named_parameters(), flex.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_the_compiled_flex_model_follows_the_length_warm_up_without_graph_breaks():
+    # What torch.compile sees on CUDA, down to the graph torch hands its kernel compiler (aot_eager runs torch's
+    # reference for it here): the mask and the score_mod trace into one graph, lengths become dynamic after the
+    # first, and dynamo does not warn about the lru_cache that serves eager calls.
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=96, depth=2, width=128, max_seq_len=256)
+    sdpa, flex = GPT(GPTConfig(**config)), GPT(GPTConfig(**config, attention="flex"))
+    flex.load_state_dict(sdpa.state_dict())
+    torch._dynamo.reset()
+    counters.clear()  # they count over the process, earlier tests' compiles included
+    compiled = torch.compile(flex, backend="aot_eager")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for T in (32, 64, 128, 256, 100):  # the warm-up's lengths, then one that is not a multiple of 128
+            idx = torch.randint(0, 96, (2, T), generator=torch.Generator().manual_seed(T))
+            torch.testing.assert_close(compiled(idx), sdpa(idx), rtol=0, atol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # The first length, then lengths within one 128-token mask block (torch specialises a single block), then the rest.
+    assert counters["stats"]["unique_graphs"] <= 3
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    torch._dynamo.reset()
+
+
+def test_the_block_mask_is_built_once_per_length_and_device():
+    cpu = torch.device("cpu")
+    assert causal_block_mask(64, cpu) is causal_block_mask(64, cpu)
+    assert causal_block_mask(100, cpu).shape[-2:] == (100, 100)
+    assert causal_block_mask(100, cpu) is not causal_block_mask(64, cpu)
+
+
+@pytest.mark.parametrize("width, heads", [(8, 1), (40, 1), (128, 1), (136, 2), (384, 3), (1024, 8), (1032, 12)])
+def test_values_split_into_the_fewest_equal_heads_of_at_most_128_channels(width, heads):
+    assert value_heads(width) == heads
+    assert width % heads == 0 and width // heads <= MAX_VALUE_HEAD
+
+
+def test_gpt_config_rejects_an_unknown_attention_naming_the_flag():
+    with pytest.raises(ValueError, match="--attention"):
+        GPTConfig(attention="flash")
+
+
+# --------------------------------------------------------------------------- choosing the kernel for a run
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # attention_for reads only the device type
+
+
+def test_auto_picks_flex_only_on_cuda_under_compile_with_wide_enough_queries():
+    assert attention_for("auto", CUDA, compiled=True, qk_dim=48) == "flex"
+    assert attention_for("auto", CUDA, compiled=False, qk_dim=48) == "sdpa"  # eager flex is unfused
+    assert attention_for("auto", CUDA, compiled=True, qk_dim=8) == "sdpa"  # flex's kernels need >= 16
+    assert attention_for("auto", CPU, compiled=True, qk_dim=48) == "sdpa"
+    assert attention_for("sdpa", CUDA, compiled=True, qk_dim=48) == "sdpa"
+
+
+def test_flex_is_refused_where_it_cannot_train_naming_the_flag():
+    with pytest.raises(ConfigError, match="--attention flex needs a CUDA device"):
+        attention_for("flex", CPU, compiled=False, qk_dim=48)
+    with pytest.raises(ConfigError, match="--attention flex needs queries of at least 16"):
+        attention_for("flex", CUDA, compiled=True, qk_dim=8)
+    assert attention_for("flex", CUDA, compiled=False, qk_dim=16) == "flex"
+
+
+def test_the_attention_setting_is_validated_and_is_not_a_resumable_change():
+    with pytest.raises(ConfigError, match="--attention"):
+        RunConfig(attention="flash")
+    with pytest.raises(ConfigError, match="--attention flex"):
+        RunConfig(task="modular", attention="flex")
+    with pytest.raises(ConfigError, match="--attention"):
+        check_resumable(RunConfig(attention="flex"), RunConfig(attention="sdpa").to_dict(), "runs/x")
+
+
+def test_the_attention_kernel_does_not_split_a_configuration_in_compare():
+    # The same computation by another kernel, as with --device and --compile; a run recorded before --attention
+    # existed still pairs with one that records it.
+    before = {**RunConfig(dataset="mini").to_dict(), "resolved_device": "cpu"}
+    del before["attention"]
+    flex = {**RunConfig(dataset="mini", attention="flex").to_dict(), "resolved_device": "cuda",
+            "resolved_attention": "flex"}
+    assert group_key(before) == group_key(flex)
+
+
+@pytest.mark.slow
+def test_the_attention_benchmark_runs_on_cpu_and_prints_its_table():
+    bench = Path(__file__).resolve().parents[1] / "bench" / "attention.py"
+    out = subprocess.run([sys.executable, str(bench), "--device", "cpu", "--batch", "1", "--seq-len", "100",
+                          "--repeats", "1", "--iters", "1", "--warmup", "1"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = {tuple(line.split()[:2]): line for line in out.splitlines()[2:]}
+    assert set(rows) == {(v, m) for v in ("sdpa", "flex", "flex-1head") for m in ("train", "eval")}, out
+    assert "n/a: NotImplementedError" in rows["flex", "train"]  # no FlexAttention backward on CPU
+    assert float(rows["flex", "eval"].split()[-2]) < 1e-5, out  # its output's max |difference| to SDPA's
