@@ -96,12 +96,13 @@ def build_filter(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], c
     return MAFilter(named_params, window=cfg.window, gain=cfg.gain, dtype=dtype, compile=compile)
 
 
-def build_optimizer(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], device: torch.device):
+def build_optimizer(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], device: torch.device,
+                    compile: bool = False):
     groups = param_groups(named_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     grok = {}
     if cfg.optimizer == "grokadamw":
         grok = dict(alpha_init=cfg.alpha, lamb=cfg.gain, gamma=cfg.grok_gamma, kappa=cfg.grok_kappa)
-    optimizer = make_optimizer(groups, kind=cfg.optimizer, device_type=device.type, **grok)
+    optimizer = make_optimizer(groups, kind=cfg.optimizer, device_type=device.type, compile=compile, **grok)
     return optimizer, make_scheduler(optimizer, warmup_steps=cfg.warmup_steps)
 
 
@@ -379,7 +380,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     model = GPT(model_cfg).to(device)
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
-    optimizer, scheduler = build_optimizer(cfg, named_params, device)
+    optimizer, scheduler = build_optimizer(cfg, named_params, device, compile=compile_model)
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
     sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
     parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler)
