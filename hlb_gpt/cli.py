@@ -106,8 +106,9 @@ def _options(fn: Callable) -> Callable:
         click.option("--out", type=click.Path(file_okay=False), default=None,
                      help="Sweep folder [runs/<time>-<dataset>-<preset>]. Re-running a command with it skips "
                           "completed runs and continues interrupted ones."),
-        click.option("--checkpoint-every", type=float, default=None,
-                     help="Checkpoint interval in epochs (0: none); interrupted runs resume from the latest "
+        click.option("--checkpoint-every", type=str, default=None,
+                     help="Checkpoint interval: epochs (a number; 0: none) or wall time since the last checkpoint "
+                          "(30m, also 90s, 2h); interrupted runs resume from the latest "
                           "[1; modular 100, an epoch there being 10 steps]."),
         click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Checkpoints kept per run."),
         click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), default=None,

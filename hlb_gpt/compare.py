@@ -73,7 +73,8 @@ CONFIDENCE = 0.95
 # Settings that do not change what is measured (where it ran, how it was logged, bookkeeping).
 IRRELEVANT_KEYS = frozenset({
     "seed", "versions", "resolved_device", "device", "compile", "data_cache", "data_dir", "wandb",
-    "wandb_project", "max_bad_steps", "n_params", "train_tokens",
+    "wandb_project", "max_bad_steps", "n_params", "train_tokens", "checkpoint_every", "checkpoint_cadence",
+    "keep_checkpoints",
 })
 FILTER_SETTINGS = ("filter", "alpha", "gain", "window", "filter_dtype", "grok_kappa", "grok_gamma")
 # Settings the short label already says (or that decide which label is used).

@@ -298,6 +298,7 @@ class Resumable:
     grad_filter: GradFilter
     sampler: Any
     saved_at: int = -1  # the step of the checkpoint last written or resumed from
+    saved_clock: float = field(default_factory=lambda: checkpoint_clock())  # when it was, or the run (re)started
 
     def state(self, loop: LoopState, metrics: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -309,6 +310,7 @@ class Resumable:
     def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
         """(loop counters, metrics so far, checkpoint resumed from): a fresh start, or with `resume` the state of
         the run's latest checkpoint if it has one, after checking that it was trained with these settings."""
+        self.saved_clock = checkpoint_clock()
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is None:
             return loop_cls(), [], None
@@ -324,10 +326,17 @@ class Resumable:
         self.saved_at = loop.step
         return loop, saved["metrics"], checkpoint
 
+    def time_due(self) -> bool:
+        """Whether a time cadence (--checkpoint-every 30m) has passed since the last checkpoint or the (re)start.
+        Loops ask only at their sync points; an epoch cadence they decide from tokens. Under DDP only rank 0's
+        answer counts: it alone saves, and saving holds no collective."""
+        seconds = self.cfg.checkpoint_cadence.seconds
+        return seconds > 0 and checkpoint_clock() - self.saved_clock >= seconds
+
     def save(self, loop: LoopState, metrics: list[dict[str, Any]], reason: str, say: Callable[[str], Any]) -> None:
         """Checkpoint this step, unless it already is or --checkpoint-every is 0. A write that fails (a full disk)
         is reported and training goes on: the previous checkpoint is intact."""
-        if not self.cfg.checkpoint_every or self.saved_at == loop.step:
+        if not self.cfg.checkpoint_cadence or self.saved_at == loop.step:
             return
         self.saved_at = loop.step
         try:
@@ -335,12 +344,19 @@ class Resumable:
         except OSError as exc:
             say(f"{self.run_dir.name}: could not write the {reason} checkpoint at step {loop.step} ({exc}); "
                 f"the previous one is kept")
+        self.saved_clock = checkpoint_clock()  # a failed write too: the next try waits a whole interval
+
+
+def checkpoint_clock() -> float:
+    """The clock a time cadence is measured with: wall time, in seconds (a function, so tests can move it)."""
+    return time.monotonic()
 
 
 def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int,
                   world_size: int = 1) -> dict[str, Any]:
     return {
         **cfg.to_dict(),
+        "checkpoint_cadence": cfg.checkpoint_cadence.to_dict(),  # checkpoint_every parsed
         "resolved_device": str(device),
         "world_size": world_size,
         "n_params": n_params,
@@ -400,7 +416,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
     total_steps = min(schedule.steps_for(cfg.epochs * n_train), cfg.max_steps or math.inf)
     tokens_per_eval = n_train / cfg.evals_per_epoch
-    tokens_per_checkpoint = cfg.checkpoint_every * n_train if cfg.checkpoint_every else math.inf
+    tokens_per_checkpoint = cfg.checkpoint_cadence.epochs * n_train or math.inf
 
     writer = RunWriter(run_dir) if ddp.is_main else None
     if writer:
@@ -479,7 +495,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                         loop.loss_count = 0
                         log_point(train_loss, result)
                     loop.wall_time = time.perf_counter() - wall_start
-                    if checkpoint_now or stopping:
+                    if checkpoint_now or stopping or parts.time_due():
                         save("signal" if stopping else "periodic")
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")
