@@ -234,7 +234,8 @@ def test_torchrun_ranks_stay_in_step_through_a_time_cadence_only_rank_0_acts_on(
     if shutil.which("torchrun") is None:
         pytest.fail("torchrun is not on PATH")
     args = SMALL + ["--epochs", "0.002", "--evals-per-epoch", "2000", "--checkpoint-every", "0.001s",
-                    "--keep-checkpoints", "100", "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "ddp")]
+                    "--keep-checkpoints", "100", "--data-cache", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "ddp")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "hlb_gpt", *args],
                          capture_output=True, text=True, env=env, timeout=600)
