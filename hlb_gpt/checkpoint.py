@@ -96,8 +96,10 @@ def _fsync_dir(folder: Path) -> None:
 # ----------------------------------------------------------------------------------------------- RNG
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random generator a run could touch, in types `weights_only` loading accepts."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every random generator a run could touch, in types `weights_only` loading accepts: the CPU's, and the
+    generator of the run's own CUDA device when it trains on one (never the other devices of the machine: a
+    checkpoint must resume on a machine with fewer of them, and reading them would start a context on each)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -105,18 +107,28 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "python": _to_lists(random.getstate()),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s generators; the saved CUDA generator goes to the run's own CUDA device.
+
+    Under torchrun rank 0 writes the checkpoint, so every rank resumes with rank 0's CUDA generator: the ranks
+    are seeded alike and draw alike, so theirs were equal. Checkpoints of earlier versions hold a list, one
+    state per device of the machine that wrote them: the first is the one a run used (rank 0, or the default
+    device of a single process).
+    """
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(_to_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _to_lists(value: Any) -> Any:

@@ -325,4 +325,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"Error: {exc}", err=True)
         code = 1
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun, torch is imported already
+            from hlb_gpt import distributed
+
+            distributed.shutdown()
     sys.exit(code if isinstance(code, int) else 0)

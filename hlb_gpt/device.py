@@ -6,8 +6,11 @@ Nothing here hard-codes a device: CUDA, then MPS, then the CPU, whichever is pre
 from __future__ import annotations
 
 import contextlib
+import gc
 import platform
 import resource
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -46,12 +49,57 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """The device's peak allocated bytes on CUDA; on other devices the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if platform.system() == "Darwin" else rss * 1024, "process_peak_rss"
+@dataclass(frozen=True)
+class PeakMemory:
+    """The peak memory of one run, measured from the run's start: what `kind` names, read by `read()`.
+
+    A sweep runs many runs in one process, so a process-lifetime peak would give every run the peak of the
+    largest run before it. `start` resets what can be reset: CUDA's peak statistics, or on Linux the kernel's
+    high-water mark of the resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs). Elsewhere (macOS,
+    or a kernel that refuses the reset) it falls back to the process's lifetime peak and `kind` says so.
+    """
+
+    device: torch.device
+    kind: str
+
+    @classmethod
+    def start(cls, device: torch.device) -> PeakMemory:
+        gc.collect()  # what earlier runs left in reference cycles is not this run's
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            return cls(device, "cuda_max_memory_allocated")
+        if _reset_high_water_mark():
+            return cls(device, "vm_hwm_since_run_start")
+        return cls(device, "process_peak_rss")
+
+    def read(self) -> int:
+        if self.kind == "cuda_max_memory_allocated":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.kind == "vm_hwm_since_run_start":
+            return _high_water_mark()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if platform.system() == "Darwin" else rss * 1024
+
+
+_CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+def _high_water_mark() -> int:
+    """The process's peak resident set since its last reset, in bytes (VmHWM is given in kB)."""
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{_STATUS} has no VmHWM line")
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset VmHWM to the current resident set (Linux >= 4.0); False where that is not possible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        _high_water_mark()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:
@@ -59,12 +107,11 @@ def tensor_bytes(tensors: Iterable[Any]) -> int:
 
 
 def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, grad_filter: GradFilter,
-                     device: torch.device) -> dict[str, Any]:
+                     peak: PeakMemory) -> dict[str, Any]:
     params = [p for p in model.parameters()]
     # Autograd allocates each gradient with its parameter's shape and dtype, so this is exact.
     grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     optimizer_state = tensor_bytes(v for s in optimizer.state.values() for v in s.values())
-    peak, peak_kind = peak_memory(device)
     state = {
         "params_bytes": tensor_bytes(params),
         "grads_bytes": grads,
@@ -76,17 +123,17 @@ def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, grad_fi
         **state,
         "training_state_bytes": total,
         "filter_share": state["filter_bytes"] / total if total else 0.0,
-        "peak_bytes": peak,
-        "peak_kind": peak_kind,
+        "peak_bytes": peak.read(),
+        "peak_kind": peak.kind,
     }
 
 
 def final_memory(measured: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                 grad_filter: GradFilter, device: torch.device) -> dict[str, Any]:
+                 grad_filter: GradFilter, peak: PeakMemory) -> dict[str, Any]:
     """The summary's memory record: the breakdown measured during the run (or now, if the run ended before it
-    was), with the peak read at the end."""
-    return {**(measured or memory_breakdown(model, optimizer, grad_filter, device)),
-            **dict(zip(("peak_bytes", "peak_kind"), peak_memory(device)))}
+    was), with the run's peak read at the end."""
+    return {**(measured or memory_breakdown(model, optimizer, grad_filter, peak)),
+            "peak_bytes": peak.read(), "peak_kind": peak.kind}
 
 
 def format_memory(mem: dict[str, Any]) -> str:

@@ -6,12 +6,14 @@ loop pays nothing for it. NCCL on CUDA, gloo elsewhere (so the same path runs on
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,30 @@ def init(ctx: Dist, device: torch.device) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one: at exit, whether the job succeeded or a rank failed.
+
+    A failing rank leaves at once, which ends the collectives its peers wait in (gloo's at once; NCCL's when
+    torchrun, seeing the rank exit non-zero, stops the others), so one rank's failure ends the job promptly.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """The model under DDP. Its only buffer, the distance table, is constant: it is not re-sent every forward.
+    Gradients are views into DDP's all-reduce buckets rather than a second copy of them."""
+    # torch 2.13 renamed broadcast_buffers (and warns on the old name); torch 2.4 knows only the old one.
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _ddp_arguments()
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, **no_buffer_sync)
+
+
+def _ddp_arguments() -> set[str]:
+    return set(inspect.signature(DistributedDataParallel).parameters)
 
 
 def mean(t: Tensor, ctx: Dist) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -95,6 +96,12 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
             raise  # the user stopped, or no run can get its data: stop the sweep
         except Exception as exc:  # one broken configuration must not cost the others
             logger.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # ...except under torchrun: the other ranks wait for this one in a collective. Rank 0 records
+                # the failure; the exception ends this process, and torchrun stops the others.
+                if os.environ.get("RANK", "0") == "0":
+                    _record_failure(cfg, run_dir, exc)
+                raise
             summary = _record_failure(cfg, run_dir, exc)
         results.append(SweepResult(name, summary["status"], summary))
     return results

@@ -19,7 +19,6 @@ from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import hlb_gpt
@@ -27,7 +26,8 @@ from hlb_gpt import distributed
 from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import BatchSampler, eval_windows, get_tokenizer, load_tokens
-from hlb_gpt.device import autocast_for, final_memory, format_memory, memory_breakdown, resolve_device, synchronize
+from hlb_gpt.device import (PeakMemory, autocast_for, final_memory, format_memory, memory_breakdown, resolve_device,
+                            synchronize)
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
@@ -300,11 +300,16 @@ class Resumable:
     saved_at: int = -1  # the step of the checkpoint last written or resumed from
     saved_clock: float = field(default_factory=lambda: checkpoint_clock())  # when it was, or the run (re)started
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def state(self, loop: LoopState, metrics: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "config": self.cfg.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "filter": self.grad_filter.state_dict(),
-            "sampler": self.sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(), "metrics": metrics,
+            "sampler": self.sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(self.device),
+            "metrics": metrics,
         }
 
     def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
@@ -321,7 +326,7 @@ class Resumable:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.grad_filter.load_state_dict(saved["filter"])
         self.sampler.load_state_dict(saved["sampler"])
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"], self.device)
         loop = loop_cls.from_state_dict(saved["loop"])
         self.saved_at = loop.step
         return loop, saved["metrics"], checkpoint
@@ -375,6 +380,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     run_dir = Path(run_dir)
     ddp = distributed.from_env()
     device = distributed.init(ddp, resolve_device(cfg.device))
+    peak = PeakMemory.start(device)
     say = (tqdm.write if progress else logger.info) if ddp.is_main else (lambda msg: None)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -405,12 +411,14 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     train_forward, no_sync = model, contextlib.nullcontext
     if ddp.enabled:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = distributed.wrap(model, device)
         train_forward, no_sync = wrapped, wrapped.no_sync
     if compile_model:
         train_forward = torch.compile(train_forward)
-    # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward.
+    # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward. It evaluates in
+    # chunks of the per-rank micro-batch, which training has shown to fit, not at the global batch.
     eval_forward = train_forward if not ddp.enabled else model
+    eval_batch = cfg.batch_size // (cfg.grad_accum * ddp.world_size)
 
     eval_x, eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len, cfg.eval_tokens or None))
     schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
@@ -440,7 +448,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     def log_point(train_loss: float, result: StepResult) -> None:
         nonlocal last_val
-        val = evaluate(eval_forward, eval_x, eval_y, cfg.batch_size, autocast).item() if ddp.is_main else math.nan
+        val = evaluate(eval_forward, eval_x, eval_y, eval_batch, autocast).item() if ddp.is_main else math.nan
         last_val = val
         ratio = math.nan if result.ema_ratio is None else result.ema_ratio.item()
         row = loop.metrics_row(n_train, train_loss, val, scheduler.get_last_lr()[0], result.grad_norm.item(), ratio)
@@ -488,7 +496,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                                        f"gradients, from step {int(loop.diverged_at.item()) - cfg.max_bad_steps}")
                     train_loss = distributed.mean(loop.loss_sum / max(loop.loss_count, 1), ddp).item()
                     if not memory:
-                        memory = memory_breakdown(model, optimizer, grad_filter, device)
+                        memory = memory_breakdown(model, optimizer, grad_filter, peak)
                         say(format_memory(memory))
                     if evaluate_now:
                         loop.loss_sum.zero_()
@@ -504,7 +512,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
             save("final")  # so that a completed run can be extended with more --epochs
     finally:
         bar.close()
-        memory = final_memory(memory, model, optimizer, grad_filter, device)
+        memory = final_memory(memory, model, optimizer, grad_filter, peak)
         summary = run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory)
         if ddp.enabled and outcome.status != "failed":
             summary["ddp"] = {"world_size": ddp.world_size,

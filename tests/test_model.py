@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hlb_gpt.model import GPT, GPTConfig, block_index, pad_vocab
+from hlb_gpt.model import GPT, GPTConfig, block_index, chunked_cross_entropy, pad_vocab
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -245,3 +245,45 @@ def test_block_index_sees_through_compile_and_ddp_prefixes():
 def test_invalid_config_is_rejected_naming_the_flag(overrides, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**overrides)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_vocabulary_chunked_loss_equals_one_cross_entropy_over_all_classes(dtype):
+    generator = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(300, 1000, generator=generator)).to(dtype)
+    targets = torch.randint(0, 1000, (300,), generator=generator)
+    whole = torch.nn.functional.cross_entropy(logits.float(), targets)
+    for chunk in (1000, 128, 7):  # one slice, slices that divide unevenly, many small slices
+        got = chunked_cross_entropy(logits, targets, chunk=chunk)
+        assert got.dtype == torch.float32
+        assert got.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_evaluation_without_autograd_gives_the_training_loss_and_training_keeps_the_single_call():
+    config = tiny()
+    model, idx = build(config), tokens(config)
+    targets = tokens(config, seed=2)
+    trained = model(idx, targets)
+    whole = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    assert torch.equal(trained, whole)  # bit for bit: the golden curves depend on it
+    with torch.no_grad():
+        assert model(idx, targets).item() == pytest.approx(trained.item(), rel=1e-6)
+
+
+def test_the_chunked_loss_holds_less_than_one_float32_copy_of_bf16_logits():
+    from hlb_gpt.device import PeakMemory
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1024, 32768, generator=generator).to(torch.bfloat16)  # 64 MiB; 128 MiB in float32
+    targets = torch.randint(0, 32768, (1024,), generator=generator)
+    copy = logits.numel() * 4
+
+    def extra(loss_fn) -> int:
+        peak = PeakMemory.start(torch.device("cpu"))
+        assert peak.kind == "vm_hwm_since_run_start"
+        start = peak.read()
+        loss_fn()
+        return peak.read() - start
+
+    assert extra(lambda: torch.nn.functional.cross_entropy(logits.float(), targets)) > 1.5 * copy
+    assert extra(lambda: chunked_cross_entropy(logits, targets)) < 0.75 * copy

@@ -11,7 +11,7 @@ from hlb_gpt.optim import make_optimizer, make_scheduler, param_groups
 from hlb_gpt.records import METRIC_KEYS, read_run
 from hlb_gpt import train as train_module
 from hlb_gpt.checkpoint import list_checkpoints, load_checkpoint
-from hlb_gpt.train import BatchSchedule, Diverged, Interrupted, RunStatus, eval_due, optimizer_step, train
+from hlb_gpt.train import BatchSchedule, Diverged, Interrupted, RunStatus, eval_due, evaluate, optimizer_step, train
 
 TIME_KEYS = {"time_s", "tokens_per_s"}
 
@@ -279,3 +279,27 @@ def test_an_epoch_cadence_ignores_the_clock(tmp_path, monkeypatch):
                max_steps=40, checkpoint_every=1.0, keep_checkpoints=10)
     train(cfg, tmp_path / "run", progress=False)
     assert checkpoint_steps(tmp_path / "run") == [40]  # the final one: an epoch is far more than 40 steps here
+
+
+def test_evaluation_in_chunks_gives_the_mean_over_all_windows_whatever_the_chunk_size():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, depth=1, width=32, max_seq_len=16))
+    X, Y = torch.randint(0, 64, (10, 16)), torch.randint(0, 64, (10, 16))
+    with torch.no_grad():
+        whole = torch.nn.functional.cross_entropy(model(X).flatten(0, 1), Y.flatten()).item()
+    for chunk in (1, 3, 4, 10, 64):  # 3 and 4 leave a short last chunk
+        assert evaluate(model, X, Y, chunk, contextlib.nullcontext).item() == pytest.approx(whole, rel=1e-6)
+
+
+def test_evaluation_runs_in_chunks_of_the_training_micro_batch_not_the_global_batch(tmp_path, monkeypatch):
+    import hlb_gpt.train as train_module
+
+    chunks = []
+
+    def spy(forward, X, Y, batch_size, autocast):
+        chunks.append(batch_size)
+        return evaluate(forward, X, Y, batch_size, autocast)
+
+    monkeypatch.setattr(train_module, "evaluate", spy)
+    train(tiny(tmp_path, batch_size=8, grad_accum=4, max_steps=2), tmp_path / "run", progress=False)
+    assert chunks and set(chunks) == {2}

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from hlb_gpt import distributed
 from hlb_gpt.config import ConfigError, RunConfig
-from hlb_gpt.device import autocast_for, final_memory, format_memory, memory_breakdown, resolve_device, synchronize
+from hlb_gpt.device import (PeakMemory, autocast_for, final_memory, format_memory, memory_breakdown, resolve_device,
+                            synchronize)
 from hlb_gpt.optim import lr_lambda
 from hlb_gpt.records import RunWriter
 from hlb_gpt.tracking import make_tracker
@@ -312,6 +313,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
         raise ConfigError("--task modular trains in one process: launch it without torchrun")
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
+    peak = PeakMemory.start(device)
     say = tqdm.write if progress else logger.info
     compile_model = device.type == "cuda" if cfg.compile is None else cfg.compile
     # float32 unless bf16 is asked for: the published runs are float32, and this model is too small for bf16
@@ -423,7 +425,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
                         raise Diverged(f"more than {cfg.max_bad_steps} consecutive steps with non-finite "
                                        f"gradients, from step {int(loop.diverged_at.item()) - cfg.max_bad_steps}")
                     if not memory:
-                        memory = memory_breakdown(model, optimizer, grad_filter, device)
+                        memory = memory_breakdown(model, optimizer, grad_filter, peak)
                         say(format_memory(memory))
                     reached = evaluate_now and log_point(result)
                     loop.wall_time = time.perf_counter() - wall_start
@@ -440,7 +442,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
             parts.save(loop, metrics, "final", say)
     finally:
         bar.close()
-        memory = final_memory(memory, model, optimizer, grad_filter, device)
+        memory = final_memory(memory, model, optimizer, grad_filter, peak)
         summary = {
             **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory),
             "best_val_acc": loop.best_acc,
