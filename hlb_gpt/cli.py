@@ -133,8 +133,9 @@ def _options(fn: Callable) -> Callable:
         click.option("--out", type=click.Path(file_okay=False), default=None,
                      help="Sweep folder [runs/<time>-<dataset>-<preset>]. Re-running a command with it skips "
                           "completed runs and continues interrupted ones."),
-        click.option("--checkpoint-every", type=float, default=None,
-                     help="Checkpoint interval in epochs (0: none); interrupted runs resume from the latest "
+        click.option("--checkpoint-every", type=str, default=None,
+                     help="Checkpoint interval: epochs (a number; 0: none) or wall time since the last checkpoint "
+                          "(30m, also 90s, 2h); interrupted runs resume from the latest "
                           "[1; modular 100, an epoch there being 10 steps]."),
         click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Checkpoints kept per run."),
         LOCK_TIMEOUT,
@@ -147,7 +148,8 @@ def _options(fn: Callable) -> Callable:
                      help="auto: cuda, then mps, then cpu."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                      help="auto: bf16 autocast on CUDA, fp32 elsewhere."),
-        click.option("--compile/--no-compile", default=None, help="torch.compile the model and filter [on for CUDA]."),
+        click.option("--compile/--no-compile", default=None,
+                     help="torch.compile the model, the filter and GrokAdamW's step [on for CUDA]."),
         click.option("--attention", type=click.Choice(ATTENTIONS), default="auto", show_default=True,
                      help="Attention kernel. sdpa: PyTorch's SDPA with the distance bias as a mask (any device); "
                           "flex: FlexAttention, causal block mask, bias as a score_mod (CUDA); auto: flex on CUDA "

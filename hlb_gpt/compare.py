@@ -86,7 +86,8 @@ CONFIDENCE = 0.95
 # Never part of a configuration: the seed pairs runs, versions differ between machines, and the bookkeeping
 # settings (defined once in config.py, with resume) do not change what is measured.
 # The attention kernel computes the same function (to float rounding), as --device and --compile do.
-IRRELEVANT_KEYS = BOOKKEEPING | {"seed", "versions", "data_source", "attention", "resolved_attention"}
+IRRELEVANT_KEYS = BOOKKEEPING | {"seed", "versions", "data_source", "checkpoint_cadence", "attention",
+                                  "resolved_attention"}
 # What a run ran on and how, as it really had it; each is a separate configuration (and a note).
 ENVIRONMENT_KEYS = ("data", "device", "precision", "compile", "world_size")
 # The recorded fields the environment is read from; the key holds the resolved values instead.

@@ -29,6 +29,41 @@ class ConfigError(ValueError):
     """A setting or combination of settings the user must change; the message names the flag."""
 
 
+# `--checkpoint-every 30m`: seconds per unit of a time cadence.
+TIME_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """How often a run checkpoints: every `epochs` of training data or every `seconds` of wall time since the
+    last checkpoint (one of them is 0); both 0 means never. False when it never checkpoints."""
+
+    epochs: float = 0.0
+    seconds: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.epochs > 0 or self.seconds > 0
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def parse_cadence(value: float | str) -> Cadence:
+    """`--checkpoint-every`: a number is epochs (``2``, ``0.5``; 0 for none), a number followed by s, m or h is
+    time (``90s``, ``30m``, ``2h``). Time suits runs whose epoch takes seconds; an epoch count, runs whose
+    checkpoints should fall at the same point whatever the hardware."""
+    text = str(value).strip().lower()
+    unit = text[-1:] if text[-1:] in TIME_UNITS else ""
+    try:
+        number = float(text[:-1] if unit else text)
+    except ValueError:
+        number = math.nan
+    if isinstance(value, bool) or not (number >= 0 and math.isfinite(number)):
+        raise ConfigError(f"--checkpoint-every must be a number of epochs or minutes like 30m (also 90s, 2h), "
+                          f"0 for none (got {value!r})")
+    return Cadence(seconds=number * TIME_UNITS[unit]) if unit else Cadence(epochs=number)
+
+
 @dataclass(frozen=True)
 class Preset:
     depth: int
@@ -39,7 +74,7 @@ class Preset:
     eval_tokens: int
     weight_decay: float = 0.01
     warmup_steps: int = 100
-    checkpoint_every: float = 1.0  # epochs
+    checkpoint_every: float = 1.0  # epochs (see `parse_cadence`)
 
 
 PRESETS: dict[str, Preset] = {
@@ -99,7 +134,7 @@ class RunConfig:
     max_steps: int | None = None
     target_acc: float | None = None
     max_bad_steps: int = 10
-    checkpoint_every: float | None = None
+    checkpoint_every: float | str | None = None  # epochs, or a time like "30m" (see `parse_cadence`)
     keep_checkpoints: int = 2
     # hardware
     device: str = "auto"
@@ -181,8 +216,9 @@ class RunConfig:
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0 (got {self.seed})")
         _positive("--max-bad-steps", self.max_bad_steps)
-        if not self.checkpoint_every >= 0:
-            raise ConfigError(f"--checkpoint-every must be >= 0 epochs, 0 for none (got {self.checkpoint_every})")
+        # Recorded as given ("30m"), but epochs as a number whether the flag's text or a float said them.
+        cadence = parse_cadence(self.checkpoint_every)
+        self.checkpoint_every = str(self.checkpoint_every).strip().lower() if cadence.seconds else cadence.epochs
         _positive("--keep-checkpoints", self.keep_checkpoints)
         if self.max_steps is not None:
             _positive("--max-steps", self.max_steps)
@@ -194,6 +230,11 @@ class RunConfig:
                     raise ConfigError(f"--data-dir {self.data_dir} has no {split}")
                 if (Path(self.data_dir) / split).stat().st_size == 0:
                     raise ConfigError(f"--data-dir {self.data_dir}: {split} is empty")
+
+    @property
+    def checkpoint_cadence(self) -> Cadence:
+        """`checkpoint_every` parsed: epochs or seconds between checkpoints."""
+        return parse_cadence(self.checkpoint_every)
 
     def differences(self, other: RunConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
         """`--flag: mine vs theirs` for every setting that differs, except those in `ignore`."""

@@ -6,6 +6,8 @@ optimizer and this module never imports the model.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -14,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "GROUP_NAMES",
@@ -129,16 +133,17 @@ def _fused_device_types() -> frozenset[str]:
 
 
 def make_optimizer(
-    groups: list[dict], kind: str = "adamw", device_type: str = "cpu", **grok_kwargs: Any
+    groups: list[dict], kind: str = "adamw", device_type: str = "cpu", compile: bool = False, **grok_kwargs: Any
 ) -> torch.optim.Optimizer:
     """The optimizer for `groups` (from `param_groups`): ``"adamw"`` or ``"grokadamw"``.
 
     AdamW is fused where torch has fused kernels for `device_type` (only the fused kernel honours
     ``optimizer.found_inf``, which the trainer uses to skip non-finite steps without a host sync),
     else multi-tensor (foreach). The extra group keys ``name``/``names`` are kept by both.
+    `compile` gives GrokAdamW its compiled step; fused AdamW is one pass already and ignores it.
     """
     if kind == "grokadamw":
-        return GrokAdamW(groups, **grok_kwargs)
+        return GrokAdamW(groups, compile=compile, **grok_kwargs)
     if kind != "adamw":
         raise ValueError(f"--optimizer must be 'adamw' or 'grokadamw' (got {kind!r})")
     if grok_kwargs:
@@ -322,6 +327,19 @@ class GrokAdamW(torch.optim.Optimizer):
     (the step size always, the decay factors when ``found_inf`` is set) to the parameter dtype, as
     torch's capturable AdamW does (0.9 becomes 0.8984 in bfloat16). Float32 master weights (autocast)
     are unaffected.
+
+    ``compile=True`` replaces both with one ``torch.compile``d function per (device, dtype) that updates
+    every tensor in a single fused pass: it reads p, g, mu, m, v and writes p, mu, m, v (9 passes over
+    parameter-sized memory, against 7 for fused AdamW and about 32 for the foreach path's chain of
+    ``_foreach`` ops). Every hyperparameter -- lr, the betas, alpha_t, lamb, weight decay, eps, the
+    logs behind the bias corrections -- reaches the graph as a row of one small tensor, so a scheduler
+    changing lr every step, a new grokking signal or another setting of a sweep never recompiles; the
+    graph is specialised only to the parameters' shapes and layers. A skipped step selects the old
+    values (``torch.where``), so it leaves params and state bit-for-bit unchanged. Results equal the
+    foreach path's to float rounding (about 1e-7 relative for float32); bfloat16 tensors are updated
+    in float32 and rounded once. If compiling fails, the step says so once in the log and runs eagerly
+    from then on (`compile` turns False). `compile` is how the step runs, not what it computes: it is
+    not a group setting and a checkpoint does not carry it.
     """
 
     def __init__(
@@ -337,6 +355,7 @@ class GrokAdamW(torch.optim.Optimizer):
         kappa: float = 0.1,
         *,
         foreach: bool = True,
+        compile: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -351,6 +370,7 @@ class GrokAdamW(torch.optim.Optimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
+        self.compile = compile
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # A group added after the first follows the signal the others already have.
@@ -395,10 +415,31 @@ class GrokAdamW(torch.optim.Optimizer):
         if getattr(self, "grad_scale", None) is not None:
             raise RuntimeError("GrokAdamW does not unscale gradients: unscale them before step()")
         skip = _SkipFlag(getattr(self, "found_inf", None))
+        buckets = self._buckets()
+        if self.compile:
+            buckets = self._step_compiled(buckets, skip)  # what is left: none, unless compiling failed
+        for (index, device, dtype, layer), members in buckets.items():
+            group = self.param_groups[index]
+            update = _foreach_update if group["foreach"] else _single_tensor_update
+            states = [s for _, s in members]
+            update(
+                [p for p, _ in members],
+                [p.grad for p, _ in members],
+                [s["mu"] for s in states],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
+                _coefficients(group, layer, skip, device, dtype),
+            )
+        return loss
+
+    def _buckets(self) -> dict[tuple[int, torch.device, torch.dtype, int], list[tuple[Tensor, dict]]]:
+        """Params with a gradient, by (group index, device, dtype, layer): the tensors one update call takes.
+        Creates the state of params seen for the first time."""
         depth: int | None = None
-        for group in self.param_groups:
+        buckets: dict[tuple[int, torch.device, torch.dtype, int], list[tuple[Tensor, dict]]] = {}
+        for index, group in enumerate(self.param_groups):
             names = self._names(group)
-            buckets: dict[tuple[torch.device, torch.dtype, int], list[tuple[Tensor, dict]]] = {}
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -415,20 +456,34 @@ class GrokAdamW(torch.optim.Optimizer):
                     state["layer"] = layer_index(names[i], depth) if names else 0
                 elif state["step"].device != p.device:  # load_state_dict keeps `step` where it was saved
                     state["step"] = state["step"].to(p.device)
-                buckets.setdefault((p.device, p.dtype, state["layer"]), []).append((p, state))
-            update = _foreach_update if group["foreach"] else _single_tensor_update
-            for (device, dtype, layer), members in buckets.items():
-                states = [s for _, s in members]
-                update(
-                    [p for p, _ in members],
-                    [p.grad for p, _ in members],
-                    [s["mu"] for s in states],
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states],
-                    [s["step"] for s in states],
-                    _coefficients(group, layer, skip, device, dtype),
+                buckets.setdefault((index, p.device, p.dtype, state["layer"]), []).append((p, state))
+        return buckets
+
+    def _step_compiled(self, buckets: dict, skip: _SkipFlag) -> dict:
+        """One compiled call per (device, dtype) over all buckets; returns the buckets it could not update."""
+        calls: dict[tuple[torch.device, torch.dtype], list] = {}
+        for key, members in buckets.items():
+            calls.setdefault(key[1:3], []).append(key)
+        left = {}
+        for (device, dtype), keys in calls.items():
+            # Python floats, rounded once into the tensor: the same scalars the foreach path passes.
+            rows = [_hyper_row(self.param_groups[index], layer) for index, _, _, layer in keys]
+            hyper = torch.tensor(rows, dtype=torch.promote_types(dtype, torch.float32)).to(device, non_blocking=True)
+            members = [(p, s, row) for row, key in enumerate(keys) for p, s in buckets[key]]
+            try:
+                _compiled_update()(
+                    [p for p, _, _ in members], [p.grad for p, _, _ in members], [s["mu"] for _, s, _ in members],
+                    [s["exp_avg"] for _, s, _ in members], [s["exp_avg_sq"] for _, s, _ in members],
+                    [s["step"] for _, s, _ in members], hyper, tuple(r for _, _, r in members), skip.found(device),
                 )
-        return loss
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a compiler problem must not end the run: it fails before any kernel runs
+                logger.warning("GrokAdamW: the compiled step failed (%s: %s); stepping eagerly from now on",
+                               type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                self.compile = False
+                left.update({key: buckets[key] for key in keys})
+        return left
 
 
 def _check_group(group: dict) -> None:
@@ -470,6 +525,71 @@ def _coefficients(
         found=skip.found(device),
         keep=skip.pick(device, dtype, 1.0, 0.0),
     )
+
+
+# Columns of the hyperparameter table the compiled step reads: one row per (group, layer).
+_HYPER = ("mu_decay", "mu_weight", "lamb", "param_decay", "m_decay", "m_weight", "v_decay", "v_weight", "lr", "eps",
+          "log_beta1", "log_beta2")
+_H = {name: i for i, name in enumerate(_HYPER)}
+
+
+def _hyper_row(group: dict, layer: int) -> list[float]:
+    """The scalars of `_coefficients` that do not depend on a skip flag, in `_HYPER` order."""
+    alpha = grok_alpha(group["alpha_init"], group["kappa"], group["grokking_signal"])
+    beta1, beta2 = group["betas"]
+    beta1_l = beta1 * (1.0 - group["gamma"]) ** layer
+    values = dict(mu_decay=alpha, mu_weight=1.0 - alpha, lamb=group["lamb"],
+                  param_decay=1.0 - group["lr"] * group["weight_decay"], m_decay=beta1_l, m_weight=1.0 - beta1_l,
+                  v_decay=beta2, v_weight=1.0 - beta2, lr=group["lr"], eps=group["eps"], log_beta1=_log(beta1_l),
+                  log_beta2=_log(beta2))
+    return [float(values[name]) for name in _HYPER]
+
+
+def _fused_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    mus: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    hyper: Tensor,
+    rows: tuple[int, ...],
+    found: Tensor | None,
+) -> None:
+    """The body compiled for ``compile=True``: the foreach path's formulas, one fused pass per tensor.
+
+    `hyper` is (rows, len(_HYPER)) in the math dtype; tensor i uses row ``rows[i]``. With `found` (bool, True =
+    skip), every new value is selected against the old one, so a skipped step changes nothing.
+    """
+    keep = None if found is None else ~found
+    for p, g, mu, m, v, step, row in zip(params, grads, mus, exp_avgs, exp_avg_sqs, steps, rows):
+        h = hyper[row]
+        math_dtype = hyper.dtype
+        g = g.to(math_dtype)
+        new_mu = mu.to(math_dtype) * h[_H["mu_decay"]] + g * h[_H["mu_weight"]]
+        g_hat = g + new_mu * h[_H["lamb"]]
+        new_m = m.to(math_dtype) * h[_H["m_decay"]] + g_hat * h[_H["m_weight"]]
+        new_v = v.to(math_dtype) * h[_H["v_decay"]] + g_hat * g_hat * h[_H["v_weight"]]
+        new_step = step + 1
+        neg_step_size = torch.expm1(new_step * h[_H["log_beta1"]]).reciprocal() * h[_H["lr"]]
+        bias_correction2_sqrt = torch.expm1(new_step * h[_H["log_beta2"]]).neg().sqrt()
+        denom = (new_v.sqrt() / bias_correction2_sqrt + h[_H["eps"]]) / neg_step_size
+        new_p = p.to(math_dtype) * h[_H["param_decay"]] + new_m / denom
+        if keep is not None:
+            new_p, new_mu, new_m, new_v = (torch.where(keep, new, old) for new, old in
+                                           ((new_p, p), (new_mu, mu), (new_m, m), (new_v, v)))
+            new_step = torch.where(keep, new_step, step)
+        p.copy_(new_p)
+        mu.copy_(new_mu)
+        m.copy_(new_m)
+        v.copy_(new_v)
+        step.copy_(new_step)
+
+
+@functools.cache
+def _compiled_update() -> Callable[..., None]:
+    """`_fused_update` under torch.compile, made on first use (compiling is lazy, but importing dynamo is not free)."""
+    return torch.compile(_fused_update, fullgraph=True, dynamic=False)
 
 
 # Both update functions run the same ops in the same order, so they agree bit for bit. On a skipped

@@ -153,12 +153,13 @@ def check_memory(cfg: RunConfig) -> None:
             f"memory; use a smaller --window or --filter-dtype bfloat16")
 
 
-def build_optimizer(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], device: torch.device):
+def build_optimizer(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], device: torch.device,
+                    compile: bool = False):
     groups = param_groups(named_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     grok = {}
     if cfg.optimizer == "grokadamw":
         grok = dict(alpha_init=cfg.alpha, lamb=cfg.gain, gamma=cfg.grok_gamma, kappa=cfg.grok_kappa)
-    optimizer = make_optimizer(groups, kind=cfg.optimizer, device_type=device.type, **grok)
+    optimizer = make_optimizer(groups, kind=cfg.optimizer, device_type=device.type, compile=compile, **grok)
     return optimizer, make_scheduler(optimizer, warmup_steps=cfg.warmup_steps)
 
 
@@ -372,6 +373,7 @@ class Resumable:
     sampler: Any
     text_sha256: dict[str, str] | None = None  # of the data, when it is text: a resumed run must read the same
     saved_at: int = -1  # the step of the checkpoint last written or resumed from
+    saved_clock: float = field(default_factory=lambda: checkpoint_clock())  # when it was, or the run (re)started
 
     @property
     def device(self) -> torch.device:
@@ -388,6 +390,7 @@ class Resumable:
     def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
         """(loop counters, metrics so far, checkpoint resumed from): a fresh start, or with `resume` the state of
         the run's latest checkpoint if it has one, after checking that it was trained with these settings."""
+        self.saved_clock = checkpoint_clock()
         # Rank 0 reads its disk and sends what it found: ranks on nodes without a shared filesystem agree.
         checkpoint, saved = distributed.on_rank0(lambda: self._newest_intact() if resume else (None, None),
                                                  distributed.from_env())
@@ -425,10 +428,17 @@ class Resumable:
                                   f" remove {checkpoint_dir(self.run_dir)} to train the run from the start")
         return None, None
 
+    def time_due(self) -> bool:
+        """Whether a time cadence (--checkpoint-every 30m) has passed since the last checkpoint or the (re)start.
+        Loops ask only at their sync points; an epoch cadence they decide from tokens. Under DDP only rank 0's
+        answer counts: it alone saves, and saving holds no collective."""
+        seconds = self.cfg.checkpoint_cadence.seconds
+        return seconds > 0 and checkpoint_clock() - self.saved_clock >= seconds
+
     def save(self, loop: LoopState, metrics: list[dict[str, Any]], reason: str, say: Callable[[str], Any]) -> None:
         """Checkpoint this step, unless it already is or --checkpoint-every is 0. A write that fails (a full disk)
         is reported and training goes on: the previous checkpoint is intact."""
-        if not self.cfg.checkpoint_every or self.saved_at == loop.step:
+        if not self.cfg.checkpoint_cadence or self.saved_at == loop.step:
             return
         self.saved_at = loop.step
         try:
@@ -436,6 +446,12 @@ class Resumable:
         except OSError as exc:
             say(f"{self.run_dir.name}: could not write the {reason} checkpoint at step {loop.step} ({exc}); "
                 f"the previous one is kept")
+        self.saved_clock = checkpoint_clock()  # a failed write too: the next try waits a whole interval
+
+
+def checkpoint_clock() -> float:
+    """The clock a time cadence is measured with: wall time, in seconds (a function, so tests can move it)."""
+    return time.monotonic()
 
 
 def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int, world_size: int = 1,
@@ -450,6 +466,7 @@ def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_t
     return {
         **cfg.to_dict(),
         "data_source": data_source(cfg.dataset, cfg.data_dir) if cfg.task == "lm" else "generated",
+        "checkpoint_cadence": cfg.checkpoint_cadence.to_dict(),  # checkpoint_every parsed
         "resolved_device": str(device),
         "resolved_precision": precision,
         "resolved_attention": attention,
@@ -499,7 +516,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     model = GPT(model_cfg).to(device)
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
-    optimizer, scheduler = build_optimizer(cfg, named_params, device)
+    optimizer, scheduler = build_optimizer(cfg, named_params, device, compile=compile_model)
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
     sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
     parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler, data.text_sha256)
@@ -521,7 +538,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
     total_steps = planned_steps(cfg, n_train)
     tokens_per_eval = n_train / cfg.evals_per_epoch
-    tokens_per_checkpoint = cfg.checkpoint_every * n_train if cfg.checkpoint_every else math.inf
+    tokens_per_checkpoint = cfg.checkpoint_cadence.epochs * n_train or math.inf
 
     writer = RunWriter(run_dir) if ddp.is_main else None
     if writer:
@@ -600,7 +617,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                         loop.loss_count = 0
                         log_point(train_loss, result)
                     loop.wall_time = time.perf_counter() - wall_start
-                    if checkpoint_now or stopping:
+                    if checkpoint_now or stopping or parts.time_due():
                         save("signal" if stopping else "periodic")
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")

@@ -55,6 +55,8 @@ def test_help_documents_every_training_option(capsys):
     ["--seq-len", "64", "--eval-tokens", "64"],
     ["--grokfast", "--filter", "ma", "--window", "100000000"],  # ~180 TiB of filter state
     ["--grokfast", "--filter", "ema,ma", "--window", "10,100000000"],  # one grid point too big is enough
+    ["--checkpoint-every", "abc"],
+    ["--checkpoint-every", "-2m"],
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, capsys, tmp_path):
     out_dir = tmp_path / "sweep"
@@ -64,6 +66,13 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, capsys, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("Error: "), err
     assert "Traceback" not in err
     assert not out_dir.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_bad_checkpoint_cadence_is_named_in_the_error(capsys, tmp_path):
+    code, _, err = run_main(TINY + ["--checkpoint-every", "abc", "--out", str(tmp_path / "sweep")], capsys)
+    assert code == 2
+    assert err.strip() == ("Error: --checkpoint-every must be a number of epochs or minutes like 30m (also 90s, 2h), "
+                           "0 for none (got 'abc')")
 
 
 def test_unwritable_out_is_rejected_before_any_work(capsys, tmp_path):

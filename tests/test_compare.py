@@ -11,8 +11,8 @@ from matplotlib.colors import to_rgba
 from scipy import stats
 
 from hlb_gpt.cli import main
-from hlb_gpt.compare import (COLUMNS, Column, Metric, Window, compare, format_notes, format_table, load_runs,
-                             parse_metric, parse_window)
+from hlb_gpt.compare import (COLUMNS, Column, Metric, Window, compare, format_notes, format_table, group_key,
+                             load_runs, parse_metric, parse_window)
 from hlb_gpt.plots import curves_figure, gain_figure, plot
 from hlb_gpt.compare import group_key
 from hlb_gpt.config import BOOKKEEPING as BOOKKEEPING_KEYS
@@ -189,6 +189,14 @@ def test_settings_that_do_not_change_the_experiment_do_not_split_a_configuration
     assert len(c.groups) == 4 and all(g.n == 3 for g in c.groups)
     assert "alpha" not in c.group("baseline").config and "window" not in c.group("ema α0.99 g5").config
     assert "alpha" not in c.group("ma w100 g5").config
+
+
+def test_checkpoint_settings_do_not_split_a_configuration():
+    # A run resumed under --checkpoint-every 30m records it: it trained the same experiment.
+    base = {"lr": 1e-3, "checkpoint_every": 1.0, "keep_checkpoints": 2}
+    resumed = {"lr": 1e-3, "checkpoint_every": "30m", "checkpoint_cadence": {"epochs": 0.0, "seconds": 1800.0},
+               "keep_checkpoints": 5}
+    assert group_key(base) == group_key(resumed) != group_key({**base, "lr": 2e-3})
 
 
 def test_markdown_table_has_one_row_per_configuration_in_sorted_order(sweep):

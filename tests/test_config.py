@@ -1,6 +1,6 @@
 import pytest
 
-from hlb_gpt.config import PRESETS, ConfigError, RunConfig
+from hlb_gpt.config import PRESETS, Cadence, ConfigError, RunConfig, check_resumable
 
 
 def test_preset_fills_every_unset_model_and_batch_setting():
@@ -68,3 +68,37 @@ def test_bookkeeping_is_one_list_that_resume_accepts_and_that_may_change_on_resu
     for other in (dict(precision="bf16"), dict(lr=0.5), dict(dataset="mini"), dict(tokenizer="bytes")):
         with pytest.raises(ConfigError, match="other settings"):
             check_resumable(RunConfig(preset="tiny", **other), saved, "run")
+
+
+@pytest.mark.parametrize("given, recorded, cadence", [
+    (None, 1.0, Cadence(epochs=1.0)),
+    (2, 2.0, Cadence(epochs=2.0)),
+    ("0.5", 0.5, Cadence(epochs=0.5)),
+    ("0", 0.0, Cadence()),
+    ("30m", "30m", Cadence(seconds=1800.0)),
+    (" 90S ", "90s", Cadence(seconds=90.0)),
+    ("2h", "2h", Cadence(seconds=7200.0)),
+    ("0.001m", "0.001m", Cadence(seconds=0.06)),
+    ("0m", 0.0, Cadence()),
+])
+def test_checkpoint_every_is_epochs_as_a_number_or_time_with_a_unit_and_is_recorded_as_given(given, recorded, cadence):
+    cfg = RunConfig(preset="tiny", checkpoint_every=given)
+    assert cfg.checkpoint_every == recorded and type(cfg.checkpoint_every) is type(recorded)
+    assert cfg.checkpoint_cadence == cadence
+    assert bool(cfg.checkpoint_cadence) == (recorded != 0)
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("given", ["abc", "-1", "-3m", "5x", "m", "30 min", "nan", "inf", "", "1e999s"])
+def test_a_checkpoint_cadence_that_is_neither_epochs_nor_a_time_is_rejected_naming_the_flag(given):
+    with pytest.raises(ConfigError) as exc:
+        RunConfig(preset="tiny", checkpoint_every=given)
+    assert str(exc.value) == ("--checkpoint-every must be a number of epochs or minutes like 30m (also 90s, 2h), "
+                              f"0 for none (got {given!r})")
+
+
+def test_a_run_resumes_under_a_changed_checkpoint_cadence():
+    saved = RunConfig(preset="tiny", checkpoint_every=1.0).to_dict()
+    check_resumable(RunConfig(preset="tiny", checkpoint_every="30m"), saved, "run")
+    with pytest.raises(ConfigError, match="--lr"):
+        check_resumable(RunConfig(preset="tiny", checkpoint_every="30m", lr=1.0), saved, "run")

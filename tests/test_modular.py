@@ -242,6 +242,16 @@ def test_a_checkpoint_that_cannot_be_written_is_reported_and_training_goes_on(tm
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
 
 
+def test_a_time_cadence_checkpoints_at_the_first_evaluation_after_the_interval(tmp_path, monkeypatch):
+    from test_train import checkpoint_steps, ticking_clock
+
+    ticking_clock(monkeypatch, modular, seconds_per_step=7.0)
+    cfg = small(max_steps=40, checkpoint_every="2m", keep_checkpoints=10)
+    assert train_modular(cfg, tmp_path / "run", progress=False)["status"] == "completed"
+    # Evaluations every 10 steps (70 s): the 2 minutes have passed at steps 20 and 40.
+    assert checkpoint_steps(tmp_path / "run") == [20, 40]
+
+
 def test_a_resumed_run_records_what_an_uninterrupted_run_does(tmp_path):
     cfg = small(grokfast=True, max_steps=35, checkpoint_every=2)
     train_modular(cfg, tmp_path / "straight", progress=False)

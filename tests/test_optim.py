@@ -244,6 +244,13 @@ def test_make_optimizer_builds_grokadamw_with_the_groups_hyperparameters():
     )
 
 
+def test_make_optimizer_compiles_grokadamw_only_when_asked_and_fused_adamw_ignores_it():
+    groups = lambda: param_groups(TinyGPT().named_parameters(), 1e-3, 0.1)  # noqa: E731
+    assert make_optimizer(groups(), kind="grokadamw", compile=True).compile is True
+    assert make_optimizer(groups(), kind="grokadamw").compile is False
+    assert make_optimizer(groups(), kind="adamw", compile=True).defaults["fused"] is True
+
+
 # ---------------------------------------------------------------------------------------------
 # GrokAdamW: helpers
 
@@ -355,14 +362,14 @@ def reference_grokadamw(params, grads_seq, layers, evals, *, lr, betas, eps, wei
     return p, mu, m, v
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("path", ["foreach", "single-tensor", "compiled"])
 @pytest.mark.parametrize("steps", [1, 5, 7])
-def test_grokadamw_matches_spec_reference(steps, foreach):
+def test_grokadamw_matches_spec_reference(steps, path):
     named = _named_params()
     params = [p for _, p in named]
     initial = [p.detach().clone() for p in params]
     grads_seq = _grad_sequence(steps)
-    opt = _grok(named, foreach=foreach)
+    opt = _grok(named, foreach=path == "foreach", compile=path == "compiled")
     _run(opt, params, grads_seq)
 
     assert [opt.state[p]["layer"] for p in params] == [0, 1, 2, 3]
@@ -529,3 +536,125 @@ def test_grokadamw_step_returns_closure_loss():
     loss = opt.step(closure)
     assert loss.item() == pytest.approx(5.0)
     assert p.abs().sum().item() < 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# GrokAdamW: the compiled step
+
+
+def _scheduled_run(opt, params, grads_seq, skip_at, on_skip=None) -> None:
+    """Steps as the trainer takes them: found_inf always set, lr changed every step (a scheduler), a new
+    signal at step 2, and at `skip_at` non-finite gradients with found_inf = 1."""
+    for step, grads in enumerate(grads_seq):
+        grads = [g.clone() for g in grads]
+        if step == skip_at:
+            grads[1][0, 0], grads[2][1, 1] = float("inf"), float("nan")
+        if step == 2:
+            opt.set_grokking_signal(1.0, 1.7)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.found_inf = torch.tensor(float(step == skip_at))
+        before = _snapshot(opt, params)
+        opt.step()
+        if step == skip_at and on_skip is not None:
+            on_skip(before, _snapshot(opt, params))
+        for group in opt.param_groups:
+            group["lr"] *= 0.8
+
+
+def _grok_groups_apart(named, **overrides) -> GrokAdamW:
+    """One group per parameter (layers 0..3), each with its own lr and weight decay, as param_groups makes."""
+    opt = _grok(named, **overrides)
+    for i, group in enumerate(opt.param_groups):
+        group["lr"] *= [1.0, 32.0, 2.0, 100.0][i]
+        group["weight_decay"] *= i
+    return opt
+
+
+def test_compiled_step_equals_foreach_step_through_lr_changes_a_new_signal_and_a_skipped_step():
+    grads_seq = _grad_sequence(7)
+    runs = []
+
+    def unchanged(before, after):
+        assert all(torch.equal(b, a) for b, a in zip(before[0], after[0]))
+        _assert_same_state(before[1], after[1])
+
+    for compile in (False, True):
+        named = _named_params()
+        params = [p for _, p in named]
+        opt = _grok_groups_apart(named, compile=compile)
+        _scheduled_run(opt, params, grads_seq, skip_at=4, on_skip=unchanged)
+        assert opt.compile is compile  # it did not fall back
+        runs.append((params, opt))
+    (foreach_params, foreach), (compiled_params, compiled) = runs
+    assert [compiled.state[p]["layer"] for p in compiled_params] == [0, 1, 2, 3]
+    for p, q in zip(foreach_params, compiled_params):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
+        for key in ("mu", "exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(compiled.state[q][key], foreach.state[p][key], rtol=1e-6, atol=1e-7)
+    assert compiled.state[compiled_params[0]]["step"].item() == 6  # 7 steps, one skipped
+
+
+def test_compiled_step_compiles_once_for_every_lr_and_setting_of_a_sweep():
+    from torch._dynamo.utils import counters
+
+    settings = [{}, dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.0, alpha_init=0.5, lamb=0.1, gamma=0.0),
+                dict(lr=1e-1, eps=1e-6, alpha_init=0.99, lamb=5.0, gamma=0.5, kappa=2.0)]
+    graphs = counters["stats"]["unique_graphs"]
+    for setting in settings:
+        named = _named_params()
+        opt = _grok_groups_apart(named, compile=True, **setting)
+        _scheduled_run(opt, [p for _, p in named], _grad_sequence(3), skip_at=None)
+        assert opt.compile
+    # One graph for all (none if an earlier test compiled these shapes): lr and settings are tensor data.
+    assert counters["stats"]["unique_graphs"] - graphs <= 1
+
+
+def test_compiled_state_dict_round_trip_continues_identically_and_loads_into_the_foreach_path():
+    grads_seq = _grad_sequence(6)
+    named = _named_params()
+    params = [p for _, p in named]
+    opt = _grok_groups_apart(named, compile=True)
+    _scheduled_run(opt, params, grads_seq[:3], skip_at=1)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "optimizer": opt.state_dict()}, buffer)
+    assert all("compile" not in group for group in opt.state_dict()["param_groups"])  # not a setting: how it runs
+
+    resumed = []
+    for compile in (True, False):
+        buffer.seek(0)
+        checkpoint = torch.load(buffer, weights_only=True)
+        twin_named = [(n, nn.Parameter(t.clone())) for n, t in zip(NAMES, checkpoint["params"])]
+        twin = _grok(twin_named, compile=compile)
+        twin.load_state_dict(checkpoint["optimizer"])
+        assert twin.compile is compile
+        _scheduled_run(twin, [p for _, p in twin_named], grads_seq[3:], skip_at=None)
+        resumed.append([p for _, p in twin_named])
+    _scheduled_run(opt, params, grads_seq[3:], skip_at=None)
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed[0]))
+    for a, b in zip(params, resumed[1]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_a_compile_failure_falls_back_to_the_eager_step_with_one_warning(monkeypatch, caplog):
+    from hlb_gpt import optim
+
+    def broken_compiler():
+        def step(*args):
+            raise RuntimeError("inductor: no C++ compiler\nmore detail")
+        return step
+
+    monkeypatch.setattr(optim, "_compiled_update", broken_compiler)
+    grads_seq = _grad_sequence(4)
+    runs = []
+    for compile in (True, False):
+        named = _named_params()
+        opt = _grok_groups_apart(named, compile=compile)
+        with caplog.at_level("WARNING", logger="hlb_gpt.optim"):
+            _scheduled_run(opt, [p for _, p in named], grads_seq, skip_at=2)
+        assert opt.compile is False
+        runs.append(_snapshot(opt, [p for _, p in named]))
+    assert [r.getMessage() for r in caplog.records] == [
+        "GrokAdamW: the compiled step failed (RuntimeError: inductor: no C++ compiler); stepping eagerly from now on"]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+    _assert_same_state(runs[0][1], runs[1][1])

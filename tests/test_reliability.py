@@ -227,6 +227,26 @@ def test_torchrun_with_two_cpu_ranks_matches_one_process_and_keeps_filters_ident
     assert ddp.stdout.count("completed") == 1  # one rank reports
 
 
+@pytest.mark.slow
+def test_torchrun_ranks_stay_in_step_through_a_time_cadence_only_rank_0_acts_on(tmp_path):
+    # Each rank reads its own clock; only rank 0 saves, and saving holds no collective, so ranks that disagree
+    # about the time cannot deadlock. 1 ms makes rank 0 checkpoint at every sync point.
+    if shutil.which("torchrun") is None:
+        pytest.fail("torchrun is not on PATH")
+    args = SMALL + ["--epochs", "0.002", "--evals-per-epoch", "2000", "--checkpoint-every", "0.001s",
+                    "--keep-checkpoints", "100", "--data-cache", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "hlb_gpt", *args],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr
+    run = tmp_path / "ddp" / "baseline-s0"
+    saved = [load_checkpoint(p)["loop"]["step"] for p in list_checkpoints(run)]
+    evaluated = [row["step"] for row in read_run(run).metrics]
+    assert set(evaluated) <= set(saved) and len(saved) > len(evaluated) >= 2
+    assert read_run(run).config["checkpoint_cadence"] == {"epochs": 0.0, "seconds": 0.001}
+
+
 def test_a_completed_run_asked_for_more_epochs_continues_where_it_stopped(tmp_path):
     base = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=32, seq_len=32, batch_size=4,
                      epochs=0.002, evals_per_epoch=2000, eval_tokens=1024, checkpoint_every=1.0,

@@ -311,7 +311,8 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
 
     The run stops after `cfg.max_steps` steps (or `cfg.epochs` epochs of 10 steps when max_steps is None), or
     at the first evaluation whose validation accuracy reaches `cfg.target_acc`. It evaluates after every epoch
-    and checkpoints every `cfg.checkpoint_every` epochs and at the end (none when it is 0). With `resume`, it
+    and checkpoints every `cfg.checkpoint_every` epochs, or at the first evaluation after that much time
+    (`30m`), and at the end (none when it is 0). With `resume`, it
     continues from the run's latest checkpoint if it has one. A run that fails or is interrupted (SIGINT,
     SIGTERM: after a checkpoint) still gets a summary with that status before the exception propagates.
     """
@@ -350,7 +351,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
 
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = planned_steps(cfg, n_train)
-    per_checkpoint = cfg.checkpoint_every * n_train if cfg.checkpoint_every else math.inf  # in equations
+    per_checkpoint = cfg.checkpoint_cadence.epochs * n_train or math.inf  # in equations
 
     def forward(x: Tensor, y: Tensor) -> Tensor:
         logits = compiled(x)  # (B, V)
@@ -442,7 +443,7 @@ def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, re
                         say(f"{run_dir.name}: validation accuracy {loop.final_acc:.3f} >= {cfg.target_acc} "
                             f"at step {loop.step}")
                         break
-                    if checkpoint_now or stopping:
+                    if checkpoint_now or stopping or parts.time_due():
                         parts.save(loop, metrics, "signal" if stopping else "periodic", say)
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested} at step {loop.step}")
