@@ -190,9 +190,10 @@ def cli(ctx: click.Context, **flags: Any) -> None:
         raise ConfigError("two grid points would share a run folder; remove repeated values from the lists")
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
     check_writable(out)
-    from hlb_gpt.train import check_memory
+    from hlb_gpt.train import check_attention, check_memory
 
     for cfg in configs:
+        check_attention(cfg)
         check_memory(cfg)
     results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"], lock_timeout_s=flags["lock_timeout"])
     if os.environ.get("RANK", "0") != "0":

@@ -161,7 +161,11 @@ def sweep_one(cfg: RunConfig, run_dir: Path, label: str, train_fn: Callable[...,
         decision, lock = claim(cfg, run_dir, lock_timeout_s, since)
         return decision
 
-    decision = distributed.on_rank0(decide, ddp)
+    try:
+        decision = distributed.on_rank0(decide, ddp)
+    except OSError as exc:  # a full disk: the run cannot even be claimed, so it fails alone and the sweep goes on
+        logger.error("%s failed: cannot claim it: %s", label, exc)
+        return SweepResult(run_dir.name, "failed", {"status": "failed", "error": f"cannot claim the run: {exc}"})
     if decision.action == "done":
         status = decision.summary.get("status", "completed")
         logger.info("%s: %s already, skipped", label, status)

@@ -133,6 +133,14 @@ def _count_params(task: str, tokenizer: str, depth: int, width: int, seq_len: in
         return GPT(GPTConfig(vocab_size=vocab, depth=depth, width=width, max_seq_len=seq_len, gate=gate)).num_params()
 
 
+def check_attention(cfg: RunConfig) -> None:
+    """Refuse, before a sweep writes anything, an attention kernel the run's device cannot train with."""
+    if cfg.task == "lm":
+        device = resolve_device(cfg.device)
+        compiled = device.type == "cuda" if cfg.compile is None else cfg.compile
+        attention_for(cfg.attention, device, compiled, cfg.width // GPTConfig.qk_div)
+
+
 def check_memory(cfg: RunConfig) -> None:
     """Refuse, before any work, a Grokfast filter whose state cannot fit in the device's memory: the MA filter
     allocates its (window + 1) copies of the parameters only at the first step, long after the run started."""

@@ -7,7 +7,7 @@ import click
 import pytest
 from click.core import ParameterSource
 
-from hlb_gpt.cli import CommaList, cli, compare_command, main
+from hlb_gpt.cli import CommaList, Duration, cli, compare_command, main
 from hlb_gpt.records import read_run
 
 TINY = ["--dataset", "mini", "--preset", "tiny", "--tokenizer", "bytes"]
@@ -116,6 +116,8 @@ def env_sample(option: click.Option, tmp_path) -> tuple[str, Any]:
         return "0.5", [0.5] if listed else 0.5
     if isinstance(kind, click.types.IntParamType):
         return "3", [3] if listed else 3
+    if isinstance(kind, Duration):
+        return "90s", 90.0
     return "some-text", "some-text"
 
 

@@ -71,7 +71,7 @@ def test_under_torchrun_a_failed_run_ends_the_sweep_and_only_rank_0_records_it(t
     monkeypatch.setenv("RANK", str(rank))
     # No process group here: rank 0 keeps its own decisions, rank 1 receives what rank 0 sends (folders fine,
     # then "train the first run"), as a real group would deliver them.
-    sent = iter([(None, None), (Decision("train"), None)])
+    sent = iter([({}, None), (Decision("train"), None)])
     monkeypatch.setattr(distributed, "init", lambda ctx, device: device)
     monkeypatch.setattr(distributed, "broadcast_object", lambda obj, ctx: obj if ctx.is_main else next(sent))
     started = []

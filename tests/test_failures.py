@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import hlb_gpt.sweep as sweep_module
+
 from hlb_gpt import checkpoint, data, records
 from hlb_gpt import train as train_module
 from hlb_gpt.cli import main
@@ -161,8 +163,15 @@ def sweep_of_two(disk: Disk, cache: Path, **changes):
         disk.free()
         return train(cfg, run_dir, **kwargs)
 
+    def claim(*args, **kwargs):  # the space is freed before the run is claimed (its lock is a file too)
+        disk.free()
+        return claim_run(*args, **kwargs)
+
     configs = [small_run(cache, seed=s, **changes) for s in (0, 1)]
-    return run_sweep(configs, disk.root / "sweep", train_fn=train_fn, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        claim_run = sweep_module.claim
+        patch.setattr(sweep_module, "claim", claim)
+        return run_sweep(configs, disk.root / "sweep", train_fn=train_fn, progress=False)
 
 
 def messages(caplog) -> list[str]:

@@ -284,7 +284,9 @@ def tiny_run(tmp_path, **changes):
 
 
 def folder_bytes(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    """The run's records and checkpoints; its lock files, the history of which process tried it, aside."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and not p.name.startswith("lock.")}
 
 
 @pytest.mark.usefixtures("one_thread")
