@@ -83,7 +83,7 @@ PRESETS: dict[str, Preset] = {
     "hlb": Preset(depth=8, width=384, seq_len=1024, batch_size=64, lr=2.5e-3, eval_tokens=153_600),
     # Laptop scale: an epoch of `mini` with --tokenizer bytes in well under a minute on 2 CPU cores.
     "tiny": Preset(depth=4, width=128, seq_len=256, batch_size=16, lr=2e-3, eval_tokens=65_536),
-    # The grokking benchmark (SPEC §9, after Lee et al. 2024): 2 layers of width 128, batches of 512,
+    # The grokking benchmark (after Lee et al. 2024): 2 layers of width 128, batches of 512,
     # Adam lr 1e-3 with a 10-step warmup, no weight decay unless given; sequences are `x op y =`.
     "modular": Preset(depth=2, width=128, seq_len=4, batch_size=512, lr=1e-3, eval_tokens=0,
                       weight_decay=0.0, warmup_steps=10, checkpoint_every=100.0),

@@ -1,4 +1,4 @@
-"""Grokfast gradient filters (SPEC §5): EMA and windowed-mean (MA) amplification of slow gradients.
+"""Grokfast gradient filters: EMA and windowed-mean (MA) amplification of slow gradients.
 
 A filter is shaped like a ``torch.optim`` optimizer -- lazy per-parameter ``state``, ``step()`` under
 ``no_grad``, ``state_dict()``/``load_state_dict()`` -- and edits every ``p.grad`` in place.  It is
@@ -50,7 +50,7 @@ Design notes
   a gradient dtype different from the state's uses ``mu *= alpha; mu += (1 - alpha) g`` (lerp needs
   one dtype) rather than a converted copy of the gradient.
 * **Memory.** ``nbytes`` counts the parameter-sized buffers (``mu``; or ``ring`` and ``sum``), which is
-  what SPEC §5 accounts; the 0-dim step counters (8 bytes per parameter tensor) are left out.
+  what the memory accounting counts; the 0-dim step counters (8 bytes per parameter tensor) are left out.
 * **ratio()** is recomputed when called, from the state and the gradients currently in ``p.grad``:
   it must be called right after ``step()``, before clipping or ``zero_grad`` change the gradients.
   The raw gradient is recovered as ``p.grad - gain * mu``, so nothing is kept between steps.
@@ -304,7 +304,7 @@ class NoFilter(GradFilter):
 # ------------------------------------------------------------------------------------------------
 class EMAFilter(GradFilter):
     """``mu = alpha * mu + (1 - alpha) * g; g += gain * mu``; at a parameter's first step ``mu = g``
-    (a copy) and the gradient is left unchanged (SPEC §5)."""
+    (a copy) and the gradient is left unchanged."""
 
     kind = "ema"
     _buffers = ("mu",)
@@ -413,7 +413,7 @@ class EMAFilter(GradFilter):
 
 # ------------------------------------------------------------------------------------------------
 class MAFilter(GradFilter):
-    """``g += gain * mean(last W gradients)`` once W gradients have been seen (SPEC §5).
+    """``g += gain * mean(last W gradients)`` once W gradients have been seen.
 
     Precisely: at a parameter's k-th accepted step (k = 1, 2, ...) the gradient is pushed into its
     window; for k < W the gradient is left unchanged; from k = W on, ``gain`` times the mean of the W

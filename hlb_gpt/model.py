@@ -1,4 +1,4 @@
-"""The hlb GPT: a stack of fused "latent attention" blocks (after hlb-gpt v0.4, SPEC §3).
+"""The hlb GPT: a stack of fused "latent attention" blocks (after hlb-gpt v0.4).
 
 Read bottom-up: config → block → model. Each block is a whole transformer layer in one unit:
 a single matrix produces queries, keys and a GeGLU whose last `width` channels are the

@@ -1,4 +1,4 @@
-"""Optimizer side of a run: parameter groups (SPEC §3), the learning-rate schedule, GrokAdamW (SPEC §6).
+"""Optimizer side of a run: parameter groups, the learning-rate schedule, GrokAdamW.
 
 Everything here works from ``named_parameters()`` names, so the model never has to know about its
 optimizer and this module never imports the model.
@@ -45,7 +45,7 @@ class _GroupRule:
     betas: tuple[float, float]
 
 
-# SPEC §3, after hlb-gpt v0.4. The order is the order of the groups handed to the optimizer.
+# After hlb-gpt v0.4. The order is the order of the groups handed to the optimizer.
 _RULES: dict[str, _GroupRule] = {
     "matrices": _GroupRule(lr_mult=1.0, decays=True, betas=(0.9, 0.95)),
     "norms_embeddings": _GroupRule(lr_mult=32.0, decays=False, betas=(0.9, 0.95)),
@@ -91,7 +91,7 @@ def group_of(name: str, ndim: int) -> str:
 def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float
 ) -> list[dict]:
-    """Optimizer parameter groups with the per-group lr multipliers, betas and weight decay of SPEC §3.
+    """Optimizer parameter groups with the per-group lr multipliers, betas and weight decay of hlb-gpt v0.4.
 
     Each group carries ``name`` (one of `GROUP_NAMES`) and ``names`` (its parameters' names, used by
     GrokAdamW for the layer index). Frozen parameters are left out, as are empty groups.
@@ -187,7 +187,7 @@ class PowerLawSchedule:
 def lr_lambda(
     warmup_steps: int = 100, start_mult: float = 0.02, exponent: float = -0.08
 ) -> Callable[[int], float]:
-    """The SPEC §3 schedule as a picklable callable (see `PowerLawSchedule`)."""
+    """The warmup-then-power-law schedule as a picklable callable (see `PowerLawSchedule`)."""
     return PowerLawSchedule(warmup_steps, start_mult, exponent)
 
 
@@ -217,13 +217,13 @@ def model_depth(names: Iterable[str]) -> int:
 
 
 def grokking_signal(train_loss: float, val_loss: float) -> float:
-    """SPEC §6: ``max(0, val - train) / max(val, train)``, 0 when both losses are 0."""
+    """``max(0, val - train) / max(val, train)``, 0 when both losses are 0."""
     scale = max(val_loss, train_loss)
     return max(0.0, val_loss - train_loss) / scale if scale > 0 else 0.0
 
 
 def grok_alpha(alpha_init: float, kappa: float, signal: float) -> float:
-    """SPEC §6: ``alpha_init * exp(-kappa * s)`` clamped to [0, alpha_init]."""
+    """``alpha_init * exp(-kappa * s)`` clamped to [0, alpha_init]."""
     alpha = alpha_init * math.exp(min(-kappa * signal, 700.0))  # 700: keep exp finite for kappa < 0
     return min(max(alpha, 0.0), alpha_init)
 
@@ -287,7 +287,7 @@ class _SkipFlag:
 
 
 class GrokAdamW(torch.optim.Optimizer):
-    """AdamW on a Grokfast-EMA-amplified gradient with layer-wise momentum (SPEC §6).
+    """AdamW on a Grokfast-EMA-amplified gradient with layer-wise momentum.
 
     Per parameter, with ``l`` its layer (`layer_index`: embeddings 0, block i -> i + 1, final norm and
     head -> depth + 1) and ``t`` its step::
@@ -306,7 +306,7 @@ class GrokAdamW(torch.optim.Optimizer):
     ``mu`` starts at zeros, like Adam's moments (and the published GrokAdamW), so the first step gives
     ``mu = (1 - alpha_t) * g``: the amplification ramps in over about ``1 / (1 - alpha_t)`` steps,
     alongside the lr warmup, instead of starting at full strength. This differs on purpose from the
-    standalone Grokfast filter (SPEC §5, ``mu_1 = g``).
+    standalone Grokfast filter (``mu_1 = g``).
 
     Layers come from parameter names: a group's ``names`` (as made by `param_groups`) or torch's
     ``param_names`` (when built from ``named_parameters()``); ``depth`` is taken from all groups' names.

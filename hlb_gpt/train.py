@@ -196,7 +196,7 @@ def optimizer_step(
     measure: bool = False,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> StepResult:
-    """One optimizer step, in the order SPEC §4 fixes; every value it returns stays on the device.
+    """One optimizer step, in one fixed order; every value it returns stays on the device.
 
     backward over micro-batches → (DDP all-reduce happens inside backward) → non-finite check → Grokfast filter
     → optional clip → optimizer step → schedule step → zero grads. With `measure`, the filter's ‖mu‖/‖g‖ is

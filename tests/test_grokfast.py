@@ -1,4 +1,4 @@
-"""Grokfast filters (SPEC §5) against plain per-parameter reference loops written from the formulas."""
+"""Grokfast filters against plain per-parameter reference loops written from the formulas."""
 
 import io
 import math
@@ -14,7 +14,7 @@ SHAPES = [(3, 4), (7,), (), (2, 3, 5)]
 
 # -- plain reference loops, one parameter at a time, in float64 --------------------------------------
 def reference_ema(schedule, alpha, gain):
-    """SPEC §5: mu_1 = g_1 (gradient unchanged); then mu = alpha*mu + (1-alpha)*g, g += gain*mu."""
+    """mu_1 = g_1 (gradient unchanged); then mu = alpha*mu + (1-alpha)*g, g += gain*mu."""
     mu, out = {}, []
     for grads in schedule:
         filtered = {}
@@ -33,7 +33,7 @@ def reference_ema(schedule, alpha, gain):
 
 
 def reference_ma(schedule, window, gain):
-    """SPEC §5: once W gradients have been seen, g += gain * (mean of the last W, this one included)."""
+    """once W gradients have been seen, g += gain * (mean of the last W, this one included)."""
     history, out = {}, []
     for grads in schedule:
         filtered = {}

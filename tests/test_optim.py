@@ -1,4 +1,4 @@
-"""Specification of hlb_gpt.optim: parameter groups, lr schedule, make_optimizer, GrokAdamW (SPEC §3, §6)."""
+"""Specification of hlb_gpt.optim: parameter groups, lr schedule, make_optimizer, GrokAdamW."""
 
 from __future__ import annotations
 
@@ -301,7 +301,7 @@ def test_grokadamw_rejects_bad_hyperparameters_and_names_that_do_not_match_param
 
 
 # ---------------------------------------------------------------------------------------------
-# GrokAdamW: the update against SPEC §6
+# GrokAdamW: the update against its equations
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, alpha_init=0.9, lamb=2.0, gamma=0.2, kappa=0.5)
 NAMES = ["embed.weight", "blocks.0.expand", "blocks.1.project", "head.weight"]  # layers 0, 1, 2, 3
@@ -336,7 +336,7 @@ def _run(opt, params, grads_seq, evals=EVALS) -> None:
 
 
 def reference_grokadamw(params, grads_seq, layers, evals, *, lr, betas, eps, weight_decay, alpha_init, lamb, gamma, kappa):
-    """SPEC §6, written out in float64, one tensor at a time."""
+    """The GrokAdamW equations, written out in float64, one tensor at a time."""
     beta1, beta2 = betas
     p = [x.detach().double().clone() for x in params]
     mu = [torch.zeros_like(x) for x in p]

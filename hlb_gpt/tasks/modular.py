@@ -1,4 +1,4 @@
-"""The grokking benchmark (SPEC §9): learn (x * y) mod 97 from half of its table, with and without Grokfast.
+"""The grokking benchmark: learn (x * y) mod 97 from half of its table, with and without Grokfast.
 
 The setup follows the Grokfast paper's modular-arithmetic experiment (Lee et al. 2024, after Power et al. 2022):
 equations `x op y = answer` for x in 0..96 and y in 1..96 (9,312 of them), half for training (a seeded split),
@@ -16,7 +16,7 @@ What differs from the published code, and why:
 - The position table has 4 rows (the published one has 5, one never used).
 - The split comes from its own seeded generator, not from the global RNG after model initialisation, so a seed
   gives the same split on every device and whatever the model.
-- Grokfast's EMA follows SPEC §5: the first step leaves the gradient unchanged (the published filter already
+- Grokfast's EMA follows our filter's definition: the first step leaves the gradient unchanged (the published filter already
   multiplies it by 1 + gain). The first step has lr 0 in both (the warmup starts at 0), so only Adam's moment
   estimates see the difference.
 
