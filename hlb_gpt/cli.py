@@ -18,6 +18,7 @@ import click
 from hlb_gpt import __version__
 from hlb_gpt.config import (TASKS, DATASETS, DEVICES, FILTER_DTYPES, FILTERS, GATES, OPTIMIZERS, PRECISIONS, PRESETS,
                             ATTENTIONS, MAY_CHANGE_ON_RESUME, TOKENIZERS, ConfigError, RunConfig, check_resumable)
+from hlb_gpt.config import MUON_LR, MUON_MOMENTUM
 
 LIST_KEYS = ("seed", "alpha", "gain", "depth", "width", "gate", "filter", "window")
 
@@ -97,7 +98,8 @@ def _options(fn: Callable) -> Callable:
                      help="hlb-gpt's schedule: sequences start at 32 tokens and double every 80 steps, same tokens per step."),
         # optimiser
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
-                     help="grokadamw: AdamW with a built-in Grokfast EMA (uses --alpha, --gain)."),
+                     help="grokadamw: AdamW with a built-in Grokfast EMA (uses --alpha, --gain); "
+                          "muon: Muon for the block matrices, AdamW for the rest."),
         click.option("--lr", type=float, default=None, help="Base learning rate of the block matrices [preset]."),
         click.option("--weight-decay", type=float, default=None,
                      help="Weight decay of the block matrices, constant (not loss-dependent as in hlb-gpt) [0.01; modular 0]."),
@@ -107,6 +109,9 @@ def _options(fn: Callable) -> Callable:
                      help="GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal)."),
         click.option("--grok-gamma", type=float, default=0.1, show_default=True,
                      help="GrokAdamW: layer-wise beta1_l = beta1 * (1 - gamma)^l."),
+        click.option("--muon-lr", type=float, default=None,
+                     help=f"Muon: lr of the block matrices, on the --lr schedule [{MUON_LR}]."),
+        click.option("--muon-momentum", type=float, default=None, help=f"Muon: Nesterov momentum [{MUON_MOMENTUM}]."),
         # grokfast
         click.option("--grokfast", is_flag=True, help="Filter gradients with Grokfast (the filtered configurations)."),
         click.option("--baseline", is_flag=True, help="With --grokfast: also run the unfiltered configuration per seed."),
@@ -328,7 +333,8 @@ def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list
         gate=first["gate"], seq_len=flags["seq_len"], batch_size=flags["batch_size"], grad_accum=flags["grad_accum"],
         seq_warmup=flags["seq_warmup"], optimizer=flags["optimizer"], lr=flags["lr"],
         weight_decay=flags["weight_decay"], warmup_steps=flags["warmup_steps"], clip=flags["clip"],
-        grok_kappa=flags["grok_kappa"], grok_gamma=flags["grok_gamma"], grokfast=flags["grokfast"],
+        grok_kappa=flags["grok_kappa"], grok_gamma=flags["grok_gamma"], muon_lr=flags["muon_lr"],
+        muon_momentum=flags["muon_momentum"], grokfast=flags["grokfast"],
         filter=first["filter"], alpha=first["alpha"], gain=first["gain"], window=first["window"],
         filter_dtype=flags["filter_dtype"], epochs=flags["epochs"], evals_per_epoch=flags["evals_per_epoch"],
         eval_tokens=flags["eval_tokens"], seed=first["seed"], max_steps=flags["max_steps"],

@@ -17,7 +17,7 @@ TASKS = ("lm", "modular")
 DATASETS = ("wikitext-103", "wikitext-2", "mini")
 TOKENIZERS = ("gpt2", "bytes")
 GATES = ("none", "relu", "sigmoid")
-OPTIMIZERS = ("adamw", "grokadamw")
+OPTIMIZERS = ("adamw", "grokadamw", "muon")
 FILTERS = ("ema", "ma")
 FILTER_DTYPES = ("float32", "bfloat16", "param")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -89,6 +89,9 @@ PRESETS: dict[str, Preset] = {
                       weight_decay=0.0, warmup_steps=10, checkpoint_every=100.0),
 }
 DEFAULT_PRESET = {"lm": "hlb", "modular": "modular"}
+# --optimizer muon: Muon's lr for the block matrices, chosen on `tiny` (see bench/speedrun.py), and torch's momentum.
+MUON_LR = 0.02
+MUON_MOMENTUM = 0.95
 
 
 @dataclass
@@ -119,6 +122,10 @@ class RunConfig:
     clip: float | None = None
     grok_kappa: float = 0.1
     grok_gamma: float = 0.1
+    # --muon-lr: Muon's lr for the block matrices, on the same schedule as --lr [MUON_LR]; --optimizer muon only
+    muon_lr: float | None = None
+    # --muon-momentum: Muon's Nesterov momentum [MUON_MOMENTUM]; --optimizer muon only
+    muon_momentum: float | None = None
     # Grokfast
     grokfast: bool = False
     filter: str = "ema"
@@ -164,6 +171,9 @@ class RunConfig:
                      "checkpoint_every"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
+        if self.optimizer == "muon":
+            self.muon_lr = MUON_LR if self.muon_lr is None else self.muon_lr
+            self.muon_momentum = MUON_MOMENTUM if self.muon_momentum is None else self.muon_momentum
         self._validate()
 
     def _validate(self) -> None:
@@ -201,6 +211,7 @@ class RunConfig:
         if self.grokfast and self.optimizer == "grokadamw":
             raise ConfigError("--optimizer grokadamw filters gradients itself; drop --grokfast "
                               "(its --alpha and --gain set GrokAdamW's filter)")
+        self._validate_muon()
         if not self.grok_kappa >= 0:
             raise ConfigError(f"--grok-kappa must be >= 0 (got {self.grok_kappa})")
         if not (0 <= self.grok_gamma < 1):
@@ -230,6 +241,22 @@ class RunConfig:
                     raise ConfigError(f"--data-dir {self.data_dir} has no {split}")
                 if (Path(self.data_dir) / split).stat().st_size == 0:
                     raise ConfigError(f"--data-dir {self.data_dir}: {split} is empty")
+
+    def _validate_muon(self) -> None:
+        if self.optimizer != "muon":
+            given = [_flag(name) for name in ("muon_lr", "muon_momentum") if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(f"{' and '.join(given)} apply to --optimizer muon only "
+                                  f"(got --optimizer {self.optimizer})")
+            return
+        grok = [_flag(name) for name in ("grok_kappa", "grok_gamma") if getattr(self, name) != _default(name)]
+        if grok:  # --optimizer takes one name, so GrokAdamW's own settings are the one way to ask for both
+            raise ConfigError(f"{' and '.join(grok)} set GrokAdamW, which does not combine with --optimizer muon; "
+                              "drop them")
+        if not (self.muon_lr > 0 and math.isfinite(self.muon_lr)):
+            raise ConfigError(f"--muon-lr must be a positive number (got {self.muon_lr})")
+        if not (0 <= self.muon_momentum < 1):
+            raise ConfigError(f"--muon-momentum must be in [0, 1) (got {self.muon_momentum})")
 
     @property
     def checkpoint_cadence(self) -> Cadence:
@@ -270,6 +297,14 @@ def check_resumable(cfg: RunConfig, saved: dict[str, Any], where: Path | str) ->
     diffs = cfg.differences(RunConfig.from_dict(saved), ignore=MAY_CHANGE_ON_RESUME)
     if diffs:
         raise ConfigError(f"{where} was trained with other settings (command vs run): {'; '.join(diffs)}")
+
+
+def _default(name: str) -> Any:
+    return RunConfig.__dataclass_fields__[name].default
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,4 +1,4 @@
-"""Optimizer side of a run: parameter groups, the learning-rate schedule, GrokAdamW.
+"""Optimizer side of a run: parameter groups, the learning-rate schedule, GrokAdamW, Muon beside AdamW.
 
 Everything here works from ``named_parameters()`` names, so the model never has to know about its
 optimizer and this module never imports the model.
@@ -10,7 +10,7 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +22,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "GROUP_NAMES",
     "GrokAdamW",
+    "MuonAdamW",
     "PowerLawSchedule",
     "grok_alpha",
     "grokking_signal",
     "group_of",
     "layer_index",
     "lr_lambda",
+    "make_muon",
     "make_optimizer",
     "make_scheduler",
     "model_depth",
@@ -154,6 +156,100 @@ def make_optimizer(
         except RuntimeError:  # e.g. a dtype the fused kernel does not take
             pass
     return torch.optim.AdamW(groups, foreach=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon beside AdamW
+
+
+class _States(Mapping):
+    """The per-parameter state of several optimizers as one read-only mapping, read live from each of them
+    (their ``state`` is replaced by ``load_state_dict``, and grows at their first step)."""
+
+    def __init__(self, optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
+        self._optimizers = optimizers
+
+    def __getitem__(self, param: Tensor) -> dict:
+        for opt in self._optimizers:
+            if param in opt.state:  # `in`, not indexing: indexing a defaultdict would add the key
+                return opt.state[param]
+        raise KeyError(param)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for opt in self._optimizers:
+            yield from opt.state
+
+    def __len__(self) -> int:
+        return sum(len(opt.state) for opt in self._optimizers)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """`torch.optim.Muon` on the block matrices and AdamW on every other parameter, as one optimizer.
+
+    The loop, the scheduler and the checkpoints see one optimizer: ``param_groups`` are the Muon groups then
+    the AdamW groups -- the very dicts the two optimizers read, so the scheduler's LambdaLR sets the lr of
+    both with the same multiplier, each from its own base lr. ``state`` holds both optimizers' state
+    (memory accounting reads it), ``state_dict()`` both, under ``"muon"`` and ``"adamw"``.
+
+    Neither honours ``found_inf`` (torch's Muon has no skip on the device), so ``defaults`` has no
+    ``fused``: the trainer checks for non-finite gradients on the host and skips the whole step.
+    """
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+        # The base class registers the inner optimizers' group dicts as they are (it adds no defaults).
+        super().__init__(muon.param_groups + adamw.param_groups, defaults={})
+        self._share()
+
+    def _share(self) -> None:
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        self.state = _States((self.muon, self.adamw))  # type: ignore[assignment]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict) != {"muon", "adamw"}:
+            raise ValueError(f"not a Muon + AdamW optimizer state (keys {sorted(state_dict)})")
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self._share()  # loading made new group dicts: the scheduler must write the lr into those
+
+
+def make_muon(groups: list[dict], lr: float, momentum: float, device_type: str = "cpu") -> MuonAdamW:
+    """Muon (lr `lr`, `momentum`, Nesterov) for the 2-D parameters of the ``matrices`` group, AdamW (as
+    `make_optimizer` makes it) for the rest of `groups` (from `param_groups`), in one `MuonAdamW`.
+
+    Muon keeps the group's weight decay, decoupled as in AdamW (``p *= 1 - lr * weight_decay``), and torch's
+    default ("original") lr adjustment: ``lr * sqrt(max(1, rows / cols))`` per matrix.
+    """
+    muon_groups, adamw_groups = [], []
+    for group in groups:
+        if group["name"] != "matrices":
+            adamw_groups.append(group)
+            continue
+        flat = [i for i, p in enumerate(group["params"]) if p.ndim == 2]
+        rest = [i for i in range(len(group["params"])) if i not in flat]
+        pick = lambda key, idx: [group[key][i] for i in idx]  # noqa: E731
+        if flat:
+            muon_groups.append({"params": pick("params", flat), "names": pick("names", flat), "name": "matrices",
+                                "lr": lr, "momentum": momentum, "weight_decay": group["weight_decay"]})
+        if rest:  # a matrix of more than 2 dims: Muon orthogonalises 2-D updates only
+            adamw_groups.append({**group, "params": pick("params", rest), "names": pick("names", rest)})
+    if not muon_groups or not adamw_groups:
+        raise ValueError("--optimizer muon needs block matrices and other parameters")
+    return MuonAdamW(torch.optim.Muon(muon_groups, lr=lr, momentum=momentum),
+                     make_optimizer(adamw_groups, kind="adamw", device_type=device_type))
 
 
 # ---------------------------------------------------------------------------------------------

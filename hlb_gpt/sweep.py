@@ -54,7 +54,9 @@ def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool,
         for model_point in itertools.product(*(values(k) for k in MODEL_KEYS)):
             model = dict(zip(MODEL_KEYS, model_point))
             if baseline or not filtered:
-                configs.append(base.replace(seed=seed, grokfast=False, optimizer="adamw", **model))
+                # GrokAdamW's unfiltered counterpart is AdamW; Muon's is Muon.
+                plain = "muon" if base.optimizer == "muon" else "adamw"
+                configs.append(base.replace(seed=seed, grokfast=False, optimizer=plain, **model))
             configs += [base.replace(seed=seed, **model, **point) for point in points]
     return configs
 
@@ -69,6 +71,8 @@ def run_name(cfg: RunConfig, vary: Sequence[str] = ()) -> str:
         parts = [f"ema-a{cfg.alpha:g}-g{cfg.gain:g}"]
     else:
         parts = [f"ma-w{cfg.window}-g{cfg.gain:g}"]
+    if cfg.optimizer == "muon":  # `muon-s0`, `muon-ema-a0.9-g0.1-s0`
+        parts = ["muon"] + (parts if cfg.grokfast else [])
     short = {"depth": "d", "width": "w", "gate": "gate-"}
     parts += [f"{short[k]}{getattr(cfg, k)}" for k in MODEL_KEYS if k in vary]
     parts.append(f"s{cfg.seed}")

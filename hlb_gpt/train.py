@@ -34,7 +34,7 @@ from hlb_gpt.device import (PeakMemory, attention_for, autocast_for, available_m
                             memory_breakdown, resolve_device, resolve_precision, synchronize)
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
-from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
+from hlb_gpt.optim import GrokAdamW, make_muon, make_optimizer, make_scheduler, param_groups
 from hlb_gpt.records import RecordWriteError, RunWriter
 from hlb_gpt.tracking import NoTracker, make_tracker
 
@@ -167,7 +167,10 @@ def build_optimizer(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]]
     grok = {}
     if cfg.optimizer == "grokadamw":
         grok = dict(alpha_init=cfg.alpha, lamb=cfg.gain, gamma=cfg.grok_gamma, kappa=cfg.grok_kappa)
-    optimizer = make_optimizer(groups, kind=cfg.optimizer, device_type=device.type, compile=compile, **grok)
+    if cfg.optimizer == "muon":  # Muon for the block matrices, AdamW for the rest
+        optimizer = make_muon(groups, cfg.muon_lr, cfg.muon_momentum, device_type=device.type)
+    else:
+        optimizer = make_optimizer(groups, kind=cfg.optimizer, device_type=device.type, compile=compile, **grok)
     return optimizer, make_scheduler(optimizer, warmup_steps=cfg.warmup_steps)
 
 
