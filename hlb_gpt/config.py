@@ -1,7 +1,8 @@
 """Every setting of one run as a typed dataclass, with presets and validation.
 
-`RunConfig` is what `train()` takes and what `config.json` records. Fields left as `None` are filled from the
-preset when the config is built, so a config is always fully resolved. Validation happens in `__post_init__`,
+`RunConfig` is what `train()` takes and what `config.json` records. Each field also describes its command-line flag
+(`setting`): the CLI builds its options from the fields. Fields left as `None` are filled from the preset when the
+config is built, so a config is always fully resolved. Validation happens in `__post_init__`,
 before any work, and every message names the flag that fixes it.
 """
 
@@ -163,7 +164,8 @@ class RunConfig:
     max_bad_steps: int = setting(10, "Consecutive non-finite steps before a run counts as diverged.")
     checkpoint_every: float | str | None = setting(  # epochs, or a time like "30m" (see `parse_cadence`)
         None, "Checkpoint interval: epochs (a number; 0: none) or wall time since the last checkpoint (30m, also 90s, "
-        "2h); interrupted runs resume from the latest.", note="1; modular 100, an epoch there being 10 steps", parse=str)
+        "2h); interrupted runs resume from the latest.", note="1; modular 100, an epoch there being 10 steps",
+        parse=str)
     keep_checkpoints: int = setting(2, "Checkpoints kept per run.")
     # hardware
     device: str = setting("auto", "auto: cuda, then mps, then cpu.", choices=DEVICES)
