@@ -272,13 +272,13 @@ class RunConfig:
         if self.optimizer != "muon":
             given = [flag(name) for name in ("muon_lr", "muon_momentum") if getattr(self, name) is not None]
             if given:
-                raise ConfigError(f"{' and '.join(given)} apply to --optimizer muon only "
+                raise ConfigError(f"{', '.join(given)}: for --optimizer muon only "
                                   f"(got --optimizer {self.optimizer})")
             return
         grok = [flag(name) for name in ("grok_kappa", "grok_gamma") if getattr(self, name) != _default(name)]
         if grok:  # --optimizer takes one name, so GrokAdamW's own settings are the one way to ask for both
-            raise ConfigError(f"{' and '.join(grok)} set GrokAdamW, which does not combine with --optimizer muon; "
-                              "drop them")
+            raise ConfigError(f"{', '.join(grok)}: GrokAdamW settings, and GrokAdamW does not combine with "
+                              "--optimizer muon; drop them")
         if not (self.muon_lr > 0 and math.isfinite(self.muon_lr)):
             raise ConfigError(f"--muon-lr must be a positive number (got {self.muon_lr})")
         if not (0 <= self.muon_momentum < 1):

@@ -147,6 +147,8 @@ def test_every_training_flag_can_come_from_hlb_gpt_flag_in_the_environment(monke
 # Generic samples that no setting accepts on its own; any other value of env_sample's kind would do.
 VALID_SAMPLES = {"width": ("64", [64]), "grad_accum": ("4", 4), "eval_tokens": ("0", 0),
                  "checkpoint_every": ("30m", "30m")}
+# Settings that are refused unless another one is set too.
+COMPANIONS = {"muon_lr": {"HLB_GPT_OPTIMIZER": "muon"}, "muon_momentum": {"HLB_GPT_OPTIMIZER": "muon"}}
 
 
 def test_hlb_gpt_field_in_the_environment_sets_that_field_of_the_run(monkeypatch, tmp_path):
@@ -158,6 +160,8 @@ def test_hlb_gpt_field_in_the_environment_sets_that_field_of_the_run(monkeypatch
         text, parsed = VALID_SAMPLES.get(field.name) or env_sample(options[field.name], tmp_path)
         with monkeypatch.context() as env:
             env.setenv(f"HLB_GPT_{field.name.upper()}", text)
+            for name, value in COMPANIONS.get(field.name, {}).items():
+                env.setenv(name, value)
             ctx = cli.make_context("hlb-gpt", [], auto_envvar_prefix="HLB_GPT")
             base, grid = configs_from_flags(ctx.params)
         assert ctx.get_parameter_source(field.name) == ParameterSource.ENVIRONMENT, field.name

@@ -130,10 +130,10 @@ def test_a_muon_config_is_resolved_with_the_default_lr_and_momentum():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(muon_lr=0.01), "--muon-lr apply to --optimizer muon only"),
-    (dict(optimizer="grokadamw", muon_momentum=0.9), "--muon-momentum apply to --optimizer muon only"),
-    (dict(optimizer="muon", grok_kappa=0.5), "--grok-kappa set GrokAdamW, which does not combine"),
-    (dict(optimizer="muon", grok_gamma=0.2), "--grok-gamma set GrokAdamW, which does not combine"),
+    (dict(muon_lr=0.01), "--muon-lr: for --optimizer muon only"),
+    (dict(optimizer="grokadamw", muon_momentum=0.9), "--muon-momentum: for --optimizer muon only"),
+    (dict(optimizer="muon", grok_kappa=0.5), "--grok-kappa: GrokAdamW settings, and GrokAdamW does not combine"),
+    (dict(optimizer="muon", grok_gamma=0.2), "--grok-gamma: GrokAdamW settings"),
     (dict(optimizer="muon", task="modular"), "drop --optimizer muon"),
     (dict(optimizer="muon", muon_lr=0.0), "--muon-lr must be a positive number"),
     (dict(optimizer="muon", muon_momentum=1.0), "--muon-momentum must be in"),
