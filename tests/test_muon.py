@@ -1,7 +1,9 @@
 """--optimizer muon: torch's Muon on the block matrices beside AdamW on the rest, as one optimizer."""
 
-import copy
 import io
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from hlb_gpt.records import read_run
 from hlb_gpt.sweep import expand_grid, run_name
 from hlb_gpt.train import train
 
+from test_reliability import SMALL, hlb
 # The reliability matrix's own kill -9 procedure; not named test_*: pytest would collect the whole matrix a second time in this module.
 from test_reliability import test_a_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one as killed_and_resumed
 
@@ -174,3 +177,24 @@ def test_a_mini_run_with_muon_lowers_the_validation_loss(tmp_path, grokfast):
 @pytest.mark.slow
 def test_a_killed_muon_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_path):
     killed_and_resumed(tmp_path, ["--optimizer", "muon"], "muon-s0")
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_cpu_ranks_trains_muon_as_one_process_does(tmp_path):
+    if shutil.which("torchrun") is None:
+        pytest.fail("torchrun is not on PATH")
+    args = SMALL + ["--optimizer", "muon", "--grokfast", "--alpha", "0.9", "--gain", "0.1", "--epochs", "0.002",
+                    "--evals-per-epoch", "2000", "--data-cache", str(tmp_path / "cache")]
+    single = hlb(args + ["--out", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "hlb_gpt", *args,
+                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr
+    run = read_run(tmp_path / "ddp" / "muon-ema-a0.9-g0.1-s0")
+    checksums = run.summary["ddp"]["filter_checksums"]
+    assert run.config["world_size"] == 2 and checksums[0] == checksums[1]
+    one = read_run(tmp_path / "single" / "muon-ema-a0.9-g0.1-s0").metrics
+    assert len(one) == len(run.metrics) >= 2
+    for a, b in zip(one, run.metrics):  # the all-reduced mean rounds unlike one batch's; Muon works in bfloat16
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
