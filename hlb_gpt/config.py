@@ -90,7 +90,8 @@ PRESETS: dict[str, Preset] = {
                       weight_decay=0.0, warmup_steps=10, checkpoint_every=100.0),
 }
 DEFAULT_PRESET = {"lm": "hlb", "modular": "modular"}
-# --optimizer muon: Muon's lr for the block matrices, chosen on `tiny` (see bench/speedrun.py), and torch's momentum.
+# --optimizer muon: Muon's lr for the block matrices, the best of 0.005, 0.01, 0.02, 0.03, 0.05 by val loss after
+# 150 steps on `tiny` (mini, bytes, batch 4); and torch's momentum.
 MUON_LR = 0.02
 MUON_MOMENTUM = 0.95
 
