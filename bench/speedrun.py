@@ -96,7 +96,8 @@ def table(results: dict[str, list[dict[float, Reached]]], targets: list[float]) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=lambda s: [float(v) for v in s.split(",")], default=[2.0, 1.9, 1.8])
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; seeds --seed .. --seed + repeats - 1")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds, with seeds --seed .. --seed + repeats - 1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", type=lambda s: s.split(","), default=list(SETTINGS),
                         help=f"settings to run, of {', '.join(SETTINGS)}")

@@ -18,7 +18,7 @@ from hlb_gpt.sweep import expand_grid, run_name
 from hlb_gpt.train import train
 
 from test_reliability import SMALL, hlb
-# The reliability matrix's own kill -9 procedure; not named test_*: pytest would collect the whole matrix a second time in this module.
+# The reliability matrix's own kill -9 procedure, under a name pytest does not collect (else the matrix runs twice).
 from test_reliability import test_a_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one as killed_and_resumed
 
 LR, WD, MUON = 2e-3, 0.01, dict(lr=0.02, momentum=0.95)
