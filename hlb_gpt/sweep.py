@@ -30,7 +30,6 @@ from hlb_gpt.status import write_manifest
 logger = logging.getLogger(__name__)
 
 MODEL_KEYS = ("depth", "width", "gate")
-FILTER_KEYS = ("filter", "alpha", "gain", "window")
 
 
 def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool, baseline: bool) -> list[RunConfig]:
