@@ -102,3 +102,17 @@ def test_a_run_resumes_under_a_changed_checkpoint_cadence():
     check_resumable(RunConfig(preset="tiny", checkpoint_every="30m"), saved, "run")
     with pytest.raises(ConfigError, match="--lr"):
         check_resumable(RunConfig(preset="tiny", checkpoint_every="30m", lr=1.0), saved, "run")
+
+
+@pytest.mark.parametrize("settings, kind", [
+    ({}, "baseline"),
+    ({"alpha": 0.5, "filter": "ma"}, "baseline"),  # filter settings without --grokfast: unused
+    ({"grokfast": True}, "ema"),
+    ({"grokfast": True, "filter": "ma"}, "ma"),
+    ({"optimizer": "grokadamw"}, "grokadamw"),
+])
+def test_a_runs_kind_is_read_alike_from_its_config_and_its_recorded_settings(settings, kind):
+    cfg = RunConfig(preset="tiny", **settings)
+    assert cfg.kind == kind
+    assert RunConfig.kind_of(cfg.to_dict()) == kind
+    assert RunConfig.kind_of(settings) == kind  # a config.json recorded before a setting existed lacks its key
