@@ -1,7 +1,7 @@
 """`hlb-gpt compare`: group runs by configuration, compare each with its unfiltered baseline, tabulate.
 
-Needs numpy and scipy; the figures are in `hlb_gpt.plots`. Read in this order, each module depending only on
-those before it:
+Needs numpy and scipy; the figures are in `hlb_gpt.plots`. The rules are in docs/DESIGN.md, section 11. Read the
+modules in this order, each depending only on those before it:
 
 - `loading`: which folders are runs, which runs count, and a note on each one left out;
 - `configurations`: which runs are one configuration, its baseline, its label;

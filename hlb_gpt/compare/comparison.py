@@ -1,13 +1,5 @@
 """`compare()`: runs grouped into configurations, each with its statistic, its test against its baseline and
-its costs, sorted best first, with a note on everything that is not plain.
-
-- Filter state MB is the recorded `filter_bytes` / 2**20 (mean over runs); for GrokAdamW, whose filter lives
-  in the optimizer state, it is the optimizer state in excess of the baseline's. Its share is of the
-  baseline's mean `peak_bytes`. Step-time overhead is mean `step_time_s` / the baseline's - 1, in percent:
-  the steady time per step, without the intervals in which torch.compile compiled (`compile_time_s`), so
-  that the run of a sweep that paid for compilation is not made to look slower.
-- Rows are sorted by the statistic's mean, best first; ties keep baselines first, then label order, and get
-  a note. Configurations without a value sort last.
+its costs (filter state, step-time overhead), sorted best first, with a note on everything that is not plain.
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """Which runs are one configuration, which configuration is a run's baseline, and how configurations are labelled.
 
-- The group key is the config without the seed, the software versions and the bookkeeping settings that do
-  not change the experiment (`config.BOOKKEEPING`: checkpointing, logging, cache paths; the same list tells
-  what a resumed run may change). Every other recorded difference separates configurations, including the
-  length and the environment (`ENVIRONMENT_KEYS`), each taken as the run really had it:
-  `data` (the sha256 of the training and validation text; for runs recorded before config.json held it, the
-  sha of other runs that read the same dataset from the same --data-dir, else the dataset or the --data-dir),
-  `device` (cpu, cuda, mps), `precision` (bf16 or fp32 as resolved), `compile` (`default` when the run did
-  what its device does by default, on for CUDA only; else on or off) and `world_size`.
-- Settings that a run's kind (`RunConfig.kind`) does not use are dropped: all filter settings for a baseline,
-  `window` for EMA, `alpha` for MA, the GrokAdamW settings for Grokfast runs, and `filter`, `window`,
-  `filter_dtype` for GrokAdamW. So two baselines whose configs carry different, unused alphas are the same
-  configuration.
-- Configurations that differ only in their environment are labelled apart (`device=cpu`, `data=173c87a5`),
-  never pooled or paired.
-- The baseline of a configuration is the unfiltered AdamW configuration equal in every other setting, the
-  environment included: a filtered GPU run is never paired with a CPU baseline.
+A configuration is every recorded setting but the seed, the versions and the bookkeeping, without the settings
+the run's kind (`RunConfig.kind`) does not use, with its environment (data sha256, device, precision, compile,
+world size) as the run really had it. Its baseline is the unfiltered AdamW configuration equal in all else,
+environment included (docs/DESIGN.md, section 11).
 """
 
 from __future__ import annotations

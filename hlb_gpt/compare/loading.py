@@ -1,16 +1,8 @@
-"""Loading runs for `compare`: which folders are runs, which runs count, and a note on each one left out.
+"""Run folders to runs, through `hlb_gpt.records` only, with a note on every run left out or cut short.
 
-Reads run folders only through `hlb_gpt.records` (config.json, metrics.jsonl, summary.json). The rules:
-
-- A path is a run folder (it holds config.json) or a folder searched recursively for run folders (a sweep, or
-  a folder of sweeps). The same run reached twice counts once.
-- A run without summary.json (still running, or killed) is *included* with a note: its metrics rows are
-  flushed one at a time, so the rows it has are valid, and a span such as `first:K` compares it fairly.
-  Interrupted and failed runs with evaluations are included the same way. Their note names the epoch they
-  reached, because `final` and `last:K` of a run that stopped early are not those of a finished one.
-- A run with no evaluation is skipped with a note, except a diverged one: leaving it out would flatter its
-  configuration (`statistics` counts it as the worst value).
-- Damaged metrics lines are skipped with a note; the rows around them are used.
+A path is a run folder or a folder searched for them; the same run reached twice counts once. Unfinished,
+interrupted and failed runs with evaluations are kept, with a note on the epoch they reached; a run without
+evaluations is left out, unless it diverged (docs/DESIGN.md, section 11).
 """
 
 from __future__ import annotations

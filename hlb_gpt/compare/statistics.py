@@ -1,27 +1,8 @@
-"""The numbers of `compare`: what a run's statistic is, and how a configuration is tested against its baseline.
+"""The numbers of `compare`: a run's statistic, and the paired test of a configuration against its baseline.
 
-Per-run statistic (`Metric` over a `Span` of epochs, on one `Column`, by default `val_loss`):
-- Rows are deduplicated by step (a resumed run may write a step twice; the later row wins), ordered by epoch.
-- A missing or non-finite value counts as the worst possible (+inf for a lower-is-better column). A diverged
-  run also gets a +inf row at the epoch where it stopped, so a run that blew up never looks good: its
-  `final` and `mean` are +inf in any span that reaches that point, and `best:N` is +inf when fewer than N
-  finite evaluations precede it. `best` stays the best value the run reached before diverging.
-- Spans are measured on the run's own epochs: `first:K` keeps rows with epoch <= K, `last:K` rows with
-  epoch >= (its last epoch) - K. Evaluations fall on the first optimizer step past their nominal epoch, so
-  each bound is widened by one optimizer step (epoch / step of the run's rows): `first:1` keeps the
-  evaluation taken at epoch 1.0004.
-- `final` is the last value in the span, `best` the lowest, `best:N` the mean of the N lowest (all of them
-  when the span holds fewer), `mean` the mean of all. For a higher-is-better column (val_acc, train_acc),
-  "lowest" reads "highest" and +inf reads -inf.
-- `steps_to_target` (the grokking benchmark) is the step of the first evaluation whose val_acc reached the
-  run's --target-acc, whatever `--column`; a run that never reached it counts as +inf (lower is better), like
-  a diverged one; a run without a target has none. It reads the whole run (no span).
-
-Per configuration: n runs, mean, sample std (ddof=1; None below 2 runs; None when a run is infinite). The
-paired test against the baseline runs over the seeds both have (a seed run twice counts with its mean): the mean
-of (config - baseline), so negative means the filter helped a loss; a 95% interval from scipy's t distribution;
-the two-sided p-value of `scipy.stats.ttest_rel`. One pair gives the difference only; no pairs, an infinite
-statistic or identical differences (the t statistic is undefined) give None, with the reason.
+A missing or non-finite value counts as the worst, and a diverged run gets the worst value where it stopped, so a
+run that blew up never looks good. A span's bounds are widened by one optimizer step, since an evaluation falls
+on the first step past its epoch. The paired test pairs runs by seed (docs/DESIGN.md, section 11).
 """
 
 from __future__ import annotations
