@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,21 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def kind(self) -> str:
+        """What the run is: `baseline` (AdamW, no filter), `ema` or `ma` (a Grokfast filter), or `grokadamw`."""
+        return self.kind_of(vars(self))
+
+    @staticmethod
+    def kind_of(settings: Mapping[str, Any]) -> str:
+        """`kind` of any settings, a RunConfig's or a recorded config.json's (where a missing key has its
+        default): `compare` and `plots` read it from records without building a config."""
+        if settings.get("optimizer") == "grokadamw":
+            return "grokadamw"
+        if not settings.get("grokfast"):
+            return "baseline"
+        return "ma" if settings.get("filter") == "ma" else "ema"
 
 
 # The settings whose flag takes a list: one run per value (per combination, see `sweep.expand_grid`).

@@ -169,7 +169,7 @@ def test_hlb_gpt_field_in_the_environment_sets_that_field_of_the_run(monkeypatch
 
 def test_every_compare_flag_can_come_from_hlb_gpt_compare_flag_in_the_environment(monkeypatch, tmp_path):
     options = options_of(compare_command)
-    assert {o.name for o in options} >= {"metric", "window_", "column", "fmt", "plot_dir", "log_x", "zoom"}
+    assert {o.name for o in options} >= {"metric", "span", "column", "fmt", "plot_dir", "log_x", "zoom"}
     for option in options:
         monkeypatch.setenv(env_name("HLB_GPT_COMPARE", option), env_sample(option, tmp_path)[0])
     parent = cli.make_context("hlb-gpt", ["compare"], auto_envvar_prefix="HLB_GPT", resilient_parsing=True)
