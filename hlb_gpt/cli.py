@@ -19,7 +19,7 @@ from hlb_gpt import __version__
 from hlb_gpt.config import (TASKS, DATASETS, DEVICES, FILTER_DTYPES, FILTERS, GATES, OPTIMIZERS, PRECISIONS, PRESETS,
                             ATTENTIONS, MAY_CHANGE_ON_RESUME, TOKENIZERS, ConfigError, RunConfig, check_resumable)
 
-LIST_KEYS = ("seed", "alpha", "gain", "depth", "width", "gate", "filter", "window")
+LIST_KEYS = ("seed", "alpha", "gain", "depth", "width", "gate", "filter", "window", "lora_rank")
 
 
 class CommaList(click.ParamType):
@@ -118,6 +118,21 @@ def _options(fn: Callable) -> Callable:
         click.option("--window", type=INTS, default="100", show_default=True, help="MA window in steps. List for a grid."),
         click.option("--filter-dtype", type=click.Choice(FILTER_DTYPES), default="float32", show_default=True,
                      help="Dtype of the filter state (param: the parameter's dtype)."),
+        # fine-tuning
+        click.option("--init-from", type=click.Path(file_okay=False), default=None,
+                     help="Start from this run's final (or latest) checkpoint. Its tokenizer, depth, width and gate "
+                          "are taken (others are refused), and its preset and --seq-len unless given."),
+        click.option("--lora-rank", type=INTS, default="0", show_default=True,
+                     help="With --init-from: freeze the weights and train rank-r adapters W + (alpha/r) B A on "
+                          "--lora-targets; 0: no adapters. List for a grid."),
+        click.option("--lora-alpha", type=float, default=16.0, show_default=True,
+                     help="LoRA scale numerator: the adapters are scaled by alpha / rank."),
+        click.option("--lora-targets", default="in,out", show_default=True,
+                     help="Matrices that get adapters, a comma list of in (each block's input projection: queries, "
+                          "keys, GeGLU), out (its output projection), gate (its gate matrix), head."),
+        click.option("--train-only", default=None,
+                     help="With --init-from: train only these components, a comma list of embed, in, out, gate, "
+                          "position (attention range), norms, head; with --lora-rank, these besides the adapters."),
         # run
         click.option("--epochs", type=float, default=1.0, show_default=True, help="Training length in epochs (a float)."),
         click.option("--evals-per-epoch", type=int, default=1, show_default=True,
@@ -183,16 +198,20 @@ def cli(ctx: click.Context, **flags: Any) -> None:
 
     if flags["resume_dir"] is not None:
         return resume_run(ctx, flags)
+    if flags["init_from"] is not None:
+        flags = inherit_from_init(ctx, flags)
     base, grid = configs_from_flags(flags)
     configs = expand_grid(base, grid, grokfast=flags["grokfast"], baseline=flags["baseline"])
-    vary = [k for k in ("depth", "width", "gate") if len(grid.get(k) or []) > 1]
+    vary = [k for k in ("depth", "width", "gate", "lora_rank") if len(grid.get(k) or []) > 1]
     if len({run_name(c, vary) for c in configs}) != len(configs):
         raise ConfigError("two grid points would share a run folder; remove repeated values from the lists")
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
     check_writable(out)
+    from hlb_gpt.finetune import check_init
     from hlb_gpt.train import check_attention, check_memory
 
     for cfg in configs:
+        check_init(cfg)
         check_attention(cfg)
         check_memory(cfg)
     results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"], lock_timeout_s=flags["lock_timeout"])
@@ -310,6 +329,17 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
         sys.exit(1)
 
 
+def inherit_from_init(ctx: click.Context, flags: dict[str, Any]) -> dict[str, Any]:
+    """`--init-from RUN_DIR`: the flags, with the run's architecture, preset and --seq-len where none was given."""
+    from hlb_gpt.finetune import inherited_settings
+
+    given = {name for name in flags
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    inherited = {k: [v] if k in LIST_KEYS else v
+                 for k, v in inherited_settings(flags["init_from"]).items() if k not in given}
+    return {**flags, **inherited}
+
+
 def _config_keys(flag_names: set[str]) -> set[str]:
     """RunConfig fields named by these click parameter names."""
     rename = {"filter_": "filter", "use_wandb": "wandb"}
@@ -336,6 +366,8 @@ def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list
         checkpoint_every=flags["checkpoint_every"], keep_checkpoints=flags["keep_checkpoints"],
         device=flags["device"], precision=flags["precision"], compile=flags["compile"],
         attention=flags["attention"], wandb=flags["use_wandb"], wandb_project=flags["wandb_project"],
+        init_from=flags["init_from"], lora_rank=first["lora_rank"], lora_alpha=flags["lora_alpha"],
+        lora_targets=flags["lora_targets"], train_only=flags["train_only"],
     )
     for key, vals in grid.items():  # every grid value must be valid on its own, before any run starts
         for v in vals[1:]:

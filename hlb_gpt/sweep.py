@@ -29,7 +29,7 @@ from hlb_gpt.status import write_manifest
 
 logger = logging.getLogger(__name__)
 
-MODEL_KEYS = ("depth", "width", "gate")
+MODEL_KEYS = ("depth", "width", "gate", "lora_rank")
 FILTER_KEYS = ("filter", "alpha", "gain", "window")
 
 
@@ -69,7 +69,7 @@ def run_name(cfg: RunConfig, vary: Sequence[str] = ()) -> str:
         parts = [f"ema-a{cfg.alpha:g}-g{cfg.gain:g}"]
     else:
         parts = [f"ma-w{cfg.window}-g{cfg.gain:g}"]
-    short = {"depth": "d", "width": "w", "gate": "gate-"}
+    short = {"depth": "d", "width": "w", "gate": "gate-", "lora_rank": "r"}
     parts += [f"{short[k]}{getattr(cfg, k)}" for k in MODEL_KEYS if k in vary]
     parts.append(f"s{cfg.seed}")
     return "-".join(parts)
