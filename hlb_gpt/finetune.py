@@ -262,11 +262,9 @@ def merged_state_dict(state: dict[str, Tensor], lora_alpha: float = 0, lora_rank
 
 def prepare_model(model: nn.Module, cfg: RunConfig) -> dict[str, Any]:
     """Apply --init-from, --train-only and --lora-* to a freshly built `model.GPT`, in that order, and return what
-    config.json records of it: where the weights came from and how many parameters train. Nothing for a run
-    that trains from scratch (so its records stay those of runs recorded before fine-tuning existed)."""
+    config.json records of it: the checkpoint the weights came from. The summary's memory record counts the
+    parameters that train (`trainable_params`)."""
     train_only = parse_names(cfg.train_only)
-    if cfg.init_from is None and not cfg.lora_rank and not train_only:
-        return {}
     record: dict[str, Any] = {}
     if cfg.init_from is not None:
         check_init(cfg)
@@ -281,10 +279,9 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> dict[str, Any]:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, parse_names(cfg.lora_targets), train_only)
     elif train_only:
         freeze_except(model, train_only)
-    record["trainable_params"] = trainable_params(model)
-    logger.info("fine-tuning%s: %s of %s parameters train", f" {cfg.init_from} from step {record['init_step']:,}"
-                if cfg.init_from is not None else "", f"{record['trainable_params']:,}",
-                f"{sum(p.numel() for p in model.parameters()):,}")
+    if cfg.init_from is not None:
+        logger.info("fine-tuning %s from step %s: %s of %s parameters train", cfg.init_from, f"{init.step:,}",
+                    f"{trainable_params(model):,}", f"{sum(p.numel() for p in model.parameters()):,}")
     return record
 
 
