@@ -19,6 +19,10 @@ as the usual `x W^T + s (x A^T) B^T`, at the cost of forming W + s B A once per 
 in the state dict as `...parametrizations.<name>.original`, beside the adapters' `...<name>.0.lora_A/lora_B`,
 so checkpoints hold base and adapters together and resume as any run's do. `merged_state_dict` folds adapters
 back into plain weights (what `--init-from` does with a fine-tuned run).
+
+The optimizer puts the adapters, 2-D and named `lora_A`/`lora_B`, in the block-matrix group (`optim.group_of`:
+the base learning rate, weight decay), the head's adapters too; frozen weights get no gradient, no optimizer
+state and no filter state, so the memory record's grads, optimizer and filter bytes are those of what trains.
 """
 
 from __future__ import annotations
