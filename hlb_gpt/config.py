@@ -290,8 +290,6 @@ class RunConfig:
         if self.task != "lm" and (fine_tunes or self.init_from is not None):
             raise ConfigError(f"--task {self.task} trains its own model from scratch; drop --init-from, --lora-rank "
                               "and --train-only")
-        if fine_tunes and self.init_from is None:
-            raise ConfigError("--lora-rank and --train-only fine-tune a trained model: add --init-from RUN_DIR")
         if self.lora_rank > 0 and self.gate == "none" and "gate" in _split(self.lora_targets):
             raise ConfigError("--lora-targets gate: the model has no gate (--gate none); drop gate from the targets")
         if self.train_only is not None and self.gate == "none" and "gate" in _split(self.train_only):

@@ -10,7 +10,8 @@ filter see its parameters (so both, and the memory accounting, cover exactly wha
 3. `--lora-rank r` freezes every base weight and adds adapters to the matrices named by `--lora-targets`
    (`TARGETS`): W becomes W + (alpha / r) B A, with A (r x in) random and B (out x r) zero, so the adapted
    model starts equal to the base. With `--train-only`, the named components train too (`--train-only norms`
-   is LoRA with trainable norms).
+   is LoRA with trainable norms). Without --init-from, steps 2 and 3 freeze the random initialisation: allowed
+   (an ablation), with a warning.
 
 The blocks of `model.GPT` apply their matrices as bare parameters (`F.linear(h, self.expand)`), not as
 `nn.Linear` modules, so an adapter is a parametrization (`torch.nn.utils.parametrize`) of the weight: every
@@ -279,6 +280,10 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> dict[str, Any]:
             raise ConfigError(f"--init-from {cfg.init_from}: its weights do not fit the model "
                               f"({str(exc).splitlines()[0]})") from None
         record.update(init_checkpoint=str(init.checkpoint), init_step=init.step)
+    elif cfg.lora_rank or train_only:
+        # Allowed, as an ablation (adapters on random features), but rarely what was meant.
+        logger.warning("--lora-rank or --train-only without --init-from: the frozen weights are the random "
+                       "initialisation")
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, parse_names(cfg.lora_targets), train_only)
     elif train_only:

@@ -111,8 +111,6 @@ def test_train_only_freezes_every_other_component():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(lora_rank=4), "add --init-from"),
-    (dict(train_only="head"), "add --init-from"),
     (dict(init_from="x", train_only="attn"), "attention and MLP share"),
     (dict(init_from="x", lora_rank=4, lora_targets="in,gate"), "no gate"),
     (dict(init_from="x", lora_rank=4, lora_targets="in,qkv"), "unknown qkv"),
@@ -127,13 +125,21 @@ def test_bad_fine_tuning_settings_are_refused_in_one_line(changes, message):
     assert "\n" not in str(exc.value)
 
 
+def test_lora_without_init_from_trains_adapters_on_the_random_initialisation_with_a_warning(tmp_path, caplog):
+    cfg = tiny_run(tmp_path, lora_rank=2, max_steps=2, evals_per_epoch=1)
+    with caplog.at_level("WARNING", logger="hlb_gpt.finetune"):
+        summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["status"] == "completed" and "without --init-from" in caplog.text
+    assert summary["memory"]["trainable_params"] == lora_params(2, [EXPAND, PROJECT])
+
+
 def test_lists_are_recorded_in_one_order_so_equal_settings_compare_equal():
     cfg = RunConfig(init_from="x", lora_rank=2, lora_targets="head, out,in,out", train_only="norms,embed")
     assert (cfg.lora_targets, cfg.train_only) == ("in,out,head", "embed,norms")
 
 
 def test_the_memory_check_counts_only_the_trainable_parameters():
-    cfg = RunConfig(preset="tiny", tokenizer="bytes", depth=1, width=32, init_from="x", lora_rank=2)
+    cfg = RunConfig(preset="tiny", tokenizer="bytes", depth=1, width=32, lora_rank=2)
     assert finetune.count_trainable(cfg) == lora_params(2, [EXPAND, PROJECT])
     assert finetune.count_trainable(cfg.replace(lora_rank=0, train_only="head")) == VOCAB * WIDTH
 
