@@ -67,7 +67,8 @@ _ADAPTED = re.compile(r"^(?P<module>.*)\.parametrizations\.(?P<name>[^.]+)\.orig
 class LoRA(nn.Module):
     """The parametrization W -> W + (alpha / rank) B A of an (out x in) matrix, with adapters A (rank x in) and
     B (out x rank). A is drawn as `nn.Linear` draws its weight (Kaiming uniform) and B is zero, so the adapted
-    matrix starts bit-identical to W and A and B both get gradients from the first step."""
+    matrix starts bit-identical to W; B's gradient, (dL/dW) A^T, is nonzero from the first step, and A's follows
+    once B is."""
 
     def __init__(self, out_features: int, in_features: int, rank: int, alpha: float,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
@@ -111,7 +112,8 @@ def freeze_except(model: nn.Module, train_only: list[str]) -> None:
     found = components(model)
     unknown = [c for c in train_only if c not in found]
     if unknown:
-        raise ConfigError(f"--train-only: unknown component(s) {', '.join(unknown)}; choose among {', '.join(COMPONENTS)}")
+        raise ConfigError(f"--train-only: unknown component(s) {', '.join(unknown)}; "
+                          f"choose among {', '.join(COMPONENTS)}")
     model.requires_grad_(False)
     for name in train_only:
         for p in found[name]:
