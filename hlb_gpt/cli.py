@@ -136,16 +136,20 @@ def cli(ctx: click.Context, **flags: Any) -> None:
 
     if flags["resume"] is not None:
         return resume_run(ctx, flags)
+    if flags["init_from"] is not None:
+        flags = inherit_from_init(ctx, flags)
     base, grid = configs_from_flags(flags)
     configs = expand_grid(base, grid, grokfast=flags["grokfast"], baseline=flags["baseline"])
-    vary = [k for k in ("depth", "width", "gate") if len(grid.get(k) or []) > 1]
+    vary = [k for k in ("depth", "width", "gate", "lora_rank") if len(grid.get(k) or []) > 1]
     if len({run_folder_name(c, vary) for c in configs}) != len(configs):
         raise ConfigError("two grid points would share a run folder; remove repeated values from the lists")
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
     check_writable(out)
+    from hlb_gpt.finetune import check_init
     from hlb_gpt.train import check_attention, check_memory
 
     for cfg in configs:
+        check_init(cfg)
         check_attention(cfg)
         check_memory(cfg)
     results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"], lock_timeout_s=flags["lock_timeout"])
@@ -270,6 +274,17 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     click.echo(_result_line(run_dir.name, summary["status"], summary))
     if summary["status"] != "completed":
         sys.exit(1)
+
+
+def inherit_from_init(ctx: click.Context, flags: dict[str, Any]) -> dict[str, Any]:
+    """`--init-from RUN_DIR`: the flags, with the run's architecture, preset and --seq-len where none was given."""
+    from hlb_gpt.finetune import inherited_settings
+
+    given = {name for name in flags
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    inherited = {k: [v] if k in GRID_KEYS else v
+                 for k, v in inherited_settings(flags["init_from"]).items() if k not in given}
+    return {**flags, **inherited}
 
 
 def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list[Any]]]:

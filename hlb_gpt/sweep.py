@@ -29,7 +29,7 @@ from hlb_gpt.status import write_manifest
 
 logger = logging.getLogger(__name__)
 
-MODEL_KEYS = ("depth", "width", "gate")
+MODEL_KEYS = ("depth", "width", "gate", "lora_rank")
 
 
 def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool, baseline: bool) -> list[RunConfig]:
@@ -69,7 +69,7 @@ def run_folder_name(cfg: RunConfig, vary: Sequence[str] = ()) -> str:
         parts = [f"ma-w{cfg.window}-g{cfg.gain:g}"]
     else:  # ema, grokadamw
         parts = [f"{kind}-a{cfg.alpha:g}-g{cfg.gain:g}"]
-    short = {"depth": "d", "width": "w", "gate": "gate-"}
+    short = {"depth": "d", "width": "w", "gate": "gate-", "lora_rank": "r"}
     parts += [f"{short[k]}{getattr(cfg, k)}" for k in MODEL_KEYS if k in vary]
     parts.append(f"s{cfg.seed}")
     return "-".join(parts)

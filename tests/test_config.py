@@ -112,8 +112,8 @@ def test_every_setting_carries_the_help_of_its_flag():
     assert not undocumented
 
 
-def test_the_grid_settings_are_the_model_filter_and_seed_lists():
-    assert set(GRID_KEYS) == {"depth", "width", "gate", "filter", "alpha", "gain", "window", "seed"}
+def test_the_grid_settings_are_the_model_filter_seed_and_lora_rank_lists():
+    assert set(GRID_KEYS) == {"depth", "width", "gate", "filter", "alpha", "gain", "window", "seed", "lora_rank"}
 
 
 @pytest.mark.parametrize("settings, kind", [
