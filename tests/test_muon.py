@@ -14,7 +14,7 @@ from hlb_gpt.grokfast import NoFilter
 from hlb_gpt.model import GPT, GPTConfig
 from hlb_gpt.optim import make_muon, make_optimizer, make_scheduler, param_groups
 from hlb_gpt.records import read_run
-from hlb_gpt.sweep import expand_grid, run_name
+from hlb_gpt.sweep import expand_grid, run_folder_name
 from hlb_gpt.train import train
 
 from test_reliability import SMALL, hlb
@@ -158,7 +158,7 @@ def test_the_cli_refuses_muon_settings_without_muon_in_one_line(capsys):
 def test_a_muon_sweep_names_its_runs_and_its_baseline_is_unfiltered_muon():
     base = RunConfig(optimizer="muon", grokfast=True, alpha=0.9, gain=0.1)
     configs = expand_grid(base, {}, grokfast=True, baseline=True)
-    assert [run_name(c) for c in configs] == ["muon-s0", "muon-ema-a0.9-g0.1-s0"]
+    assert [run_folder_name(c) for c in configs] == ["muon-s0", "muon-ema-a0.9-g0.1-s0"]
     assert all(c.optimizer == "muon" for c in configs)
 
 
