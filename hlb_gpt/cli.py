@@ -242,8 +242,11 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
 @click.option("--log-x", is_flag=True, help="Plots: logarithmic epoch axis (the first epochs stay visible).")
 @click.option("--zoom", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Plots: also draw the first K epochs on their own.")
+@click.option("--resample", type=click.IntRange(min=2), default=None,
+              help="Interpolate every curve onto N epochs from 0 to the longest run's last before the statistic, "
+                   "so runs evaluated at different cadences compare fairly [off].")
 def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: str | None, fmt: str,
-                    plot_dir: Path | None, log_x: bool, zoom: float | None) -> None:
+                    plot_dir: Path | None, log_x: bool, zoom: float | None, resample: int | None) -> None:
     """Compare runs: per configuration mean ± std over seeds, and the paired difference to the baseline.
 
     RUNS are sweep folders or run folders. Runs are grouped by every setting but the seed; each filtered
@@ -265,7 +268,10 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
         raise click.UsageError(f"no run folders (with config.json) under {', '.join(map(str, runs))}")
     if parsed[0].kind != "steps_to_target" and all(cmp.lacks_column(run, parsed[2]) for run in loaded):
         raise click.UsageError(f"--column {parsed[2].name}: none of these runs records it ({cmp.COLUMN_OWNERS})")
-    comparison = cmp.compare(loaded, *parsed, notes=notes)
+    try:
+        comparison = cmp.compare(loaded, *parsed, notes=notes, resample=resample)
+    except ValueError as exc:  # --resample with steps_to_target
+        raise click.UsageError(str(exc)) from None
     click.echo(cmp.format_table(comparison, fmt))
     if fmt == "csv" and comparison.notes:
         click.echo(cmp.format_notes(comparison), err=True)

@@ -80,6 +80,7 @@ from scipy import stats
 
 from hlb_gpt.config import BOOKKEEPING, RunConfig
 from hlb_gpt.records import Run, is_run_dir, read_run
+from hlb_gpt.resample import epoch_grid, resample_curve
 
 CONFIDENCE = 0.95
 
@@ -564,15 +565,16 @@ class Comparison:
 
 
 def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, column: Column | str | None = None,
-            notes: Sequence[str] = ()) -> Comparison:
+            notes: Sequence[str] = (), resample: int | None = None) -> Comparison:
     """Group `runs` by configuration, compute the statistic per run and configuration, test against baselines.
 
     `column` defaults as in `parse_choices`. `notes` (e.g. from `load_runs`) are kept at the front of the
-    comparison's notes.
+    comparison's notes. `resample` N puts every curve on N epochs first (`hlb_gpt.resample`).
     """
     metric, window, column = parse_choices(metric, window, column)
     lower_is_better = metric.lower_is_better(column)
     notes = list(notes)
+    grid = _resample_grid(runs, metric, column, resample, notes) if resample is not None else None
 
     keyed: dict[tuple, list[Run]] = {}
     recorded: dict[tuple, dict[str, Any]] = {}  # each configuration's first config, its data sha filled in
@@ -600,7 +602,12 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
             if lacks_column(run, column):  # not a diverged run: it never recorded this column at all
                 lacking.append(run_name(run))
                 continue
-            values = window_values(run_series(run, column), window)
+            series = run_series(run, column)
+            if grid is not None:  # one set of epochs for every run, whatever its evaluation cadence
+                epochs, resampled = resample_curve(series.epochs, series.values, grid, column.worst,
+                                                   diverged=run.status == "diverged")
+                series = Series(epochs, resampled, epochs_per_step=0.0)  # grid points are exact epochs: no slack
+            values = window_values(series, window)
             if len(values) == 0:
                 empty.append(run_name(run))
                 continue
@@ -648,6 +655,19 @@ def compare(runs: Sequence[Run], metric: Metric | str, window: Window | str, col
     ordered = sorted(groups.values(), key=lambda g: _sort_key(g, lower_is_better))
     notes += _test_notes(ordered) + _tie_notes(ordered) + _infinite_notes(ordered, metric, lower_is_better)
     return Comparison(metric, window, column, ordered, notes)
+
+
+def _resample_grid(runs: Sequence[Run], metric: Metric, column: Column, n: int, notes: list[str]) -> np.ndarray:
+    """The common epoch grid of `--resample n`, with a note saying so."""
+    if metric.kind == "steps_to_target":
+        raise ValueError("--resample does not apply to --metric steps_to_target (the step of an evaluation)")
+    ends = [(s.epochs[-1], run.status == "diverged") for run in runs
+            if not lacks_column(run, column) and (s := run_series(run, column)).epochs.size]
+    grid = epoch_grid((end for end, _ in ends), n)
+    shorter = sum(1 for end, diverged in ends if end < grid[-1] and not diverged)  # a diverged run keeps its points
+    notes.append(f"curves resampled onto {n} epoch points 0..{grid[-1]:g}"
+                 + (f"; {shorter} run(s) end earlier and have fewer points" if shorter else ""))
+    return grid
 
 
 def _labels(configs: dict[tuple, dict[str, Any]]) -> dict[tuple, tuple[str, str]]:
