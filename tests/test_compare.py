@@ -607,7 +607,8 @@ def grid(tmp_path):
 
 def test_plot_writes_valid_pngs_of_sensible_size(grid, tmp_path):
     paths = plot(grid, tmp_path / "plots", zoom=1.0)
-    assert [p.name for p in paths] == ["val_loss_vs_epoch.png", "val_loss_vs_epoch_first1.png", "val_loss_vs_gain.png"]
+    assert [p.name for p in paths] == ["val_loss_vs_epoch.png", "val_loss_vs_epoch_first1.png", "val_loss_vs_gain.png",
+                                       "forest.png"]
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
