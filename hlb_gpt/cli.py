@@ -238,13 +238,14 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
               default="markdown", show_default=True)
 @click.option("--plot", "plot_dir", envvar="HLB_GPT_COMPARE_PLOT", type=click.Path(file_okay=False, path_type=Path),
               default=None,
-              help="Write PNG plots (the column vs epoch, the statistic vs gain) into this folder.")
+              help="Write PNG plots (the column vs epoch, the statistic vs gain, the forest plot of the paired "
+                   "differences) into this folder.")
 @click.option("--log-x", is_flag=True, help="Plots: logarithmic epoch axis (the first epochs stay visible).")
 @click.option("--zoom", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Plots: also draw the first K epochs on their own.")
-@click.option("--resample", type=click.IntRange(min=2), default=None,
-              help="Interpolate every curve onto N epochs from 0 to the longest run's last before the statistic, "
-                   "so runs evaluated at different cadences compare fairly [off].")
+@click.option("--resample", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Interpolate every curve onto N evenly spaced epochs (0 to the longest run's last evaluation) "
+                   "before the statistic, so runs evaluated at different cadences compare fairly [off].")
 def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: str | None, fmt: str,
                     plot_dir: Path | None, log_x: bool, zoom: float | None, resample: int | None) -> None:
     """Compare runs: per configuration mean ± std over seeds, and the paired difference to the baseline.
@@ -255,6 +256,7 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
     \b
     Example:
       hlb-gpt compare runs/grid --metric best:5 --window last:50 --plot runs/grid/plots --log-x
+      hlb-gpt compare runs/grid --metric best:5 --resample 200
       hlb-gpt compare runs/grokking --metric steps_to_target --plot runs/grokking/plots
     """
     from hlb_gpt import compare as cmp
