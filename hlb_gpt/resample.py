@@ -2,7 +2,7 @@
 
 Runs evaluated at different cadences are not comparable as they are: under `best:N` a run evaluated more often
 has more chances at a low value, and its `mean` weighs the epochs differently. Interpolating every curve onto the
-same N epochs first makes a window hold the same points for every run that got that far. The rules:
+same N epochs first gives every run that got that far the same points to choose from. The rules:
 
 - The grid is N evenly spaced epochs from 0 to the largest last epoch among the compared runs (`epoch_grid`).
 - Between two evaluations a point lies on the straight line joining them (linear in the epoch).
@@ -17,8 +17,8 @@ same N epochs first makes a window hold the same points for every run that got t
   are the worst value, as compare counts it from there without resampling. Dropping them would judge a run
   that blew up early on its good early points alone.
 
-Windows (`first:K`, `last:K`) and metrics are applied afterwards, to the grid points, with no step slack:
-grid points are exact epochs.
+The epochs a statistic covers (`first:K`, `last:K`) and the metric are applied afterwards, to the grid points,
+with no one-step slack: grid points are exact epochs.
 """
 
 from __future__ import annotations
