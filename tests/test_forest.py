@@ -6,7 +6,7 @@ import pytest
 from matplotlib.colors import to_rgba
 
 from hlb_gpt.cli import main
-from hlb_gpt.compare import COLUMNS, Comparison, Group, Metric, PairedTest, Window, compare, load_runs
+from hlb_gpt.compare import COLUMNS, Comparison, Group, Metric, PairedTest, Span, compare, load_runs
 from hlb_gpt.config import RunConfig
 from hlb_gpt.plots import BETTER_COLOR, UNCLEAR_COLOR, WORSE_COLOR, forest_figure, plot
 
@@ -16,7 +16,7 @@ def group(label, test=None, baseline="baseline", is_baseline=False):
 
 
 def comparison(groups, metric="final", column="val_loss"):
-    return Comparison(Metric(metric), Window("all"), COLUMNS[column], groups, [])
+    return Comparison(Metric(metric), Span("all"), COLUMNS[column], groups, [])
 
 
 # In the table's order (best first), with hand-set paired tests.

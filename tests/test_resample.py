@@ -129,9 +129,9 @@ def cadences(tmp_path):
 
 
 @pytest.mark.parametrize("metric", ["final", "best", "best:2", "mean"])
-@pytest.mark.parametrize("window,keep", [("all", slice(0, 9)), ("first:1", slice(0, 3)), ("last:1", slice(6, 9))])
-def test_compare_applies_metrics_and_windows_to_the_hand_computed_grid(cadences, metric, window, keep):
-    c = compare(load_runs([cadences])[0], metric, window, resample=9)
+@pytest.mark.parametrize("span,keep", [("all", slice(0, 9)), ("first:1", slice(0, 3)), ("last:1", slice(6, 9))])
+def test_compare_applies_metrics_and_spans_to_the_hand_computed_grid(cadences, metric, span, keep):
+    c = compare(load_runs([cadences])[0], metric, span, resample=9)
     for label, curves in ON_GRID_9.items():
         points = np.array(curves)[:, keep]  # first:1 is epochs 0, 0.5, 1; last:1 is epochs 3, 3.5, 4
         expected = {"final": points[:, -1], "best": points.min(axis=1),
