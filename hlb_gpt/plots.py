@@ -264,8 +264,8 @@ def forest_figure(comparison: Comparison):
     ax.set_xlim(low - pad, high + pad)
     better = "negative" if lower_is_better else "positive"
     ax.set_xlabel(f"{_statistic_name(c)}: configuration − baseline, paired over seeds ({better} is better)")
-    ax.set_title(f"{c.metric.describe(c.column)}, {c.span.describe()}: "
-                 f"paired difference to the baseline, mean and {CONFIDENCE:.0%} t interval")
+    ax.set_title(f"{c.metric.describe(c.column)}, {c.span.describe()}\n"  # two lines: one is wider than the axes
+                 f"paired difference to the baseline: mean and {CONFIDENCE:.0%} t interval")
     ax.grid(True, axis="x", alpha=0.3)
     return fig
 
