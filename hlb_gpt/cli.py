@@ -306,7 +306,7 @@ def sample_command(run_dir: Path, prompt: str, tokens: int, temperature: float, 
     from hlb_gpt.sample import check_sampling, sample_text
     from hlb_gpt.trained import load_trained
 
-    check_sampling(tokens, temperature, top_k)  # before the checkpoint is read
+    check_sampling(prompt, tokens, temperature, top_k)  # before the checkpoint is read
     trained = load_trained(run_dir, checkpoint)
     model = trained.model.to(resolve_device(device))
     click.echo(f"{trained.checkpoint} (step {trained.step}, {_run_state(trained.status)})", err=True)

@@ -15,8 +15,10 @@ from hlb_gpt.config import ConfigError
 from hlb_gpt.data import Tokenizer
 
 
-def check_sampling(tokens: int, temperature: float, top_k: int | None) -> None:
+def check_sampling(prompt: str, tokens: int, temperature: float, top_k: int | None) -> None:
     """One-line errors for settings that cannot sample."""
+    if not prompt:  # any other text is at least one token, in bytes and in GPT-2 BPE
+        raise ConfigError("--prompt must not be empty: the model needs at least one token to continue")
     if tokens < 0:
         raise ConfigError(f"--tokens must be >= 0 (got {tokens})")
     if not temperature >= 0:  # also refuses NaN
@@ -60,10 +62,8 @@ def sample_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, tokens: int
                 top_k: int | None = None, seed: int = 0) -> str:
     """The prompt followed by `tokens` sampled tokens, as text. The prompt and the new tokens are decoded
     together, so a character whose bytes the two share is whole."""
-    check_sampling(tokens, temperature, top_k)
+    check_sampling(prompt, tokens, temperature, top_k)
     ids = tokenizer.encode(prompt)
-    if len(ids) == 0:
-        raise ConfigError("--prompt must not be empty: the model needs at least one token to continue")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
