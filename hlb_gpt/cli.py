@@ -328,11 +328,10 @@ def export_command(run_dir: Path, out: Path, force: bool, checkpoint: Path | Non
     Example:
       hlb-gpt export runs/grid/baseline-s0 --out baseline.safetensors
     """
-    from hlb_gpt.export import export_run
+    from hlb_gpt.export import check_out, export_run
     from hlb_gpt.trained import load_trained
 
-    if out.exists() and not force:  # before the checkpoint is read
-        raise ConfigError(f"--out {out} exists; pass --force to overwrite it")
+    check_out(out, force)  # before the checkpoint is read
     trained = load_trained(run_dir, checkpoint)
     export_run(trained, out, force)
     click.echo(f"wrote {out}: {trained.checkpoint.name} (step {trained.step}, {_run_state(trained.status)})")

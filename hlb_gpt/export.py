@@ -47,18 +47,23 @@ def unshared(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: t.detach().cpu().contiguous().clone() for name, t in state.items()}
 
 
-def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], out: Path, force: bool = False) -> Path:
-    """Write `tensors` and `metadata` to `out`. An existing file is refused unless `force`; the file appears
-    whole or not at all (written beside it, then renamed)."""
-    from safetensors.torch import save_file  # an install requirement, imported only by this command
-
-    out = Path(out)
+def check_out(out: Path, force: bool) -> None:
+    """One-line errors for a file `export` must not or cannot write."""
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as {out / 'model.safetensors'}")
     if out.exists() and not force:
         raise ConfigError(f"--out {out} exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+
+
+def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], out: Path, force: bool = False) -> Path:
+    """Write `tensors` and `metadata` to `out`. An existing file is refused unless `force`; the file appears
+    whole or not at all (written beside it, then renamed)."""
+    from safetensors.torch import save_file  # an install requirement, imported only by this command
+
+    out = Path(out)
+    check_out(out, force)
     tmp = temporary_name(out)
     try:
         save_file(unshared(tensors), str(tmp), metadata=metadata)
