@@ -1,7 +1,7 @@
 """Data: the WikiText splits, the two tokenizers, the token cache, the training sampler, the eval windows.
 
-Everything a run needs before the model sees a token. Text comes from the Hugging Face hub, from a folder of raw
-files, or from the `mini` corpus bundled in the package; tokens are cached on disk, checked on every load.
+Text comes from the Hugging Face hub, a folder of raw files, or the bundled `mini` corpus; tokens are cached on
+disk and checked on every load. Why the sampler has its own generator: docs/DESIGN.md, section 7.
 """
 
 from __future__ import annotations
