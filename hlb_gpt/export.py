@@ -60,13 +60,19 @@ def check_out(out: Path, force: bool) -> None:
 def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], out: Path, force: bool = False) -> Path:
     """Write `tensors` and `metadata` to `out`. An existing file is refused unless `force`; the file appears
     whole or not at all (written beside it, then renamed)."""
-    from safetensors.torch import save_file  # an install requirement, imported only by this command
+    from safetensors.torch import save  # an install requirement, imported only by this command
 
     out = Path(out)
     check_out(out, force)
+    # Serialised in memory and written by us, not by `save_file`, whose files are private to their owner (0600):
+    # an export is made to be shared, so it gets the permissions of any new file (the umask's).
+    data = save(unshared(tensors), metadata=metadata)
     tmp = temporary_name(out)
     try:
-        save_file(unshared(tensors), str(tmp), metadata=metadata)
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, out)
     except OSError as exc:
         raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,3 +99,11 @@ def test_tied_or_overlapping_tensors_are_written_as_separate_copies(tmp_path):
     out = write_safetensors(state, {"format": FORMAT}, tmp_path / "tied.safetensors")
     loaded = load_file(out)
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_the_file_is_readable_by_others_as_any_new_file(tmp_path):
+    # safetensors' own save_file makes owner-only files; an export is made to be shared.
+    out = write_safetensors({"w": torch.ones(2)}, {"format": FORMAT}, tmp_path / "w.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
