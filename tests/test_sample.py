@@ -162,3 +162,13 @@ def test_a_run_without_a_checkpoint_is_refused_in_one_line(tmp_path, capsys):
 def test_bad_sampling_settings_are_refused_in_one_line(bytes_run, args, message, capsys):
     code, out, err = run_main(["sample", str(bytes_run), *args], capsys)
     assert code == 2 and out == "" and message in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_in_one_line(bytes_run, tmp_path, capsys):
+    state = load_checkpoint(latest_checkpoint(bytes_run))
+    state["model"]["head.weight"] = state["model"]["head.weight"][:, :8]
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    code, out, err = run_main(["sample", str(bytes_run), "--checkpoint", str(other)], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "does not fit the architecture" in err and "head.weight" in err
