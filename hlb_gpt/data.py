@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hlb_gpt.config import DATASETS, TOKENIZERS
+
 logger = logging.getLogger(__name__)
 
-DATASETS = ("wikitext-103", "wikitext-2", "mini")
-TOKENIZERS = ("gpt2", "bytes")
 SPLITS = ("train", "valid")
 
 _HUB_REPO = "Salesforce/wikitext"

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-GATES = ("none", "relu", "sigmoid")
+from hlb_gpt.config import GATES
+
 ATTENTIONS = ("sdpa", "flex")
 # FlexAttention's CUDA kernels pick their tiles by the query width and round the value width up to a power of
 # two, so one 384-wide value head would carry 512-wide tiles; values are split into heads of at most this.
