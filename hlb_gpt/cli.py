@@ -18,7 +18,7 @@ from typing import Any, Callable
 import click
 
 from hlb_gpt import __version__
-from hlb_gpt.config import GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, check_resumable, flag
+from hlb_gpt.config import DEVICES, GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, check_resumable, flag
 
 
 class CommaList(click.ParamType):
@@ -237,7 +237,8 @@ CHECKPOINT = click.option(
 
 @cli.command("sample")
 @RUN_DIR
-@click.option("--prompt", default="\n", show_default=repr("\n"), help="Text the model continues (printed too).")
+@click.option("--prompt", default="\n", show_default="a newline",
+              help="Text the model continues (printed too).")
 @click.option("--tokens", type=int, default=200, show_default=True, help="Number of new tokens.")
 @click.option("--temperature", type=float, default=0.8, show_default=True,
               help="Divides the logits; higher is more varied, 0 is greedy (always the most likely token).")
@@ -252,7 +253,7 @@ def sample_command(run_dir: Path, prompt: str, tokens: int, temperature: float, 
 
     \b
     Examples:
-      hlb-gpt sample runs/grid/baseline-s0 --prompt " = Valkyria = " --tokens 300
+      hlb-gpt sample runs/grid/baseline-s0 --prompt " = Robert Boulter = " --tokens 300
       hlb-gpt sample runs/grid/baseline-s0 --temperature 0
     """
     from hlb_gpt.device import resolve_device
