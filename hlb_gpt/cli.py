@@ -132,20 +132,24 @@ def cli(ctx: click.Context, **flags: Any) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from hlb_gpt.sweep import expand_grid, run_name, run_sweep  # imports torch: only when training
+    from hlb_gpt.sweep import expand_grid, run_folder_name, run_sweep  # imports torch: only when training
 
     if flags["resume"] is not None:
         return resume_run(ctx, flags)
+    if flags["init_from"] is not None:
+        flags = inherit_from_init(ctx, flags)
     base, grid = configs_from_flags(flags)
     configs = expand_grid(base, grid, grokfast=flags["grokfast"], baseline=flags["baseline"])
-    vary = [k for k in ("depth", "width", "gate") if len(grid.get(k) or []) > 1]
-    if len({run_name(c, vary) for c in configs}) != len(configs):
+    vary = [k for k in ("depth", "width", "gate", "lora_rank") if len(grid.get(k) or []) > 1]
+    if len({run_folder_name(c, vary) for c in configs}) != len(configs):
         raise ConfigError("two grid points would share a run folder; remove repeated values from the lists")
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
     check_writable(out)
+    from hlb_gpt.finetune import check_init
     from hlb_gpt.train import check_attention, check_memory
 
     for cfg in configs:
+        check_init(cfg)
         check_attention(cfg)
         check_memory(cfg)
     results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"], lock_timeout_s=flags["lock_timeout"])
@@ -183,8 +187,10 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
 @click.option("--metric", default="final", show_default=True,
               help="Per-run statistic: final, best, best:N (mean of the N best evaluations), mean, or "
                    "steps_to_target (--task modular: the step val_acc first reached the run's --target-acc).")
-@click.option("--window", "window_", envvar="HLB_GPT_COMPARE_WINDOW", default="all", show_default=True,
+@click.option("--span", envvar="HLB_GPT_COMPARE_SPAN", default="all", show_default=True,
               help="Epochs the statistic covers: all, first:K or last:K (K in epochs).")
+# The old name of --span, which read as the MA filter's --window (in steps): still accepted, with a note.
+@click.option("--window", "old_span", envvar="HLB_GPT_COMPARE_WINDOW", default=None, hidden=True)
 @click.option("--column", type=click.Choice(["val_loss", "train_loss", "val_acc", "train_acc"]), default=None,
               help="The metrics.jsonl column compared and plotted [val_loss; val_acc for steps_to_target].")
 @click.option("--format", "fmt", envvar="HLB_GPT_COMPARE_FORMAT", type=click.Choice(["markdown", "csv"]),
@@ -195,8 +201,9 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
 @click.option("--log-x", is_flag=True, help="Plots: logarithmic epoch axis (the first epochs stay visible).")
 @click.option("--zoom", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Plots: also draw the first K epochs on their own.")
-def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: str | None, fmt: str,
-                    plot_dir: Path | None, log_x: bool, zoom: float | None) -> None:
+@click.pass_context
+def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, span: str, old_span: str | None,
+                    column: str | None, fmt: str, plot_dir: Path | None, log_x: bool, zoom: float | None) -> None:
     """Compare runs: per configuration mean ± std over seeds, and the paired difference to the baseline.
 
     RUNS are sweep folders or run folders. Runs are grouped by every setting but the seed; each filtered
@@ -204,13 +211,18 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
 
     \b
     Example:
-      hlb-gpt compare runs/grid --metric best:5 --window last:50 --plot runs/grid/plots --log-x
+      hlb-gpt compare runs/grid --metric best:5 --span last:50 --plot runs/grid/plots --log-x
       hlb-gpt compare runs/grokking --metric steps_to_target --plot runs/grokking/plots
     """
     from hlb_gpt import compare as cmp
 
+    if old_span is not None:
+        if ctx.get_parameter_source("span") not in (None, click.core.ParameterSource.DEFAULT):
+            raise click.UsageError("--window is the old name of --span: give --span only")
+        click.echo("note: compare's --window is now --span (--window is the MA filter's, in steps)", err=True)
+        span = old_span
     try:
-        parsed = cmp.parse_choices(metric, window_, column)
+        parsed = cmp.parse_choices(metric, span, column)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     loaded, notes = cmp.load_runs(runs)
@@ -328,6 +340,17 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     click.echo(_result_line(run_dir.name, summary["status"], summary))
     if summary["status"] != "completed":
         sys.exit(1)
+
+
+def inherit_from_init(ctx: click.Context, flags: dict[str, Any]) -> dict[str, Any]:
+    """`--init-from RUN_DIR`: the flags, with the run's architecture, preset and --seq-len where none was given."""
+    from hlb_gpt.finetune import inherited_settings
+
+    given = {name for name in flags
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    inherited = {k: [v] if k in GRID_KEYS else v
+                 for k, v in inherited_settings(flags["init_from"]).items() if k not in given}
+    return {**flags, **inherited}
 
 
 def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list[Any]]]:

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hlb_gpt.compare import Column, Comparison, Group, run_rows, short_label
+from hlb_gpt.config import RunConfig
 from hlb_gpt.records import Run
 
 # Colour says the gain, line style the alpha (or MA window); baselines are black and thicker. When two
@@ -53,7 +54,7 @@ def line_styles(groups: Sequence[Group]) -> dict[str, LineStyle]:
 
 
 def _shape(config: dict[str, Any]) -> tuple:
-    kind = "grokadamw" if config.get("optimizer") == "grokadamw" else config.get("filter")
+    kind = RunConfig.kind_of(config)
     return (kind, config.get("window") if kind == "ma" else config.get("alpha"))
 
 
@@ -168,7 +169,7 @@ def gain_figure(comparison: Comparison):
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("gain")
     ax.set_ylabel(_statistic_name(c))
-    ax.set_title(f"{c.metric.describe(c.column)}, {c.window.describe()}: mean ± std over seeds")
+    ax.set_title(f"{c.metric.describe(c.column)}, {c.span.describe()}: mean ± std over seeds")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", frameon=False)
     return fig

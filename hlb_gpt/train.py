@@ -32,6 +32,7 @@ from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
 from hlb_gpt.device import (PeakMemory, attention_for, autocast_for, available_memory, final_memory, format_memory,
                             memory_breakdown, resolve_device, resolve_precision, synchronize)
+from hlb_gpt.finetune import count_trainable, prepare_model
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import GrokAdamW, make_optimizer, make_scheduler, param_groups
@@ -146,7 +147,8 @@ def check_memory(cfg: RunConfig) -> None:
     allocates its (window + 1) copies of the parameters only at the first step, long after the run started."""
     if not cfg.grokfast:
         return
-    n_params = count_params(cfg)
+    # With --lora-rank or --train-only the filter holds the trainable parameters only.
+    n_params = count_trainable(cfg) if cfg.lora_rank or cfg.train_only else count_params(cfg)
     copies = cfg.window + 1 if cfg.filter == "ma" else 1  # MA: the ring of `window` gradients and their sum
     value_bytes = 2 if cfg.filter_dtype == "bfloat16" else 4  # "param": the model's float32 parameters
     filter_bytes = copies * n_params * value_bytes
@@ -522,6 +524,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     model_cfg = GPTConfig(vocab_size=pad_vocab(tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,
                           max_seq_len=cfg.seq_len, gate=cfg.gate, attention=attention)
     model = GPT(model_cfg).to(device)
+    finetune = prepare_model(model, cfg)  # --init-from, --lora-*, --train-only: before anything sees the parameters
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
     optimizer, scheduler = build_optimizer(cfg, named_params, device, compile=compile_model)
@@ -550,9 +553,9 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     writer = RunWriter(run_dir) if ddp.is_main else None
     if writer:
-        writer.begin(config_record(cfg, device, model.num_params(), n_train, ddp.world_size,
-                                   precision=resolve_precision(device, cfg.precision),
-                                   text_sha256=data.text_sha256, attention=attention), metrics)
+        writer.begin({**config_record(cfg, device, model.num_params(), n_train, ddp.world_size,
+                                      precision=resolve_precision(device, cfg.precision),
+                                      text_sha256=data.text_sha256, attention=attention), **finetune}, metrics)
     tracker = make_tracker(cfg, run_dir) if ddp.is_main else NoTracker()
     say(f"{run_dir.name}: {model.num_params():,} parameters on {device}"
         f"{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, {n_train:,} training tokens, "
