@@ -1,8 +1,9 @@
 """A trained language model read back from its run folder: the architecture from config.json, the weights from a
 checkpoint, and the tokenizer it was trained with. `sample` and `export` read runs only through this module.
 
-A checkpoint holds the bare model's `state_dict`; keys under torch.compile's `_orig_mod.` or DDP's `module.` are
-accepted too (a wrapped model's state_dict has them), so weights load whichever way the run was trained.
+A checkpoint holds the model's `state_dict`. Keys under torch.compile's `_orig_mod.` or DDP's `module.` are
+accepted (a wrapped model's state_dict has them), and a LoRA fine-tune's adapters are merged into the weights they
+adapt (`finetune.merged_state_dict`), so every run reads back as a plain `model.GPT`.
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from hlb_gpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from hlb_gpt.config import ConfigError
 from hlb_gpt.data import Tokenizer, get_tokenizer
+from hlb_gpt.finetune import merged_state_dict
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.records import CorruptRecord, Run, is_run_dir, read_run
-
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP
 
 
 @dataclass
@@ -40,16 +37,6 @@ def gpt_config(config: dict[str, Any], tokenizer: Tokenizer) -> GPTConfig:
     flex compute the same function with the same weights), so the portable sdpa is chosen."""
     return GPTConfig(vocab_size=pad_vocab(tokenizer.n_vocab), depth=config["depth"], width=config["width"],
                      max_seq_len=config["seq_len"], gate=config.get("gate", "none"), attention="sdpa")
-
-
-def bare_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`state` with the prefixes of torch.compile and DDP wrappers removed from its keys."""
-    out = {}
-    for key, value in state.items():
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
 
 
 def read_lm_run(run_dir: Path) -> Run:
@@ -87,7 +74,8 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None) -> Trained:
     tokenizer = get_tokenizer(config["tokenizer"])
     model = GPT(gpt_config(config, tokenizer))
     try:
-        model.load_state_dict(bare_state_dict(state["model"]))
+        model.load_state_dict(merged_state_dict(state["model"], config.get("lora_alpha", 0),
+                                                config.get("lora_rank", 0)))
     except RuntimeError as exc:  # missing, unexpected or misshapen tensors: not this run's model
         first = str(exc).strip().splitlines()[-1].strip()
         raise ConfigError(f"{checkpoint} does not fit the architecture in {run_dir}/config.json ({first})") from None

@@ -107,3 +107,17 @@ def test_the_file_is_readable_by_others_as_any_new_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_lora_fine_tune_exports_as_a_plain_model_with_its_adapters_merged(run, tmp_path, capsys):
+    tuned = train_tiny(tmp_path / "tuned", tmp_path / "cache", gate="sigmoid", init_from=str(run), lora_rank=2,
+                       max_steps=2)
+    out = tmp_path / "tuned.safetensors"
+    assert run_main(["export", str(tuned), "--out", str(out)], capsys)[0] == 0
+    weights = load_file(out)
+    assert weights.keys() == load_trained(run).model.state_dict().keys()  # no adapter names
+    adapted = load_checkpoint(latest_checkpoint(tuned))["model"]
+    A, B = adapted["blocks.0.parametrizations.expand.0.lora_A"], adapted["blocks.0.parametrizations.expand.0.lora_B"]
+    base = adapted["blocks.0.parametrizations.expand.original"]
+    assert torch.allclose(weights["blocks.0.expand"], base + 16.0 / 2 * B @ A)
+    assert not torch.equal(weights["blocks.0.expand"], base)  # two steps moved B off zero
