@@ -1,29 +1,7 @@
 """Fine-tuning a trained run: start from its weights, then train low-rank adapters (LoRA) or a few components.
 
-Three steps, all applied by `prepare_model` to a freshly built model, before the optimizer and the Grokfast
-filter see its parameters (so both, and the memory accounting, cover exactly what trains):
-
-1. `--init-from RUN_DIR` loads the run's final (or latest) checkpoint. The weights' shapes are fixed by the
-   tokenizer, depth, width and gate, so those must equal the run's (`check_architecture`); the CLI takes them,
-   and the run's preset and --seq-len, from the run unless the command gives them (`inherited_settings`).
-2. `--train-only a,b` freezes every parameter but those of the named components (`COMPONENTS`).
-3. `--lora-rank r` freezes every base weight and adds adapters to the matrices named by `--lora-targets`
-   (`TARGETS`): W becomes W + (alpha / r) B A, with A (r x in) random and B (out x r) zero, so the adapted
-   model starts equal to the base. With `--train-only`, the named components train too (`--train-only norms`
-   is LoRA with trainable norms). Without --init-from, steps 2 and 3 freeze the random initialisation: allowed
-   (an ablation), with a warning.
-
-The blocks of `model.GPT` apply their matrices as bare parameters (`F.linear(h, self.expand)`), not as
-`nn.Linear` modules, so an adapter is a parametrization (`torch.nn.utils.parametrize`) of the weight: every
-read of `block.expand` returns W + s B A, and the model's forward is unchanged. It computes the same function
-as the usual `x W^T + s (x A^T) B^T`, at the cost of forming W + s B A once per forward; the base weight stays
-in the state dict as `...parametrizations.<name>.original`, beside the adapters' `...<name>.0.lora_A/lora_B`,
-so checkpoints hold base and adapters together and resume as any run's do. `merged_state_dict` folds adapters
-back into plain weights (what `--init-from` does with a fine-tuned run).
-
-The optimizer puts the adapters, 2-D and named `lora_A`/`lora_B`, in the block-matrix group (`optim.group_of`:
-the base learning rate, weight decay), the head's adapters too; frozen weights get no gradient, no optimizer
-state and no filter state, so the memory record's grads, optimizer and filter bytes are those of what trains.
+`prepare_model` applies `--init-from`, `--train-only` and `--lora-rank` to a freshly built model, before the
+optimizer and the filter see its parameters. See docs/DESIGN.md, section 12.
 """
 
 from __future__ import annotations

@@ -546,7 +546,8 @@ def test_every_setting_but_the_seed_and_the_bookkeeping_separates_configurations
              "checkpoint_every": 0.5, "keep_checkpoints": 7, "device": "cuda", "precision": "bf16", "compile": True,
              "wandb": True, "wandb_project": "x", "data_dir": "/x", "resolved_device": "cuda",
              "resolved_precision": "bf16", "world_size": 2, "n_params": 7, "train_tokens": 7,
-             "text_sha256": CUSTOM_SHA, "versions": {"torch": "9.9"}, "attention": "flex"}
+             "text_sha256": CUSTOM_SHA, "versions": {"torch": "9.9"}, "attention": "flex", "init_from": "/x",
+             "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "in", "train_only": "norms"}
     assert set(RunConfig.__dataclass_fields__) <= set(other)  # a new setting must be added here
     # Neither what the run records but does not use (the window of an EMA run, GrokAdamW's settings), nor the
     # request that the recorded result stands for (--device auto, resolved; --data-dir and --dataset, read
@@ -608,7 +609,8 @@ def grid(tmp_path):
 
 def test_plot_writes_valid_pngs_of_sensible_size(grid, tmp_path):
     paths = plot(grid, tmp_path / "plots", zoom=1.0)
-    assert [p.name for p in paths] == ["val_loss_vs_epoch.png", "val_loss_vs_epoch_first1.png", "val_loss_vs_gain.png"]
+    assert [p.name for p in paths] == ["val_loss_vs_epoch.png", "val_loss_vs_epoch_first1.png", "val_loss_vs_gain.png",
+                                       "forest.png"]
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -12,11 +12,12 @@ import numpy as np
 
 from hlb_gpt.compare import configurations
 from hlb_gpt.compare.loading import run_label, run_rows
-from hlb_gpt.compare.statistics import (COLUMN_OWNERS, Column, Metric, PairedTest, Span, describe, lacks_column,
-                                        paired_test, parse_choices, per_seed, run_series, run_statistic,
-                                        span_values, steps_to_target)
+from hlb_gpt.compare.statistics import (COLUMN_OWNERS, Column, Metric, PairedTest, Series, Span, describe,
+                                        lacks_column, paired_test, parse_choices, per_seed, run_series,
+                                        run_statistic, span_values, steps_to_target)
 from hlb_gpt.config import RunConfig
 from hlb_gpt.records import Run
+from hlb_gpt.resample import epoch_grid, resample_curve
 
 
 @dataclass
@@ -56,15 +57,16 @@ class Comparison:
 
 
 def compare(runs: Sequence[Run], metric: Metric | str, span: Span | str, column: Column | str | None = None,
-            notes: Sequence[str] = ()) -> Comparison:
+            notes: Sequence[str] = (), resample: int | None = None) -> Comparison:
     """Group `runs` by configuration, compute the statistic per run and configuration, test against baselines.
 
     `column` defaults as in `parse_choices`. `notes` (e.g. from `load_runs`) are kept at the front of the
-    comparison's notes.
+    comparison's notes. `resample` N puts every curve on N epochs first (`hlb_gpt.resample`).
     """
     metric, span, column = parse_choices(metric, span, column)
     lower_is_better = metric.lower_is_better(column)
     notes = list(notes)
+    grid = _resample_grid(runs, metric, column, resample, notes) if resample is not None else None
     groups, recorded, sources = _group(runs)
 
     short_spans, empty, no_target, lacking = [], [], [], []
@@ -81,7 +83,12 @@ def compare(runs: Sequence[Run], metric: Metric | str, span: Span | str, column:
             if lacks_column(run, column):  # not a diverged run: it never recorded this column at all
                 lacking.append(run_label(run))
                 continue
-            values = span_values(run_series(run, column), span)
+            series = run_series(run, column)
+            if grid is not None:  # one set of epochs for every run, whatever its evaluation cadence
+                epochs, resampled = resample_curve(series.epochs, series.values, grid, column.worst,
+                                                   diverged=run.status == "diverged")
+                series = Series(epochs, resampled, epochs_per_step=0.0)  # grid points are exact epochs: no slack
+            values = span_values(series, span)
             if len(values) == 0:
                 empty.append(run_label(run))
                 continue
@@ -129,6 +136,19 @@ def compare(runs: Sequence[Run], metric: Metric | str, span: Span | str, column:
     ordered = sorted(groups.values(), key=lambda g: _sort_key(g, lower_is_better))
     notes += _test_notes(ordered) + _tie_notes(ordered) + _infinite_notes(ordered, metric, lower_is_better)
     return Comparison(metric, span, column, ordered, notes)
+
+
+def _resample_grid(runs: Sequence[Run], metric: Metric, column: Column, n: int, notes: list[str]) -> np.ndarray:
+    """The common epoch grid of `--resample n`, with a note saying so."""
+    if metric.kind == "steps_to_target":
+        raise ValueError("--resample does not apply to --metric steps_to_target (the step of an evaluation)")
+    ends = [(s.epochs[-1], run.status == "diverged") for run in runs
+            if not lacks_column(run, column) and (s := run_series(run, column)).epochs.size]
+    grid = epoch_grid((end for end, _ in ends), n)
+    shorter = sum(1 for end, diverged in ends if end < grid[-1] and not diverged)  # a diverged run keeps its points
+    notes.append(f"curves resampled onto {n} epoch points 0..{grid[-1]:g}"
+                 + (f"; {shorter} run(s) end earlier and have fewer points" if shorter else ""))
+    return grid
 
 
 def _group(runs: Sequence[Run]) -> tuple[dict[configurations.Key, Group], dict[configurations.Key, dict[str, Any]],
