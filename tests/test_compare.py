@@ -350,6 +350,20 @@ def test_grokadamw_is_compared_with_the_adamw_baseline_and_its_filter_is_its_ext
     assert g.step_time_overhead_pct == pytest.approx(20.0)
 
 
+
+def test_a_filtered_muon_run_is_compared_with_the_unfiltered_muon_run_not_with_adamw(sweep, tmp_path):
+    for seed in SEEDS:
+        baseline = CURVES["baseline"][seed]
+        write_run(tmp_path / "muon" / f"muon-s{seed}", dict(optimizer="muon"), [v - 0.2 for v in baseline], seed)
+        write_run(tmp_path / "muon" / f"muon-ema-a0.9-g0.1-s{seed}",
+                  dict(optimizer="muon", grokfast=True, alpha=0.9, gain=0.1), [v - 0.25 for v in baseline], seed)
+    runs, _ = runs_of(sweep, tmp_path / "muon")
+    result = compare(runs, "final", "all")
+    filtered = result.group("muon ema α0.9 g0.1")
+    assert filtered.baseline == "muon baseline" and filtered.test.n_pairs == 3
+    assert filtered.test.mean_diff == pytest.approx(-0.05)
+    assert result.group("baseline").test is None  # AdamW's baseline is not labelled with Muon's settings
+
 def test_a_higher_is_better_column_ranks_and_sorts_the_other_way(tmp_path):
     accuracy = {"baseline": [[0.2, 0.5, 0.4], [0.3, 0.6, 0.5]],
                 "ema α0.98 g2": [[0.5, 0.9, 0.95], [0.6, 0.8, 0.9]]}

@@ -2,7 +2,7 @@
 
 A configuration is every recorded setting but the seed, the versions and the bookkeeping, without the settings
 the run's kind (`RunConfig.kind`) does not use, with its environment (data sha256, device, precision, compile,
-world size) as the run really had it. Its baseline is the unfiltered AdamW configuration equal in all else,
+world size) as the run really had it. Its baseline is the unfiltered AdamW (for Muon runs, Muon) configuration equal in all else,
 environment included (docs/DESIGN.md, section 11).
 """
 
@@ -24,6 +24,7 @@ ENVIRONMENT_KEYS = ("data", "device", "precision", "compile", "world_size")
 _ENVIRONMENT_SOURCES = frozenset({"text_sha256", "dataset", "data_dir", "device", "resolved_device", "precision",
                                   "resolved_precision", "compile", "world_size"})
 FILTER_SETTINGS = ("filter", "alpha", "gain", "window", "filter_dtype", "grok_kappa", "grok_gamma")
+MUON_SETTINGS = frozenset({"muon_lr", "muon_momentum"})  # used by --optimizer muon alone
 # Settings the short label already says (or that decide which label is used).
 IDENTITY_KEYS = frozenset({"grokfast", "optimizer", "filter", "alpha", "gain", "window"})
 # Settings each kind of run does not use, beyond the irrelevant ones.
@@ -52,14 +53,19 @@ def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
     environment (`ENVIRONMENT_KEYS`) as the run had it."""
     cfg = {**_DEFAULTS, **config}  # runs recorded before a setting existed ran with its default
     drop = set(IRRELEVANT_KEYS) | _ENVIRONMENT_SOURCES | _UNUSED[RunConfig.kind_of(cfg)]
+    if cfg.get("optimizer") != "muon":
+        drop |= MUON_SETTINGS
     if isinstance(cfg.get("text_sha256"), dict):
         drop.add("train_tokens")  # the text and the tokenizer decide it
     return {**{k: v for k, v in cfg.items() if k not in drop}, **environment(cfg)}
 
 
 def baseline_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The normalised config of the unfiltered AdamW configuration equal to `config` in every other setting."""
-    return normalise_config({**config, "grokfast": False, "optimizer": "adamw"})
+    """The normalised config of the unfiltered configuration equal to `config` in every other setting: AdamW's,
+    or Muon's for a Muon run (the filter's effect is measured on the optimizer it feeds; GrokAdamW is AdamW with
+    a filter inside)."""
+    optimizer = "muon" if config.get("optimizer") == "muon" else "adamw"
+    return normalise_config({**config, "grokfast": False, "optimizer": optimizer})
 
 
 def environment(config: dict[str, Any]) -> dict[str, Any]:
@@ -135,12 +141,14 @@ def environment_difference(a: dict[str, Any], b: dict[str, Any], sources: dict[s
 
 
 def short_label(config: dict[str, Any], gain: bool = True) -> str:
-    """`baseline`, `ema α0.9 g0.1`, `ma w100 g5` or `grokadamw α0.98 g2` (without ` g…` if not `gain`)."""
+    """`baseline`, `ema α0.9 g0.1`, `ma w100 g5` or `grokadamw α0.98 g2` (without ` g…` if not `gain`); Muon
+    runs start with `muon` (`muon baseline`, `muon ema α0.9 g0.1`)."""
     kind = RunConfig.kind_of(config)
+    optimizer = "muon " if config.get("optimizer") == "muon" else ""
     if kind == "baseline":
-        return kind
+        return optimizer + kind
     label = f"ma w{config.get('window')}" if kind == "ma" else f"{kind} α{config.get('alpha'):g}"
-    return f"{label} g{config.get('gain'):g}" if gain else label
+    return optimizer + (f"{label} g{config.get('gain'):g}" if gain else label)
 
 
 def labels(configs: dict[Key, dict[str, Any]]) -> dict[Key, tuple[str, str]]:
