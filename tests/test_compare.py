@@ -566,9 +566,10 @@ def test_every_setting_but_the_seed_and_the_bookkeeping_separates_configurations
     # Neither what the run records but does not use (the window of an EMA run, GrokAdamW's settings), nor the
     # request that the recorded result stands for (--device auto, resolved; --data-dir and --dataset, read
     # through the text's sha256, which also decides train_tokens; --precision, resolved), nor the bookkeeping,
-    # the seed and the versions, nor the attention kernel (the same function, to float rounding).
+    # the seed and the versions, nor the attention kernel (the same function, to float rounding), nor Muon's
+    # settings on an AdamW run.
     same = BOOKKEEPING_KEYS | {"seed", "versions", "window", "grok_kappa", "grok_gamma", "device", "data_dir",
-                               "dataset", "precision", "train_tokens", "attention"}
+                               "dataset", "precision", "train_tokens", "attention", "muon_lr", "muon_momentum"}
     for key, value in other.items():
         changed = group_key({**ema, key: value}) != group_key(ema)
         assert changed == (key not in same), key
