@@ -104,6 +104,11 @@ def evaluate(forward: Callable[[Tensor, Tensor], Tensor], X: Tensor, Y: Tensor, 
     return total / len(X)
 
 
+def attention(cfg: RunConfig, device: torch.device, compile: bool) -> str:
+    """The attention kernel the run trains with; ConfigError when the device cannot run the one asked for."""
+    return attention_for(cfg.attention, device, compile, cfg.width // GPTConfig.qk_div)
+
+
 @functools.lru_cache(maxsize=None)
 def _count_params(tokenizer: str, depth: int, width: int, seq_len: int, gate: str) -> int:
     with torch.device("meta"):
@@ -128,9 +133,8 @@ class LanguageModel:
         return _count_params(cfg.tokenizer, cfg.depth, cfg.width, cfg.seq_len, cfg.gate)
 
     @staticmethod
-    def check(cfg: RunConfig, device: torch.device, compile: bool) -> str:
-        """The attention kernel the run trains with; ConfigError when the device cannot run the one asked for."""
-        return attention_for(cfg.attention, device, compile, cfg.width // GPTConfig.qk_div)
+    def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
+        attention(cfg, device, compile)
 
     def __init__(self, cfg: RunConfig, device: torch.device, ddp: distributed.Dist, compile: bool) -> None:
         self.cfg, self.device, self.compile = cfg, device, compile
@@ -138,12 +142,13 @@ class LanguageModel:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.precision = resolve_precision(device, cfg.precision)
-        self.attention = self.check(cfg, device, compile)
+        self.attention = attention(cfg, device, compile)
         if cfg.batch_size % (cfg.grad_accum * ddp.world_size):
             raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum x ranks "
                               f"({cfg.grad_accum} x {ddp.world_size})")
         self.tokenizer = get_tokenizer(cfg.tokenizer)
-        data = load_data(cfg.dataset, self.tokenizer, Path(cfg.data_cache), Path(cfg.data_dir) if cfg.data_dir else None)
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+        data = load_data(cfg.dataset, self.tokenizer, Path(cfg.data_cache), data_dir)
         tokens = data.tokens
         self.n_train = len(tokens["train"])
         if self.n_train < cfg.seq_len + 1:  # the sampler needs one window, the schedule more than zero tokens

@@ -384,7 +384,8 @@ class ModularArithmetic:
                 best = final if math.isnan(best) else max(best, final)
         first = next((row for row in metrics if self._reached(row)), None)
         return {"best_val_acc": best, "final_val_acc": final, "target_acc": self.cfg.target_acc,
-                "steps_to_target": first and first["step"], "time_to_target_s": first and first["time_s"]}
+                "steps_to_target": first["step"] if first else None,
+                "time_to_target_s": first["time_s"] if first else None}
 
     def state_dict(self) -> dict[str, Any]:
         return {"correct": self.correct.detach().cpu().clone(), "seen": self.seen}
