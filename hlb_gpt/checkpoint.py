@@ -1,9 +1,5 @@
-"""Checkpoints: written atomically, loaded without running code, pruned to the newest few.
-
-A checkpoint counts only once it is fully on disk: it is written to a temporary name in the same folder,
-fsynced, then renamed, so a kill or a full disk mid-write leaves the previous checkpoint as it was. Loading
-uses `torch.load(weights_only=True)`: a file someone hands you can hold tensors and plain containers, never
-a pickled callable.
+"""Checkpoints: written atomically (temporary name, fsync, rename), loaded with `weights_only=True`, pruned to
+the newest few; and the RNG states they carry. See docs/DESIGN.md, section 9 (Run records).
 """
 
 from __future__ import annotations

@@ -6,20 +6,19 @@ code 2; a data source that cannot be reached exits with 1; Ctrl-C exits with 130
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from hlb_gpt import __version__
-from hlb_gpt.config import (TASKS, DATASETS, DEVICES, FILTER_DTYPES, FILTERS, GATES, OPTIMIZERS, PRECISIONS, PRESETS,
-                            ATTENTIONS, MAY_CHANGE_ON_RESUME, TOKENIZERS, ConfigError, RunConfig, check_resumable)
-
-LIST_KEYS = ("seed", "alpha", "gain", "depth", "width", "gate", "filter", "window")
+from hlb_gpt.config import GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, check_resumable, flag
 
 
 class CommaList(click.ParamType):
@@ -36,9 +35,6 @@ class CommaList(click.ParamType):
         if not items:
             self.fail("expected at least one value", param, ctx)
         return [self.item.convert(v, param, ctx) for v in items]
-
-
-FLOATS, INTS = CommaList(click.FLOAT), CommaList(click.INT)
 
 
 class Duration(click.ParamType):
@@ -63,102 +59,59 @@ LOCK_TIMEOUT = click.option(
          "process of the sweep; a process that died on this host is taken over at once.")
 
 
-def _options(fn: Callable) -> Callable:
-    """The training flags, in the order --help shows them.
+# The flags that are not settings of a run: how a sweep is run, and where.
+BASELINE = click.option("--baseline", is_flag=True, default=False,
+                        help="With --grokfast: also run the unfiltered configuration per seed.")
+OUT = click.option("--out", type=click.Path(file_okay=False), default=None,
+                   help="Sweep folder [runs/<time>-<dataset>-<preset>]. Re-running a command with it skips completed "
+                        "runs and continues interrupted ones.")
+RESUME = click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
+                      help="Continue this run folder from its latest checkpoint, with its recorded settings (flags may "
+                           "change only --epochs, --max-steps, --device and logging).")
+QUIET = click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bars.")
+# Where --help shows them: after the field they belong with.
+EXTRA_OPTIONS = {"grokfast": [BASELINE], "max_bad_steps": [OUT], "keep_checkpoints": [LOCK_TIMEOUT, RESUME],
+                 "wandb_project": [QUIET]}
 
-    Every flag can come from the environment as HLB_GPT_<FLAG> (`compare`'s as HLB_GPT_COMPARE_<FLAG>). click
-    derives that name from the parameter's name, so a parameter named unlike its flag states its envvar.
+
+def field_option(field: dataclasses.Field, annotation: Any) -> Callable:
+    """The click option of a `RunConfig` field, from the field's default and its `config.setting` metadata.
+
+    The parameter is named after the field, so click reads it from HLB_GPT_<FIELD> as well.
     """
-    opts = [
-        click.option("--task", type=click.Choice(TASKS), default="lm", show_default=True,
-                     help="lm: WikiText language modelling; modular: the (x * y) mod 97 grokking benchmark."),
-        # data
-        click.option("--dataset", type=click.Choice(DATASETS), default="wikitext-103", show_default=True,
-                     help="Training corpus. `mini` is bundled (WikiText-2 test as train, valid as valid) and works offline."),
-        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                     help="Folder with wiki.train.raw and wiki.valid.raw, used instead of the hub (offline clusters)."),
-        click.option("--data-cache", type=click.Path(file_okay=False), default="data", show_default=True,
-                     help="Where tokenized splits are cached."),
-        click.option("--tokenizer", type=click.Choice(TOKENIZERS), default="gpt2", show_default=True,
-                     help="gpt2: GPT-2 BPE (bundled ranks, no download); bytes: UTF-8 bytes, vocab 256."),
-        # model and batch
-        click.option("--preset", type=click.Choice(tuple(PRESETS)), default=None,
-                     help="hlb: hlb-gpt's 46M model (8 x 384); tiny: laptop scale (4 x 128, seq 256, batch 16); "
-                          "modular: the grokking benchmark's model [hlb, or modular with --task modular]."),
-        click.option("--depth", type=INTS, default=None, help="Number of blocks [preset]. List for a grid."),
-        click.option("--width", type=INTS, default=None, help="Residual width, divisible by 8 [preset]. List for a grid."),
-        click.option("--gate", type=CommaList(click.Choice(GATES)), default="none", show_default=True,
-                     help="Gate each block's output: y * act(W x). List for a grid."),
-        click.option("--seq-len", type=int, default=None, help="Sequence length [preset]."),
-        click.option("--batch-size", type=int, default=None, help="Sequences per optimizer step at full length [preset]."),
-        click.option("--grad-accum", type=int, default=1, show_default=True,
-                     help="Micro-batches per optimizer step (divides --batch-size)."),
-        click.option("--seq-warmup/--no-seq-warmup", default=True, show_default=True,
-                     help="hlb-gpt's schedule: sequences start at 32 tokens and double every 80 steps, same tokens per step."),
-        # optimiser
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
-                     help="grokadamw: AdamW with a built-in Grokfast EMA (uses --alpha, --gain)."),
-        click.option("--lr", type=float, default=None, help="Base learning rate of the block matrices [preset]."),
-        click.option("--weight-decay", type=float, default=None,
-                     help="Weight decay of the block matrices, constant (not loss-dependent as in hlb-gpt) [0.01; modular 0]."),
-        click.option("--warmup-steps", type=int, default=None, help="Linear learning-rate warmup [100; modular 10]."),
-        click.option("--clip", type=float, default=None, help="Clip the global gradient norm after the filter [off]."),
-        click.option("--grok-kappa", type=float, default=0.1, show_default=True,
-                     help="GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal)."),
-        click.option("--grok-gamma", type=float, default=0.1, show_default=True,
-                     help="GrokAdamW: layer-wise beta1_l = beta1 * (1 - gamma)^l."),
-        # grokfast
-        click.option("--grokfast", is_flag=True, help="Filter gradients with Grokfast (the filtered configurations)."),
-        click.option("--baseline", is_flag=True, help="With --grokfast: also run the unfiltered configuration per seed."),
-        click.option("--filter", "filter_", envvar="HLB_GPT_FILTER", type=CommaList(click.Choice(FILTERS)),
-                     default="ema", show_default=True,
-                     help="ema: exponential moving average; ma: mean of the last --window gradients."),
-        click.option("--alpha", type=FLOATS, default="0.98", show_default=True, help="EMA momentum in [0, 1). List for a grid."),
-        click.option("--gain", type=FLOATS, default="2.0", show_default=True, help="Amplification (lambda) >= 0. List for a grid."),
-        click.option("--window", type=INTS, default="100", show_default=True, help="MA window in steps. List for a grid."),
-        click.option("--filter-dtype", type=click.Choice(FILTER_DTYPES), default="float32", show_default=True,
-                     help="Dtype of the filter state (param: the parameter's dtype)."),
-        # run
-        click.option("--epochs", type=float, default=1.0, show_default=True, help="Training length in epochs (a float)."),
-        click.option("--evals-per-epoch", type=int, default=1, show_default=True,
-                     help="Evaluations per epoch (one more at the end)."),
-        click.option("--eval-tokens", type=int, default=None,
-                     help="Validation tokens per evaluation, from the start of the split; 0 = all [preset]."),
-        click.option("--seed", type=INTS, default="0", show_default=True, help="Seed(s); shared by all configurations."),
-        click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps [no limit]."),
-        click.option("--target-acc", type=float, default=None,
-                     help="--task modular: stop once validation accuracy reaches this (e.g. 0.95)."),
-        click.option("--max-bad-steps", type=int, default=10, show_default=True,
-                     help="Consecutive non-finite steps before a run counts as diverged."),
-        click.option("--out", type=click.Path(file_okay=False), default=None,
-                     help="Sweep folder [runs/<time>-<dataset>-<preset>]. Re-running a command with it skips "
-                          "completed runs and continues interrupted ones."),
-        click.option("--checkpoint-every", type=str, default=None,
-                     help="Checkpoint interval: epochs (a number; 0: none) or wall time since the last checkpoint "
-                          "(30m, also 90s, 2h); interrupted runs resume from the latest "
-                          "[1; modular 100, an epoch there being 10 steps]."),
-        click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Checkpoints kept per run."),
-        LOCK_TIMEOUT,
-        click.option("--resume", "resume_dir", envvar="HLB_GPT_RESUME",
-                     type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Continue this run folder from its latest checkpoint, with its recorded settings "
-                          "(flags may change only --epochs, --max-steps, --device and logging)."),
-        # hardware and logging
-        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-                     help="auto: cuda, then mps, then cpu."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-                     help="auto: bf16 autocast on CUDA, fp32 elsewhere."),
-        click.option("--compile/--no-compile", default=None,
-                     help="torch.compile the model, the filter and GrokAdamW's step [on for CUDA]."),
-        click.option("--attention", type=click.Choice(ATTENTIONS), default="auto", show_default=True,
-                     help="Attention kernel. sdpa: PyTorch's SDPA with the distance bias as a mask (any device); "
-                          "flex: FlexAttention, causal block mask, bias as a score_mod (CUDA); auto: flex on CUDA "
-                          "under --compile, else sdpa."),
-        click.option("--wandb", "use_wandb", envvar="HLB_GPT_WANDB", is_flag=True,
-                     help="Also log to Weights & Biases (WANDB_MODE=offline works)."),
-        click.option("--wandb-project", default="hlb-gpt", show_default=True, help="wandb project."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
-    ]
+    meta = field.metadata
+    kind = meta.get("parse") or next(t for t in typing.get_args(annotation) or (annotation,) if t is not type(None))
+    help_text = meta.get("help", "")
+    if meta.get("note"):
+        help_text = f"{help_text.rstrip('.')} [{meta['note']}]."
+    if kind is bool and meta.get("negatable"):  # --seq-warmup/--no-seq-warmup
+        return click.option(f"{flag(field.name)}/--no-{flag(field.name)[2:]}", field.name, default=field.default,
+                            show_default=field.default is not None, help=help_text)
+    if kind is bool:
+        return click.option(flag(field.name), field.name, is_flag=True, default=field.default, help=help_text)
+    if meta.get("choices"):
+        value_type = click.Choice(meta["choices"])
+    elif meta.get("folder"):
+        value_type = click.Path(file_okay=False)
+    else:
+        value_type = {int: click.INT, float: click.FLOAT, str: click.STRING}[kind]
+    if meta.get("grid"):
+        value_type = CommaList(value_type)
+        help_text += " List for a grid."
+    return click.option(flag(field.name), field.name, type=value_type, default=field.default,
+                        show_default=field.default is not None, help=help_text)
+
+
+def _options(fn: Callable) -> Callable:
+    """The training flags, in the order --help shows them: one per `RunConfig` field, and the sweep's own.
+
+    Every flag can come from the environment as HLB_GPT_<FLAG> (`compare`'s as HLB_GPT_COMPARE_<FLAG>): click
+    derives that name from the parameter's name, which is the flag's.
+    """
+    annotations = typing.get_type_hints(RunConfig)
+    opts = []
+    for field in dataclasses.fields(RunConfig):
+        opts += [field_option(field, annotations[field.name]), *EXTRA_OPTIONS.get(field.name, [])]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
@@ -181,7 +134,7 @@ def cli(ctx: click.Context, **flags: Any) -> None:
         return
     from hlb_gpt.sweep import expand_grid, run_name, run_sweep  # imports torch: only when training
 
-    if flags["resume_dir"] is not None:
+    if flags["resume"] is not None:
         return resume_run(ctx, flags)
     base, grid = configs_from_flags(flags)
     configs = expand_grid(base, grid, grokfast=flags["grokfast"], baseline=flags["baseline"])
@@ -282,7 +235,7 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     from hlb_gpt.records import CorruptRecord, is_run_dir, read_run
     from hlb_gpt.sweep import check_length
 
-    run_dir: Path = flags["resume_dir"]
+    run_dir: Path = flags["resume"]
     if not is_run_dir(run_dir):
         raise ConfigError(f"--resume {run_dir}: not a run folder (it has no config.json)")
     try:
@@ -294,7 +247,8 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     command, _ = configs_from_flags(flags)
     recorded = RunConfig.from_dict(saved)
     changes = {k: getattr(command, k) for k in MAY_CHANGE_ON_RESUME if k in given}
-    check_resumable(recorded.replace(**{k: getattr(command, k) for k in _config_keys(given)}), saved, run_dir)
+    check_resumable(recorded.replace(**{k: getattr(command, k) for k in given & set(command.to_dict())}), saved,
+                    run_dir)
     cfg = recorded.replace(**changes)
     check_length(cfg, run_dir)
     from hlb_gpt.train import check_memory, train
@@ -310,33 +264,11 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
         sys.exit(1)
 
 
-def _config_keys(flag_names: set[str]) -> set[str]:
-    """RunConfig fields named by these click parameter names."""
-    rename = {"filter_": "filter", "use_wandb": "wandb"}
-    fields = set(RunConfig.__dataclass_fields__)
-    return {rename.get(n, n) for n in flag_names} & fields
-
-
 def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list[Any]]]:
     """The base config (first value of every list) and the lists that make the grid. Validates every value."""
-    grid = {k: flags["filter_" if k == "filter" else k] for k in LIST_KEYS}
-    grid = {k: v for k, v in grid.items() if v is not None}
-    first = {k: v[0] for k, v in grid.items()}
-    base = RunConfig(
-        task=flags["task"], dataset=flags["dataset"], data_dir=flags["data_dir"], data_cache=flags["data_cache"],
-        tokenizer=flags["tokenizer"], preset=flags["preset"], depth=first.get("depth"), width=first.get("width"),
-        gate=first["gate"], seq_len=flags["seq_len"], batch_size=flags["batch_size"], grad_accum=flags["grad_accum"],
-        seq_warmup=flags["seq_warmup"], optimizer=flags["optimizer"], lr=flags["lr"],
-        weight_decay=flags["weight_decay"], warmup_steps=flags["warmup_steps"], clip=flags["clip"],
-        grok_kappa=flags["grok_kappa"], grok_gamma=flags["grok_gamma"], grokfast=flags["grokfast"],
-        filter=first["filter"], alpha=first["alpha"], gain=first["gain"], window=first["window"],
-        filter_dtype=flags["filter_dtype"], epochs=flags["epochs"], evals_per_epoch=flags["evals_per_epoch"],
-        eval_tokens=flags["eval_tokens"], seed=first["seed"], max_steps=flags["max_steps"],
-        target_acc=flags["target_acc"], max_bad_steps=flags["max_bad_steps"],
-        checkpoint_every=flags["checkpoint_every"], keep_checkpoints=flags["keep_checkpoints"],
-        device=flags["device"], precision=flags["precision"], compile=flags["compile"],
-        attention=flags["attention"], wandb=flags["use_wandb"], wandb_project=flags["wandb_project"],
-    )
+    values = {field.name: flags[field.name] for field in dataclasses.fields(RunConfig)}
+    grid = {k: values[k] for k in GRID_KEYS if values[k] is not None}
+    base = RunConfig(**{**values, **{k: v[0] for k, v in grid.items()}})
     for key, vals in grid.items():  # every grid value must be valid on its own, before any run starts
         for v in vals[1:]:
             base.replace(**{key: v})

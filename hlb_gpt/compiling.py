@@ -1,14 +1,8 @@
 """torch.compile within a run: a compiled function that falls back to eager, and dynamo's graph count.
 
-Three things make compiling safe in a sweep of many runs in one process:
-
-* Each run starts from a clean dynamo state (`fresh_start`): compiled variants of earlier runs' models and
-  filters would otherwise pile up against dynamo's recompile limit (8 per function), after which dynamo runs
-  the function eagerly (with `fullgraph=True`, it raises).
-* A compile failure never fails a run (`FallbackCompiled`): the function runs eagerly from then on, with one
-  warning, and the run's summary says `compiled: false`.
-* Compilation is counted (`graphs_compiled`), so the trainer can tell the loop's intervals that compiled
-  something from steady ones and keep compile time out of the step time.
+Each run starts from a clean dynamo state (`fresh_start`), so a sweep in one process never hits the recompile
+limit; a compile failure runs the function eagerly with one warning (`FallbackCompiled`); counting graphs lets
+the trainer keep compile time out of the steady step time (`Lap`).
 """
 
 from __future__ import annotations

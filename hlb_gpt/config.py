@@ -1,7 +1,8 @@
 """Every setting of one run as a typed dataclass, with presets and validation.
 
-`RunConfig` is what `train()` takes and what `config.json` records. Fields left as `None` are filled from the
-preset when the config is built, so a config is always fully resolved. Validation happens in `__post_init__`,
+`RunConfig` is what `train()` takes and what `config.json` records. Each field also describes its command-line flag
+(`setting`): the CLI builds its options from the fields. Fields left as `None` are filled from the preset when the
+config is built, so a config is always fully resolved. Validation happens in `__post_init__`,
 before any work, and every message names the flag that fixes it.
 """
 
@@ -91,74 +92,100 @@ PRESETS: dict[str, Preset] = {
 DEFAULT_PRESET = {"lm": "hlb", "modular": "modular"}
 
 
+def setting(default: Any, help: str, *, note: str | None = None, choices: tuple[str, ...] | None = None,
+            grid: bool = False, negatable: bool = False, folder: bool = False, parse: type | None = None) -> Any:
+    """A `RunConfig` field together with what its command-line flag needs, so a setting is described once.
+
+    `help` is the flag's help text; `note` the default in words when it depends on other settings (shown as
+    ``[note]``); `choices` the values allowed (checked here and offered by the flag); `grid` marks a setting whose
+    flag takes a comma-separated list, one run per value; `negatable` gives a boolean its --no- form; `folder` makes
+    the flag a directory path; `parse` is the flag's value type when the field's annotation names several.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "note": note, "choices": choices, "grid": grid, "negatable": negatable, "folder": folder,
+        "parse": parse,
+    })
+
+
 @dataclass
 class RunConfig:
-    """One training run. Field names match the CLI flags (underscores become dashes)."""
+    """One training run. Every field is also a flag of the same name (underscores become dashes) and an
+    environment variable HLB_GPT_<FIELD>; `setting` holds the flag's help."""
 
-    # task: WikiText language modelling, or the (x * y) mod 97 grokking benchmark
-    task: str = "lm"
+    task: str = setting("lm", "lm: WikiText language modelling; modular: the (x * y) mod 97 grokking benchmark.",
+                        choices=TASKS)
     # data
-    dataset: str = "wikitext-103"
-    data_dir: str | None = None
-    data_cache: str = "data"
-    tokenizer: str = "gpt2"
+    dataset: str = setting("wikitext-103", "Training corpus. `mini` is bundled (WikiText-2 test as train, valid as "
+                           "valid) and works offline.", choices=DATASETS)
+    data_dir: str | None = setting(None, "Folder with wiki.train.raw and wiki.valid.raw, used instead of the hub "
+                                   "(offline clusters).", folder=True)
+    data_cache: str = setting("data", "Where tokenized splits are cached.", folder=True)
+    tokenizer: str = setting("gpt2", "gpt2: GPT-2 BPE (bundled ranks, no download); bytes: UTF-8 bytes, vocab 256.",
+                             choices=TOKENIZERS)
     # model and batch (None: the preset's value; the preset defaults to the task's)
-    preset: str | None = None
-    depth: int | None = None
-    width: int | None = None
-    gate: str = "none"
-    seq_len: int | None = None
-    batch_size: int | None = None
-    grad_accum: int = 1
-    seq_warmup: bool = True
+    preset: str | None = setting(None, "hlb: hlb-gpt's 46M model (8 x 384); tiny: laptop scale (4 x 128, seq 256, "
+                                 "batch 16); modular: the grokking benchmark's model.",
+                                 note="hlb, or modular with --task modular", choices=tuple(PRESETS))
+    depth: int | None = setting(None, "Number of blocks.", note="preset", grid=True)
+    width: int | None = setting(None, "Residual width, divisible by 8.", note="preset", grid=True)
+    gate: str = setting("none", "Gate each block's output: y * act(W x).", choices=GATES, grid=True)
+    seq_len: int | None = setting(None, "Sequence length.", note="preset")
+    batch_size: int | None = setting(None, "Sequences per optimizer step at full length.", note="preset")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step (divides --batch-size).")
+    seq_warmup: bool = setting(True, "hlb-gpt's schedule: sequences start at 32 tokens and double every 80 steps, "
+                               "same tokens per step.", negatable=True)
     # optimisation
-    optimizer: str = "adamw"
-    lr: float | None = None
-    weight_decay: float | None = None
-    warmup_steps: int | None = None
-    clip: float | None = None
-    grok_kappa: float = 0.1
-    grok_gamma: float = 0.1
+    optimizer: str = setting("adamw", "grokadamw: AdamW with a built-in Grokfast EMA (uses --alpha, --gain).",
+                             choices=OPTIMIZERS)
+    lr: float | None = setting(None, "Base learning rate of the block matrices.", note="preset")
+    weight_decay: float | None = setting(None, "Weight decay of the block matrices, constant (not loss-dependent as "
+                                         "in hlb-gpt).", note="0.01; modular 0")
+    warmup_steps: int | None = setting(None, "Linear learning-rate warmup.", note="100; modular 10")
+    clip: float | None = setting(None, "Clip the global gradient norm after the filter.", note="off")
+    grok_kappa: float = setting(0.1, "GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal).")
+    grok_gamma: float = setting(0.1, "GrokAdamW: layer-wise beta1_l = beta1 * (1 - gamma)^l.")
     # Grokfast
-    grokfast: bool = False
-    filter: str = "ema"
-    alpha: float = 0.98
-    gain: float = 2.0
-    window: int = 100
-    filter_dtype: str = "float32"
+    grokfast: bool = setting(False, "Filter gradients with Grokfast (the filtered configurations).")
+    filter: str = setting("ema", "ema: exponential moving average; ma: mean of the last --window gradients.",
+                          choices=FILTERS, grid=True)
+    alpha: float = setting(0.98, "EMA momentum in [0, 1).", grid=True)
+    gain: float = setting(2.0, "Amplification (lambda) >= 0.", grid=True)
+    window: int = setting(100, "MA window in steps.", grid=True)
+    filter_dtype: str = setting("float32", "Dtype of the filter state (param: the parameter's dtype).",
+                                choices=FILTER_DTYPES)
     # schedule of the run
-    epochs: float = 1.0
-    evals_per_epoch: int = 1
-    eval_tokens: int | None = None
-    seed: int = 0
-    max_steps: int | None = None
-    target_acc: float | None = None
-    max_bad_steps: int = 10
-    checkpoint_every: float | str | None = None  # epochs, or a time like "30m" (see `parse_cadence`)
-    keep_checkpoints: int = 2
+    epochs: float = setting(1.0, "Training length in epochs (a float).")
+    evals_per_epoch: int = setting(1, "Evaluations per epoch (one more at the end).")
+    eval_tokens: int | None = setting(None, "Validation tokens per evaluation, from the start of the split; 0 = all.",
+                                      note="preset")
+    seed: int = setting(0, "Seed(s); shared by all configurations.", grid=True)
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps.", note="no limit")
+    target_acc: float | None = setting(None, "--task modular: stop once validation accuracy reaches this (e.g. 0.95).")
+    max_bad_steps: int = setting(10, "Consecutive non-finite steps before a run counts as diverged.")
+    checkpoint_every: float | str | None = setting(  # epochs, or a time like "30m" (see `parse_cadence`)
+        None, "Checkpoint interval: epochs (a number; 0: none) or wall time since the last checkpoint (30m, also 90s, "
+        "2h); interrupted runs resume from the latest.", note="1; modular 100, an epoch there being 10 steps",
+        parse=str)
+    keep_checkpoints: int = setting(2, "Checkpoints kept per run.")
     # hardware
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool | None = None
-    attention: str = "auto"
+    device: str = setting("auto", "auto: cuda, then mps, then cpu.", choices=DEVICES)
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere.", choices=PRECISIONS)
+    compile: bool | None = setting(None, "torch.compile the model, the filter and GrokAdamW's step.",
+                                   note="on for CUDA", negatable=True)
+    attention: str = setting("auto", "Attention kernel. sdpa: PyTorch's SDPA with the distance bias as a mask (any "
+                             "device); flex: FlexAttention, causal block mask, bias as a score_mod (CUDA); auto: flex "
+                             "on CUDA under --compile, else sdpa.", choices=ATTENTIONS)
     # logging
-    wandb: bool = False
-    wandb_project: str = "hlb-gpt"
+    wandb: bool = setting(False, "Also log to Weights & Biases (WANDB_MODE=offline works).")
+    wandb_project: str = setting("hlb-gpt", "wandb project.")
 
     def __post_init__(self) -> None:
-        _choice("--task", self.task, TASKS)
-        _choice("--dataset", self.dataset, DATASETS)
-        _choice("--tokenizer", self.tokenizer, TOKENIZERS)
+        _choice("--task", self.task, TASKS)  # before the preset, which defaults to the task's
         if self.preset is None:
             self.preset = DEFAULT_PRESET[self.task]
-        _choice("--preset", self.preset, tuple(PRESETS))
-        _choice("--gate", self.gate, GATES)
-        _choice("--optimizer", self.optimizer, OPTIMIZERS)
-        _choice("--filter", self.filter, FILTERS)
-        _choice("--filter-dtype", self.filter_dtype, FILTER_DTYPES)
-        _choice("--precision", self.precision, PRECISIONS)
-        _choice("--device", self.device, DEVICES)
-        _choice("--attention", self.attention, ATTENTIONS)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("choices"):
+                _choice(flag(f.name), getattr(self, f.name), f.metadata["choices"])
         preset = PRESETS[self.preset]
         for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens", "weight_decay", "warmup_steps",
                      "checkpoint_every"):
@@ -239,7 +266,7 @@ class RunConfig:
     def differences(self, other: RunConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
         """`--flag: mine vs theirs` for every setting that differs, except those in `ignore`."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return [f"--{k.replace('_', '-')}: {mine[k]!r} vs {theirs[k]!r}"
+        return [f"{flag(k)}: {mine[k]!r} vs {theirs[k]!r}"
                 for k in mine if k not in ignore and mine[k] != theirs[k]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,6 +280,9 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+
+# The settings whose flag takes a list: one run per value (per combination, see `sweep.expand_grid`).
+GRID_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("grid"))
 
 # Settings that do not change the experiment: how a run is checkpointed and logged, and where its files go.
 # `compare` never separates runs by them, and a resumed run may change them.
@@ -270,6 +300,11 @@ def check_resumable(cfg: RunConfig, saved: dict[str, Any], where: Path | str) ->
     diffs = cfg.differences(RunConfig.from_dict(saved), ignore=MAY_CHANGE_ON_RESUME)
     if diffs:
         raise ConfigError(f"{where} was trained with other settings (command vs run): {'; '.join(diffs)}")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a `RunConfig` field: `filter_dtype` -> `--filter-dtype`."""
+    return "--" + name.replace("_", "-")
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

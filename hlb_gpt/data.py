@@ -1,7 +1,7 @@
 """Data: the WikiText splits, the two tokenizers, the token cache, the training sampler, the eval windows.
 
-Everything a run needs before the model sees a token. Text comes from the Hugging Face hub, from a folder of raw
-files, or from the `mini` corpus bundled in the package; tokens are cached on disk, checked on every load.
+Text comes from the Hugging Face hub, a folder of raw files, or the bundled `mini` corpus; tokens are cached on
+disk and checked on every load. Why the sampler has its own generator: docs/DESIGN.md, section 7.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hlb_gpt.config import DATASETS, TOKENIZERS
+
 logger = logging.getLogger(__name__)
 
-DATASETS = ("wikitext-103", "wikitext-2", "mini")
-TOKENIZERS = ("gpt2", "bytes")
 SPLITS = ("train", "valid")
 
 _HUB_REPO = "Salesforce/wikitext"

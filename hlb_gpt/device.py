@@ -1,6 +1,5 @@
-"""The device a run trains on: choosing it, its precision, waiting for it, and what the run holds in its memory.
-
-Nothing here hard-codes a device: CUDA, then MPS, then the CPU, whichever is present, unless --device says.
+"""The device a run trains on: choosing it, its precision and attention kernel, waiting for it, and what the run
+holds in its memory. Nothing hard-codes a device: CUDA, then MPS, then the CPU, unless --device says.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Data parallelism under `torchrun`: which rank this is, and the few collectives the loop needs.
 
-Without torchrun (no WORLD_SIZE in the environment, or 1) everything here is a no-op, so the single-process
-loop pays nothing for it. NCCL on CUDA, gloo elsewhere (so the same path runs on CPU in tests).
+Without torchrun everything here is a no-op. NCCL on CUDA, gloo elsewhere (so tests run it on CPU). Where the
+all-reduce falls in a step: docs/DESIGN.md, section 4.
 """
 
 from __future__ import annotations

@@ -1,59 +1,12 @@
-"""Grokfast gradient filters: EMA and windowed-mean (MA) amplification of slow gradients.
+"""Grokfast gradient filters: EMA and windowed-mean (MA) amplification of slow gradients, in place on `p.grad`.
 
-A filter is shaped like a ``torch.optim`` optimizer -- lazy per-parameter ``state``, ``step()`` under
-``no_grad``, ``state_dict()``/``load_state_dict()`` -- and edits every ``p.grad`` in place.  It is
-deliberately *not* a ``torch.optim.Optimizer`` subclass: learning-rate schedulers accept any
-``Optimizer``, so a subclass would let a scheduler be attached to the filter by mistake; as a plain
-class (without ``param_groups``) every scheduler refuses it (``TypeError: ... is not an Optimizer``,
-or an ``AttributeError`` from those that read ``param_groups`` first).
+Shaped like a `torch.optim` optimizer (lazy `state`, `step()`, `state_dict()`) but not a subclass, so that no
+learning-rate scheduler accepts a filter by mistake. A step runs as `torch._foreach_*` ops over all gradients,
+or with `compile=True` as one torch.compile'd function of the tensor lists whose hyperparameters are 0-dim
+tensors, so one graph serves every alpha, gain and window of a sweep. Step counters are 0-dim device tensors:
+skipping a non-finite step (`found_inf`) needs no host sync.
 
-Design notes
-------------
-* **Hot path.** Without ``found_inf`` the update runs as a handful of ``torch._foreach_*`` calls over
-  all gradients at once (grouped by device and dtype).  EMA is ``lerp_`` then ``add_`` (two passes);
-  MA is three passes on the ring slot and running sum plus the gradient update.  ``compile=True``
-  replaces both paths with one ``torch.compile``d function of the tensor lists, with or without
-  ``found_inf`` (one fused pass per tensor: EMA reads g and mu and writes both).  The graph is
-  specialised to the list of parameters that have gradients: if that set changes, it recompiles.
-  Every filter in a process shares that one function, so the hyperparameters enter it as 0-dim
-  tensors: one graph serves every alpha, gain and window (a Python float would be baked into the
-  graph, and a grid of 9 settings would hit dynamo's recompile limit).  A compile error falls back
-  to running the same function eagerly (``compile_error`` says why).
-* **Step counters.** Each parameter's state holds ``step`` (accepted steps) as a 0-dim int64 tensor
-  on the parameter's device, so a non-finite step can leave it unchanged without a host sync
-  (``step += 1 - found_inf``).  The eager path without ``found_inf`` branches on a host-side mirror of
-  those counters (plain ints, no sync).  Once a ``found_inf`` step has run, the host cannot know
-  whether it was accepted; the next call without ``found_inf`` re-reads the counters (one sync, once).
-  A trainer that always passes ``found_inf`` (or never does) never syncs.  The compiled path reads
-  the device counters inside the graph and needs no mirror.
-* **Non-finite steps.** ``step(found_inf)`` never multiplies by a mask (``NaN * 0`` is ``NaN``): it
-  *selects* with ``torch.where``.  Eager: the gradient (whose value on a skipped step does not matter)
-  is first replaced by a value that makes the update an exact identity -- ``mu`` for EMA (then lerp
-  with weight -0.0), the evicted slot for MA -- so when ``found_inf`` is 1 every state tensor ends
-  bit-identical to before, -0.0 included.  Compiled: candidate and old state are selected per
-  element.  Step-dependent branches (EMA's first step, MA's warm-up) become per-parameter weights
-  computed on device.  Eager ``torch`` has no foreach ``where``, so the selection is one kernel per
-  tensor: about 1.5x the plain path's memory traffic.  Eager MA also reads the evicted slot through
-  an index op into a fresh parameter-sized temporary (free with a caching allocator, but on CPU a
-  tensor over ~32 MB is a fresh mmap with page faults every step).  Compiled, it fuses like the
-  plain path.
-* **MA window.** A ring of ``W`` slots per parameter (zeros at first) and a running sum:
-  ``sum += g - ring[pos]; ring[pos] = g``, so a step costs O(1) passes whatever ``W``.  The ring
-  position is ``step % W`` (derived, never stored separately).  Rounding drift of the running sum is
-  bounded by re-summing the ring exactly every ``resum_every`` attempted steps (default
-  ``min(W, 1000)``): with random float32 gradients the relative error ``|sum - exact| / |exact|``
-  measured 3e-7 at W = 100 and stays below 1e-6 up to W ~ 1000, at an amortised cost of one extra
-  read of a parameter-sized tensor per step.  (A bfloat16 state has ~1e-2 rounding regardless.)
-* **Mixed precision.** The state has its own dtype (float32 by default, ``dtype=None`` = the
-  parameter's).  The state update is rounded to the state dtype; the gradient update ``g += gain *
-  mu`` is computed in the wider of the two dtypes and written back in the gradient's dtype.  Eager,
-  a gradient dtype different from the state's uses ``mu *= alpha; mu += (1 - alpha) g`` (lerp needs
-  one dtype) rather than a converted copy of the gradient.
-* **Memory.** ``nbytes`` counts the parameter-sized buffers (``mu``; or ``ring`` and ``sum``), which is
-  what the memory accounting counts; the 0-dim step counters (8 bytes per parameter tensor) are left out.
-* **ratio()** is recomputed when called, from the state and the gradients currently in ``p.grad``:
-  it must be called right after ``step()``, before clipping or ``zero_grad`` change the gradients.
-  The raw gradient is recovered as ``p.grad - gain * mu``, so nothing is kept between steps.
+Semantics, dtypes, state and checkpoints: see docs/DESIGN.md, section 5 (Grokfast filters).
 """
 
 from __future__ import annotations

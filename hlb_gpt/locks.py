@@ -1,16 +1,9 @@
-"""Who trains which run: a lock in each run folder, so that many processes can share one sweep.
+"""Who trains which run: `<run>/lock.<n>.json`, so that many processes can share one sweep.
 
-A process claims a run by creating `<run>/lock.<n>.json`, n one above the highest lock the folder holds (0 for
-the first). Creating a name that does not exist yet is atomic, also on NFS, so of several processes that try the
-same n exactly one succeeds. The run belongs to the holder of the highest lock until it releases it. A lock is
-stale when its process is gone (same host, PID no longer running) or when its heartbeat, refreshed every 30 s
-(a quarter of the timeout if that is shorter) while the run trains, is older than the timeout. A stale or
-released lock is superseded by creating the next number, so two processes taking over the same stale lock
-cannot both win. A lock file is written only by its owner and never deleted: the files are the run's history
-of who trained it.
-
-Hosts that share a sweep must have clocks that agree to well within the timeout. No torch here: `hlb-gpt status`
-reads locks and must stay fast.
+Claiming creates the next number (an atomic create, also on NFS: one claimant wins); the highest lock is
+current; a heartbeat thread keeps it fresh; a stale lock (dead PID on this host, or a heartbeat older than the
+timeout) is superseded by the next number. Lock files are never deleted. Hosts must agree on the time to well
+within the timeout. No torch here: `hlb-gpt status` must stay fast. See docs/DESIGN.md, section 10.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""The hlb GPT: a stack of fused "latent attention" blocks (after hlb-gpt v0.4).
+"""The hlb GPT: embedding -> blocks of fused "latent attention" -> LayerNorm -> head.
 
-Read bottom-up: config → block → model. Each block is a whole transformer layer in one unit:
-a single matrix produces queries, keys and a GeGLU whose last `width` channels are the
-attention values; the rest of the GeGLU stays local (the "MLP" part). Positions enter only
-through a learned linear attention bias (one scalar per block), so there is no positional
-embedding. All initialisation happens in `GPT._init_weights`.
+Read bottom-up: config -> block -> model. Positions enter only through each block's learned distance bias;
+all initialisation is in `GPT._init_weights`. See docs/DESIGN.md, section 2 (The model).
 """
 
 from __future__ import annotations
@@ -18,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-GATES = ("none", "relu", "sigmoid")
+from hlb_gpt.config import GATES
+
 ATTENTIONS = ("sdpa", "flex")
 # FlexAttention's CUDA kernels pick their tiles by the query width and round the value width up to a power of
 # two, so one 384-wide value head would carry 512-wide tiles; values are split into heads of at most this.

@@ -1,7 +1,7 @@
 """Optimizer side of a run: parameter groups, the learning-rate schedule, GrokAdamW.
 
-Everything here works from ``named_parameters()`` names, so the model never has to know about its
-optimizer and this module never imports the model.
+Everything works from `named_parameters()` names, so the model never knows its optimizer and this module
+never imports the model. See docs/DESIGN.md, sections 3 (groups, schedule) and 6 (GrokAdamW).
 """
 
 from __future__ import annotations

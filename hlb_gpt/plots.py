@@ -1,9 +1,7 @@
 """Plots of a comparison: validation curves per configuration, and the statistic against the gain.
 
-Made with matplotlib on the Agg canvas (never pyplot, so a user's backend is left alone), imported only
-when plotting. Colour says the gain, line style the alpha (or MA window); the baseline is black and
-thicker; a marker separates configurations that would otherwise still look alike, so 13 or more stay
-distinguishable in one figure. A linear epoch axis hides the first epochs: `log_x` and `zoom` show them.
+matplotlib on the Agg canvas (never pyplot), imported only when plotting. Colour is the gain, line style the
+alpha (or MA window), the baseline black and thick. See docs/DESIGN.md, section 11.
 """
 
 from __future__ import annotations

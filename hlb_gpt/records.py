@@ -1,11 +1,7 @@
-"""The run folder: config.json, metrics.jsonl and summary.json.
+"""The run folder's JSON records: config.json, metrics.jsonl and summary.json.
 
-`compare` reads runs only through this module, so the format is written down once:
-- config.json: every resolved setting, plus the seed, versions and device (written before training starts).
-- metrics.jsonl: one JSON object per evaluation, flushed as it is written so a killed run keeps its rows.
-- summary.json: written atomically at the end; its `status` is completed, diverged, interrupted or failed. A run
-  that continues (resumed, or extended with more epochs) removes it before its first step: a folder without
-  summary.json is running or was killed, whatever an earlier end said.
+The one writer and reader of them (`compare` reads runs only through here). Writes are atomic or flushed per
+row. What each file and column holds: docs/DESIGN.md, section 9 (Run records).
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Where a sweep stands: one line per run, read from its folders and their locks.
-
-A sweep writes `<out>/sweep.json` (the names of all its runs) when it starts, so runs that no process has begun
-yet show as pending. No torch here: `hlb-gpt status` is quick.
+"""Where a sweep stands (`hlb-gpt status`): one line per run, from its folder and locks, and the sweep's
+manifest `<out>/sweep.json`, which lists runs not begun yet. No torch here. See docs/DESIGN.md, section 10.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Optional mirroring of a run's records to Weights & Biases.
+"""Optional mirroring of a run's records to Weights & Biases; the run folder stays the record.
 
-The run folder is always the record; wandb only mirrors it. wandb is imported only when `--wandb` is given
-(it is slow to import), and `WANDB_MODE=offline` works without an account: the run is kept under
-`<run folder>/wandb/` for a later `wandb sync`.
+wandb is imported only with `--wandb`; `WANDB_MODE=offline` keeps the run under `<run folder>/wandb/`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
+import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -7,7 +9,8 @@ import click
 import pytest
 from click.core import ParameterSource
 
-from hlb_gpt.cli import CommaList, Duration, cli, compare_command, main
+from hlb_gpt.cli import CommaList, Duration, cli, compare_command, configs_from_flags, main
+from hlb_gpt.config import GRID_KEYS, RunConfig
 from hlb_gpt.records import read_run
 
 TINY = ["--dataset", "mini", "--preset", "tiny", "--tokenizer", "bytes"]
@@ -129,7 +132,9 @@ def options_of(command: click.Command) -> list[click.Option]:
 def test_every_training_flag_can_come_from_hlb_gpt_flag_in_the_environment(monkeypatch, tmp_path):
     options = options_of(cli)
     # Read from the command itself, so a flag added later is covered too.
-    assert {"filter_", "use_wandb", "resume_dir", "seq_warmup", "compile", "quiet"} <= {o.name for o in options}
+    # Every setting of a run is a flag, and so are the sweep's own.
+    settings = {field.name for field in fields(RunConfig)} | {"baseline", "out", "lock_timeout", "resume", "quiet"}
+    assert settings <= {o.name for o in options}
     for option in options:
         text, expected = env_sample(option, tmp_path)
         monkeypatch.setenv(env_name("HLB_GPT", option), text)
@@ -137,6 +142,29 @@ def test_every_training_flag_can_come_from_hlb_gpt_flag_in_the_environment(monke
     for option in options:
         assert ctx.get_parameter_source(option.name) == ParameterSource.ENVIRONMENT, env_name("HLB_GPT", option)
         assert ctx.params[option.name] == env_sample(option, tmp_path)[1], env_name("HLB_GPT", option)
+
+
+# Generic samples that no setting accepts on its own; any other value of env_sample's kind would do.
+VALID_SAMPLES = {"width": ("64", [64]), "grad_accum": ("4", 4), "eval_tokens": ("0", 0),
+                 "checkpoint_every": ("30m", "30m")}
+
+
+def test_hlb_gpt_field_in_the_environment_sets_that_field_of_the_run(monkeypatch, tmp_path):
+    options = {o.name: o for o in options_of(cli)}
+    (tmp_path / "somewhere").mkdir()  # the sample folder of --data-dir and --data-cache
+    for name in ("wiki.train.raw", "wiki.valid.raw"):
+        (tmp_path / "somewhere" / name).write_text(" = Text = \n")
+    for field in fields(RunConfig):
+        text, parsed = VALID_SAMPLES.get(field.name) or env_sample(options[field.name], tmp_path)
+        with monkeypatch.context() as env:
+            env.setenv(f"HLB_GPT_{field.name.upper()}", text)
+            ctx = cli.make_context("hlb-gpt", [], auto_envvar_prefix="HLB_GPT")
+            base, grid = configs_from_flags(ctx.params)
+        assert ctx.get_parameter_source(field.name) == ParameterSource.ENVIRONMENT, field.name
+        if field.name in GRID_KEYS:
+            assert grid[field.name] == parsed, field.name
+            parsed = parsed[0]
+        assert getattr(base, field.name) == parsed != field.default, field.name
 
 
 def test_every_compare_flag_can_come_from_hlb_gpt_compare_flag_in_the_environment(monkeypatch, tmp_path):
@@ -163,6 +191,50 @@ def test_filter_wandb_and_resume_from_the_environment_reach_the_run(monkeypatch,
     monkeypatch.setenv("HLB_GPT_RESUME", str(tmp_path / "not-a-run"))
     code, _, err = run_main(TINY, capsys)
     assert code == 2 and f"--resume {tmp_path / 'not-a-run'}: not a run folder" in err
+
+
+# --- the README ----------------------------------------------------------------------------------------------
+
+
+def readme_options_table(readme: str) -> list[tuple[list[str], str]]:
+    """The rows of the README's options table: the text of each flag (`--gate {none,relu,sigmoid}`), the default."""
+    section = readme.split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `--")]
+    return [(re.findall(r"`(--[^`]*)`", row[0]), row[1].replace("`", "").strip()) for row in rows]
+
+
+def check_options_table(readme: str) -> None:
+    options = options_of(cli)
+    by_flag = {flag: option for option in options for flag in option.opts + option.secondary_opts}
+    documented = set()
+    for flags, default in readme_options_table(readme):
+        named = [by_flag.get(re.match(r"--[a-z0-9-]+", text).group()) for text in flags]
+        assert None not in named, f"the README names a flag hlb-gpt does not have: {flags}"
+        documented |= {option.name for option in named}
+        for text, option in zip(flags, named):
+            for other in re.findall(r"--[a-z0-9-]+", text):
+                assert by_flag.get(other) is option, f"{text}: {other} is not a form of {option.opts[0]}"
+            choices = re.search(r"\{(.*)\}", text)
+            kind = option.type.item if isinstance(option.type, CommaList) else option.type
+            if choices or isinstance(kind, click.Choice):
+                assert choices and choices.group(1).split(",") == list(kind.choices), text
+        shown = default.split(", ") if len(named) > 1 else [default]
+        shown = shown * len(named) if len(shown) == 1 else shown
+        assert len(shown) == len(named), f"{flags}: one default per flag, or one for all (got {default!r})"
+        for option, text in zip(named, shown):
+            if option.default is None:  # unset: the README says in words what it means ("preset", "off")
+                continue
+            expected = ("on" if option.default else "off") if isinstance(option.default, bool) else str(option.default)
+            try:
+                assert float(text) == float(expected), option.opts[0]
+            except ValueError:
+                assert text == expected, option.opts[0]
+    missing = {option.opts[0] for option in options if option.name not in documented}
+    assert not missing, f"flags without a row in the README's options table: {sorted(missing)}"
+
+
+def test_the_readme_options_table_names_every_flag_its_choices_and_default():
+    check_options_table((Path(__file__).parent.parent / "README.md").read_text())
 
 
 # --- input that used to fail late -----------------------------------------------------------------------------

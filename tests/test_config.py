@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from hlb_gpt.config import PRESETS, Cadence, ConfigError, RunConfig, check_resumable
+from hlb_gpt.config import GRID_KEYS, PRESETS, Cadence, ConfigError, RunConfig, check_resumable
 
 
 def test_preset_fills_every_unset_model_and_batch_setting():
@@ -102,3 +104,13 @@ def test_a_run_resumes_under_a_changed_checkpoint_cadence():
     check_resumable(RunConfig(preset="tiny", checkpoint_every="30m"), saved, "run")
     with pytest.raises(ConfigError, match="--lr"):
         check_resumable(RunConfig(preset="tiny", checkpoint_every="30m", lr=1.0), saved, "run")
+
+
+def test_every_setting_carries_the_help_of_its_flag():
+    # A field added without `setting(...)` would get a flag without help and no README row.
+    undocumented = [f.name for f in dataclasses.fields(RunConfig) if not f.metadata.get("help")]
+    assert not undocumented
+
+
+def test_the_grid_settings_are_the_model_filter_and_seed_lists():
+    assert set(GRID_KEYS) == {"depth", "width", "gate", "filter", "alpha", "gain", "window", "seed"}
