@@ -384,7 +384,7 @@ def test_a_modular_run_asked_for_fewer_steps_than_it_took_is_refused(tmp_path):
 
 @pytest.mark.usefixtures("one_thread")
 def test_an_extension_that_fails_before_it_starts_is_reported_failed_and_the_completed_run_kept(tmp_path, monkeypatch):
-    import hlb_gpt.train as train_module
+    from hlb_gpt.tasks import lm
 
     short = tiny_run(tmp_path, epochs=0.002)
     run_sweep([short], tmp_path, progress=False)
@@ -393,7 +393,7 @@ def test_an_extension_that_fails_before_it_starts_is_reported_failed_and_the_com
     def broken(*args, **kwargs):
         raise RuntimeError("no model today")
 
-    monkeypatch.setattr(train_module, "GPT", broken)
+    monkeypatch.setattr(lm, "GPT", broken)
     result = run_sweep([short.replace(epochs=0.004)], tmp_path, progress=False)[0]
     assert result.status == "failed" and "no model today" in result.summary["error"]
     assert folder_bytes(tmp_path / "baseline-s0") == before  # still the completed 0.002-epoch run it was
