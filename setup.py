@@ -20,6 +20,7 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "matplotlib>=3.7",
+        "safetensors>=0.4,<1",  # `hlb-gpt export`: weights any tool can read, loaded without running code
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["hlb-gpt = hlb_gpt.cli:main"]},

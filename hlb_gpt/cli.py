@@ -18,7 +18,7 @@ from typing import Any, Callable
 import click
 
 from hlb_gpt import __version__
-from hlb_gpt.config import GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, check_resumable, flag
+from hlb_gpt.config import DEVICES, GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, check_resumable, flag
 
 
 class CommaList(click.ParamType):
@@ -132,20 +132,24 @@ def cli(ctx: click.Context, **flags: Any) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from hlb_gpt.sweep import expand_grid, run_name, run_sweep  # imports torch: only when training
+    from hlb_gpt.sweep import expand_grid, run_folder_name, run_sweep  # imports torch: only when training
 
     if flags["resume"] is not None:
         return resume_run(ctx, flags)
+    if flags["init_from"] is not None:
+        flags = inherit_from_init(ctx, flags)
     base, grid = configs_from_flags(flags)
     configs = expand_grid(base, grid, grokfast=flags["grokfast"], baseline=flags["baseline"])
-    vary = [k for k in ("depth", "width", "gate") if len(grid.get(k) or []) > 1]
-    if len({run_name(c, vary) for c in configs}) != len(configs):
+    vary = [k for k in ("depth", "width", "gate", "lora_rank") if len(grid.get(k) or []) > 1]
+    if len({run_folder_name(c, vary) for c in configs}) != len(configs):
         raise ConfigError("two grid points would share a run folder; remove repeated values from the lists")
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
     check_writable(out)
+    from hlb_gpt.finetune import check_init
     from hlb_gpt.train import check_attention, check_memory
 
     for cfg in configs:
+        check_init(cfg)
         check_attention(cfg)
         check_memory(cfg)
     results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"], lock_timeout_s=flags["lock_timeout"])
@@ -183,20 +187,28 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
 @click.option("--metric", default="final", show_default=True,
               help="Per-run statistic: final, best, best:N (mean of the N best evaluations), mean, or "
                    "steps_to_target (--task modular: the step val_acc first reached the run's --target-acc).")
-@click.option("--window", "window_", envvar="HLB_GPT_COMPARE_WINDOW", default="all", show_default=True,
+@click.option("--span", envvar="HLB_GPT_COMPARE_SPAN", default="all", show_default=True,
               help="Epochs the statistic covers: all, first:K or last:K (K in epochs).")
+# The old name of --span, which read as the MA filter's --window (in steps): still accepted, with a note.
+@click.option("--window", "old_span", envvar="HLB_GPT_COMPARE_WINDOW", default=None, hidden=True)
 @click.option("--column", type=click.Choice(["val_loss", "train_loss", "val_acc", "train_acc"]), default=None,
               help="The metrics.jsonl column compared and plotted [val_loss; val_acc for steps_to_target].")
 @click.option("--format", "fmt", envvar="HLB_GPT_COMPARE_FORMAT", type=click.Choice(["markdown", "csv"]),
               default="markdown", show_default=True)
 @click.option("--plot", "plot_dir", envvar="HLB_GPT_COMPARE_PLOT", type=click.Path(file_okay=False, path_type=Path),
               default=None,
-              help="Write PNG plots (the column vs epoch, the statistic vs gain) into this folder.")
+              help="Write PNG plots (the column vs epoch, the statistic vs gain, the forest plot of the paired "
+                   "differences) into this folder.")
 @click.option("--log-x", is_flag=True, help="Plots: logarithmic epoch axis (the first epochs stay visible).")
 @click.option("--zoom", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Plots: also draw the first K epochs on their own.")
-def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: str | None, fmt: str,
-                    plot_dir: Path | None, log_x: bool, zoom: float | None) -> None:
+@click.option("--resample", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Interpolate every curve onto N evenly spaced epochs (0 to the longest run's last evaluation) "
+                   "before the statistic, so runs evaluated at different cadences compare fairly [off].")
+@click.pass_context
+def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, span: str, old_span: str | None,
+                    column: str | None, fmt: str, plot_dir: Path | None, log_x: bool, zoom: float | None,
+                    resample: int | None) -> None:
     """Compare runs: per configuration mean ± std over seeds, and the paired difference to the baseline.
 
     RUNS are sweep folders or run folders. Runs are grouped by every setting but the seed; each filtered
@@ -204,13 +216,19 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
 
     \b
     Example:
-      hlb-gpt compare runs/grid --metric best:5 --window last:50 --plot runs/grid/plots --log-x
+      hlb-gpt compare runs/grid --metric best:5 --span last:50 --plot runs/grid/plots --log-x
+      hlb-gpt compare runs/grid --metric best:5 --resample 200
       hlb-gpt compare runs/grokking --metric steps_to_target --plot runs/grokking/plots
     """
     from hlb_gpt import compare as cmp
 
+    if old_span is not None:
+        if ctx.get_parameter_source("span") not in (None, click.core.ParameterSource.DEFAULT):
+            raise click.UsageError("--window is the old name of --span: give --span only")
+        click.echo("note: compare's --window is now --span (--window is the MA filter's, in steps)", err=True)
+        span = old_span
     try:
-        parsed = cmp.parse_choices(metric, window_, column)
+        parsed = cmp.parse_choices(metric, span, column)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     loaded, notes = cmp.load_runs(runs)
@@ -218,7 +236,10 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
         raise click.UsageError(f"no run folders (with config.json) under {', '.join(map(str, runs))}")
     if parsed[0].kind != "steps_to_target" and all(cmp.lacks_column(run, parsed[2]) for run in loaded):
         raise click.UsageError(f"--column {parsed[2].name}: none of these runs records it ({cmp.COLUMN_OWNERS})")
-    comparison = cmp.compare(loaded, *parsed, notes=notes)
+    try:
+        comparison = cmp.compare(loaded, *parsed, notes=notes, resample=resample)
+    except ValueError as exc:  # --resample with steps_to_target
+        raise click.UsageError(str(exc)) from None
     click.echo(cmp.format_table(comparison, fmt))
     if fmt == "csv" and comparison.notes:
         click.echo(cmp.format_notes(comparison), err=True)
@@ -227,6 +248,72 @@ def compare_command(runs: tuple[Path, ...], metric: str, window_: str, column: s
 
         for path in plot(comparison, plot_dir, log_x=log_x, zoom=zoom):
             click.echo(f"wrote {path}", err=True)
+
+
+RUN_DIR = click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+CHECKPOINT = click.option(
+    "--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="Use this checkpoint file of the run [its latest: the final one once the run completed].")
+
+
+@cli.command("sample")
+@RUN_DIR
+@click.option("--prompt", default="\n", show_default="a newline",
+              help="Text the model continues (printed too).")
+@click.option("--tokens", type=int, default=200, show_default=True, help="Number of new tokens.")
+@click.option("--temperature", type=float, default=0.8, show_default=True,
+              help="Divides the logits; higher is more varied, 0 is greedy (always the most likely token).")
+@click.option("--top-k", type=int, default=None, help="Draw only from the K most likely tokens [all].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same text (on the same device).")
+@CHECKPOINT
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="auto: cuda, then mps, then cpu.")
+def sample_command(run_dir: Path, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int,
+                   checkpoint: Path | None, device: str) -> None:
+    """Print text from a trained language-model run: the prompt, then what the model writes after it.
+
+    \b
+    Examples:
+      hlb-gpt sample runs/grid/baseline-s0 --prompt " = Robert Boulter = " --tokens 300
+      hlb-gpt sample runs/grid/baseline-s0 --temperature 0
+    """
+    from hlb_gpt.device import resolve_device
+    from hlb_gpt.sample import check_sampling, sample_text
+    from hlb_gpt.trained import load_trained
+
+    check_sampling(prompt, tokens, temperature, top_k)  # before the checkpoint is read
+    trained = load_trained(run_dir, checkpoint)
+    model = trained.model.to(resolve_device(device))
+    click.echo(f"{trained.checkpoint} (step {trained.step}, {_run_state(trained.status)})", err=True)
+    click.echo(sample_text(model, trained.tokenizer, prompt, tokens, temperature, top_k, seed))
+
+
+@cli.command("export")
+@RUN_DIR
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .safetensors file to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@CHECKPOINT
+def export_command(run_dir: Path, out: Path, force: bool, checkpoint: Path | None) -> None:
+    """Write a run's weights as a safetensors file, with its config as metadata.
+
+    The file opens with `safetensors` alone, in any language; its metadata holds the run's config.json (key
+    `config`) and the model's architecture (key `gpt_config`, the fields of hlb_gpt.model.GPTConfig).
+
+    \b
+    Example:
+      hlb-gpt export runs/grid/baseline-s0 --out baseline.safetensors
+    """
+    from hlb_gpt.export import check_out, export_run
+    from hlb_gpt.trained import load_trained
+
+    check_out(out, force)  # before the checkpoint is read
+    trained = load_trained(run_dir, checkpoint)
+    export_run(trained, out, force)
+    click.echo(f"wrote {out}: {trained.checkpoint.name} (step {trained.step}, {_run_state(trained.status)})")
+
+
+def _run_state(status: str | None) -> str:
+    return "run unfinished" if status is None else f"run {status}"
 
 
 def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
@@ -262,6 +349,17 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     click.echo(_result_line(run_dir.name, summary["status"], summary))
     if summary["status"] != "completed":
         sys.exit(1)
+
+
+def inherit_from_init(ctx: click.Context, flags: dict[str, Any]) -> dict[str, Any]:
+    """`--init-from RUN_DIR`: the flags, with the run's architecture, preset and --seq-len where none was given."""
+    from hlb_gpt.finetune import inherited_settings
+
+    given = {name for name in flags
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    inherited = {k: [v] if k in GRID_KEYS else v
+                 for k, v in inherited_settings(flags["init_from"]).items() if k not in given}
+    return {**flags, **inherited}
 
 
 def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list[Any]]]:

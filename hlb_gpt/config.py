@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ FILTER_DTYPES = ("float32", "bfloat16", "param")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ATTENTIONS = ("auto", "sdpa", "flex")
+LORA_TARGETS = ("in", "out", "gate", "head")  # see `finetune`: block input, output, gate matrices; the head
+TRAIN_ONLY = ("embed", "in", "out", "gate", "position", "norms", "head")
 
 
 class ConfigError(ValueError):
@@ -167,6 +170,19 @@ class RunConfig:
         "2h); interrupted runs resume from the latest.", note="1; modular 100, an epoch there being 10 steps",
         parse=str)
     keep_checkpoints: int = setting(2, "Checkpoints kept per run.")
+    # fine-tuning (see `finetune`): start from a run's weights; train adapters or some components only
+    init_from: str | None = setting(None, "Start from this run's final (or latest) checkpoint. Its tokenizer, depth, "
+                                    "width and gate are taken (others are refused), and its preset and --seq-len "
+                                    "unless given.", folder=True)
+    lora_rank: int = setting(0, "With --init-from: freeze the weights and train rank-r adapters W + (alpha/r) B A on "
+                             "--lora-targets; 0: no adapters.", grid=True)
+    lora_alpha: float = setting(16.0, "LoRA scale numerator: the adapters are scaled by alpha / rank.")
+    lora_targets: str = setting("in,out", "Matrices that get adapters, a comma list of in (each block's input "
+                                "projection: queries, keys, GeGLU), out (its output projection), gate (its gate "
+                                "matrix), head.")
+    train_only: str | None = setting(None, "With --init-from: train only these components, a comma list of embed, "
+                                     "in, out, gate, position (attention range), norms, head; with --lora-rank, "
+                                     "these besides the adapters.", parse=str)
     # hardware
     device: str = setting("auto", "auto: cuda, then mps, then cpu.", choices=DEVICES)
     precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere.", choices=PRECISIONS)
@@ -251,12 +267,38 @@ class RunConfig:
             _positive("--max-steps", self.max_steps)
         if self.target_acc is not None and not (0 < self.target_acc <= 1):
             raise ConfigError(f"--target-acc must be in (0, 1] (got {self.target_acc})")
+        self._validate_finetune()
         if self.data_dir is not None:
             for split in ("wiki.train.raw", "wiki.valid.raw"):
                 if not (Path(self.data_dir) / split).is_file():
                     raise ConfigError(f"--data-dir {self.data_dir} has no {split}")
                 if (Path(self.data_dir) / split).stat().st_size == 0:
                     raise ConfigError(f"--data-dir {self.data_dir}: {split} is empty")
+
+    def _validate_finetune(self) -> None:
+        """Lists are recorded in one canonical order, so `out,in` and `in,out` are one configuration."""
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"--lora-rank must be an integer >= 0, 0 for no adapters (got {self.lora_rank!r})")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ConfigError(f"--lora-alpha must be a positive number (got {self.lora_alpha})")
+        self.lora_targets = _names("--lora-targets", self.lora_targets, LORA_TARGETS)
+        if self.train_only is not None:
+            if {"attn", "mlp"} & set(_split(self.train_only)):
+                raise ConfigError("--train-only: attention and MLP share each block's in and out matrices; choose "
+                                  f"among {', '.join(TRAIN_ONLY)} (the attention's own parameter is position)")
+            self.train_only = _names("--train-only", self.train_only, TRAIN_ONLY)
+        fine_tunes = self.lora_rank > 0 or self.train_only is not None
+        if self.task != "lm" and (fine_tunes or self.init_from is not None):
+            raise ConfigError(f"--task {self.task} trains its own model from scratch; drop --init-from, --lora-rank "
+                              "and --train-only")
+        if self.lora_rank > 0 and self.gate == "none" and "gate" in _split(self.lora_targets):
+            raise ConfigError("--lora-targets gate: the model has no gate (--gate none); drop gate from the targets")
+        if self.train_only is not None and self.gate == "none" and "gate" in _split(self.train_only):
+            raise ConfigError("--train-only gate: the model has no gate (--gate none)")
+        both = set(_split(self.lora_targets)) & set(_split(self.train_only)) if self.lora_rank > 0 else set()
+        if both:
+            raise ConfigError(f"--train-only {','.join(sorted(both))} would train the matrices --lora-targets adapts; "
+                              "choose one of them")
 
     @property
     def checkpoint_cadence(self) -> Cadence:
@@ -279,6 +321,21 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def kind(self) -> str:
+        """What the run is: `baseline` (AdamW, no filter), `ema` or `ma` (a Grokfast filter), or `grokadamw`."""
+        return self.kind_of(vars(self))
+
+    @staticmethod
+    def kind_of(settings: Mapping[str, Any]) -> str:
+        """`kind` of any settings, a RunConfig's or a recorded config.json's (where a missing key has its
+        default): `compare` and `plots` read it from records without building a config."""
+        if settings.get("optimizer") == "grokadamw":
+            return "grokadamw"
+        if not settings.get("grokfast"):
+            return "baseline"
+        return "ma" if settings.get("filter") == "ma" else "ema"
 
 
 # The settings whose flag takes a list: one run per value (per combination, see `sweep.expand_grid`).
@@ -310,6 +367,21 @@ def flag(name: str) -> str:
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{flag} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _names(flag: str, text: str, choices: tuple[str, ...]) -> str:
+    """A comma list of choices, checked, without repeats and in the order of `choices`."""
+    names = _split(text)
+    if not names:
+        raise ConfigError(f"{flag} must name at least one of {', '.join(choices)}")
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise ConfigError(f"{flag}: unknown {', '.join(unknown)}; choose among {', '.join(choices)}")
+    return ",".join(c for c in choices if c in names)
 
 
 def _positive(flag: str, value: int) -> None:

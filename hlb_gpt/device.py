@@ -169,6 +169,8 @@ def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, grad_fi
     total = sum(state.values())
     return {
         **state,
+        # Frozen parameters (--lora-rank, --train-only) have no gradient, optimizer or filter state.
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
         "training_state_bytes": total,
         "filter_share": state["filter_bytes"] / total if total else 0.0,
         "peak_bytes": peak.read(),

@@ -4,7 +4,8 @@ Shaped like a `torch.optim` optimizer (lazy `state`, `step()`, `state_dict()`) b
 learning-rate scheduler accepts a filter by mistake. A step runs as `torch._foreach_*` ops over all gradients,
 or with `compile=True` as one torch.compile'd function of the tensor lists whose hyperparameters are 0-dim
 tensors, so one graph serves every alpha, gain and window of a sweep. Step counters are 0-dim device tensors:
-skipping a non-finite step (`found_inf`) needs no host sync.
+skipping a non-finite step (`found_inf`) needs no host sync. One eager path serves steps with and without
+`found_inf` (without it, nothing is skipped).
 
 Semantics, dtypes, state and checkpoints: see docs/DESIGN.md, section 5 (Grokfast filters).
 """
@@ -60,6 +61,13 @@ def _grouped(rows: list[tuple], key: Callable[[tuple], Any]) -> list[list[tuple]
     return list(groups.values())
 
 
+def _skipped(found_inf: Tensor | None, device: torch.device) -> Tensor:
+    """``found_inf`` as a 0-dim bool on `device` (True: skip the step); no ``found_inf``: never skip."""
+    if found_inf is None:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return found_inf.to(device, non_blocking=True) != 0
+
+
 def _group_key(row: tuple) -> GroupKey:
     grad, first_state = row[1], row[2]
     return (grad.device, grad.dtype, first_state.dtype)
@@ -78,8 +86,6 @@ class GradFilter:
         self.params, self._keys = _split_named(params)
         self.dtype = dtype
         self.state: dict[Tensor, dict[str, Any]] = {}
-        self._host_step: dict[Tensor, int] = {}  # mirror of state[p]["step"], valid when _mirror_valid
-        self._mirror_valid = True
         # torch.compile is lazy: nothing is traced until the first step. Every filter shares one kernel
         # function, so its graph must not depend on the hyperparameters: they enter as 0-dim tensors.
         self._fused = (FallbackCompiled(self._kernel, f"the {self.kind.upper()} filter", fullgraph=True, dynamic=False)
@@ -96,15 +102,9 @@ class GradFilter:
         if any(g.is_sparse for _, g in live):
             raise RuntimeError("Grokfast filters do not support sparse gradients")
         if self._fused is not None:
-            self._mirror_valid = False
             self._step_compiled(live, found_inf)
-        elif found_inf is None:
-            if not self._mirror_valid:
-                self._resync_mirror()
-            self._step_plain(live)
         else:
-            self._mirror_valid = False
-            self._step_guarded(live, found_inf)
+            self._step_eager(live, found_inf)
 
     def state_dict(self) -> dict:
         """Hyperparameters and per-parameter state (tensors and ints), keyed by name or position.
@@ -125,7 +125,6 @@ class GradFilter:
         if unknown:
             raise ValueError(f"filter state for unknown parameters: {sorted(map(str, unknown))}")
         self.state.clear()
-        self._host_step.clear()
         for key, saved in state_dict["state"].items():
             p = by_key[key]
             restored: dict[str, Any] = {}
@@ -136,8 +135,6 @@ class GradFilter:
                 restored[name] = value
             self._check_shapes(p, restored, key)
             self.state[p] = restored
-            self._host_step[p] = int(restored["step"])  # not the hot path: a sync is fine here
-        self._mirror_valid = True
 
     @property
     def nbytes(self) -> int:
@@ -187,11 +184,6 @@ class GradFilter:
     def _counter(self, device: torch.device, value: int) -> Tensor:
         return torch.full((), value, dtype=torch.int64, device=device)
 
-    def _resync_mirror(self) -> None:
-        for p, st in self.state.items():
-            self._host_step[p] = int(st["step"])
-        self._mirror_valid = True
-
     def _hyper(self) -> dict:
         return {}
 
@@ -212,10 +204,7 @@ class GradFilter:
     def _kernel(*args: Any) -> None:  # the body compiled when compile=True
         raise NotImplementedError
 
-    def _step_plain(self, live: list[tuple[Tensor, Tensor]]) -> None:
-        raise NotImplementedError
-
-    def _step_guarded(self, live: list[tuple[Tensor, Tensor]], found_inf: Tensor) -> None:
+    def _step_eager(self, live: list[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
         raise NotImplementedError
 
     def _step_compiled(self, live: list[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
@@ -273,50 +262,22 @@ class EMAFilter(GradFilter):
     def _hyper(self) -> dict:
         return {"alpha": self.alpha, "gain": self.gain}
 
-    def _new_state(self, p: Tensor, g: Tensor, copy: bool) -> dict:
-        """copy=True: the plain path's first step (mu = g); else zeros, and the first update does it."""
-        dtype = self._state_dtype(p)
-        mu = g.to(dtype=dtype, copy=True) if copy else torch.zeros_like(g, dtype=dtype)
-        return {"mu": mu, "step": self._counter(g.device, int(copy))}
+    def _new_state(self, p: Tensor, g: Tensor) -> dict:
+        """Zeros: the first accepted update sets mu = g."""
+        return {"mu": torch.zeros_like(g, dtype=self._state_dtype(p)), "step": self._counter(g.device, 0)}
 
-    def _step_plain(self, live: list[tuple[Tensor, Tensor]]) -> None:
-        steady = []
-        for p, g in live:
-            st = self.state.get(p)
-            if st is None:
-                self.state[p] = self._new_state(p, g, copy=True)
-                self._host_step[p] = 1
-            elif self._host_step[p] == 0:  # zero state left by a rejected guarded first step
-                st["mu"].copy_(g)
-                st["step"].add_(1)
-                self._host_step[p] = 1
-            else:
-                steady.append((p, g, st["mu"], st["step"]))
-        for rows in _grouped(steady, _group_key):
-            _, grads, mus, steps = map(list, zip(*rows))
-            if mus[0].dtype == grads[0].dtype:
-                torch._foreach_lerp_(mus, grads, 1.0 - self.alpha)
-            else:  # lerp needs one dtype; mul+add promotes instead of allocating a converted copy
-                torch._foreach_mul_(mus, self.alpha)
-                torch._foreach_add_(mus, grads, alpha=1.0 - self.alpha)
-            if self.gain:
-                torch._foreach_add_(grads, mus, alpha=self.gain)
-            torch._foreach_add_(steps, 1)
-        for p, *_ in steady:
-            self._host_step[p] += 1
-
-    def _step_guarded(self, live: list[tuple[Tensor, Tensor]], found_inf: Tensor) -> None:
+    def _step_eager(self, live: list[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
         # On a skipped step the gradient's value does not matter, so it is replaced by mu ("sanitised",
         # which also removes NaN/inf) and lerp runs with weight -0.0: mu + (-0.0 * (mu - mu)) adds
         # -0.0, the one addend that returns every mu bit for bit (a +0.0 weight would turn -0.0 into
         # +0.0).  On a parameter's first accepted step weight 1 and no gain give mu = g from a zero mu.
         for p, g in live:
             if p not in self.state:
-                self.state[p] = self._new_state(p, g, copy=False)
+                self.state[p] = self._new_state(p, g)
         rows = [(p, g, self.state[p]["mu"], self.state[p]["step"]) for p, g in live]
         for group in _grouped(rows, _group_key):
             _, grads, mus, steps = map(list, zip(*group))
-            bad = found_inf.to(grads[0].device, non_blocking=True) != 0
+            bad = _skipped(found_inf, grads[0].device)
             first = torch.stack(steps) == 0
             weight = torch.where(bad, -0.0, torch.where(first, 1.0, 1.0 - self.alpha)).unbind()
             coeff = torch.where(first, 0.0, self.gain).unbind()
@@ -333,7 +294,7 @@ class EMAFilter(GradFilter):
     def _step_compiled(self, live: list[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
         for p, g in live:
             if p not in self.state:
-                self.state[p] = self._new_state(p, g, copy=False)
+                self.state[p] = self._new_state(p, g)
         sts = [self.state[p] for p, _ in live]
         self._fused([s["mu"] for s in sts], [g for _, g in live], [s["step"] for s in sts],
                     found_inf, *self._kernel_scalars(live[0][1].device))
@@ -417,7 +378,6 @@ class MAFilter(GradFilter):
         for p, g in live:
             if p not in self.state:
                 self.state[p] = self._new_state(p, g)
-                self._host_step[p] = 0
         return [self.state[p] for p, _ in live]
 
     def _count_call(self, sts: list[dict]) -> list[dict]:
@@ -429,29 +389,7 @@ class MAFilter(GradFilter):
                 due.append(st)
         return due
 
-    def _step_plain(self, live: list[tuple[Tensor, Tensor]]) -> None:
-        sts = self._ensure_state(live)
-        rows = [(p, g, st["sum"], st, st["ring"][self._host_step[p] % self.window])
-                for (p, g), st in zip(live, sts)]
-        for group in _grouped(rows, _group_key):
-            _, grads, sums, states, slots = map(list, zip(*group))
-            # sum += g - old, written as sum -= (old - g): the difference is rounded at its own
-            # (small) magnitude and the sum once, instead of twice at the sum's magnitude.
-            torch._foreach_sub_(slots, grads)
-            torch._foreach_sub_(sums, slots)
-            torch._foreach_copy_(slots, grads)
-            torch._foreach_add_([st["step"] for st in states], 1)
-        for p, _ in live:
-            self._host_step[p] += 1
-        for st in self._count_call(sts):
-            torch.sum(st["ring"], dim=0, out=st["sum"])
-        warm = [(g, st["sum"]) for (p, g), st in zip(live, sts) if self._host_step[p] >= self.window]
-        if warm and self.gain:
-            for group in _grouped([(None, g, s) for g, s in warm], _group_key):
-                torch._foreach_add_([r[1] for r in group], [r[2] for r in group],
-                                    alpha=self.gain / self.window)
-
-    def _step_guarded(self, live: list[tuple[Tensor, Tensor]], found_inf: Tensor) -> None:
+    def _step_eager(self, live: list[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
         # The ring position lives on the device, so slots are read and written with index ops.  On a
         # skipped step the incoming gradient is replaced by the slot's old value: the slot is rewritten
         # with itself and the sum loses old - old = +0.0, which leaves every bit (even -0.0) in place.
@@ -459,7 +397,7 @@ class MAFilter(GradFilter):
         due = {id(st) for st in self._count_call(sts)}
         rows = list(zip((g for _, g in live), sts))
         for group in _grouped(rows, lambda r: r[0].device):
-            bad = found_inf.to(group[0][0].device, non_blocking=True) != 0
+            bad = _skipped(found_inf, group[0][0].device)
             ok = (~bad).long()
             steps = torch.stack([st["step"] for _, st in group])
             positions = (steps % self.window).unsqueeze(1).unbind()  # 1-element index per parameter
@@ -471,7 +409,7 @@ class MAFilter(GradFilter):
                     src = torch.where(bad, old, g, out=g)
                 else:
                     src = torch.where(bad, old, g.to(ring.dtype))
-                total.sub_(old.sub_(src))  # sum -= old - g, as on the plain path
+                total.sub_(old.sub_(src))  # sum -= old - g: the difference rounded at its own (small) magnitude
                 ring.index_copy_(0, at, src.unsqueeze(0))
                 if id(st) in due:
                     torch.where(bad, total, ring.sum(dim=0), out=total)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -245,21 +244,3 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         """All parameters, embedding and head included (they are separate matrices)."""
         return sum(p.numel() for p in self.parameters())
-
-
-_BLOCK_NAME = re.compile(r"blocks\.(\d+)\.")
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrap the model under these
-
-
-def block_index(name: str, depth: int) -> int:
-    """Layer of a parameter by name: embed -> 0, blocks.i.* -> i + 1, final norm and head -> depth + 1."""
-    bare = name
-    while bare.startswith(_WRAPPER_PREFIXES):
-        bare = bare.split(".", 1)[1]
-    if bare.startswith("embed."):
-        return 0
-    if match := _BLOCK_NAME.match(bare):
-        return int(match.group(1)) + 1
-    if bare.startswith(("norm.", "head.")):
-        return depth + 1
-    raise ValueError(f"not a GPT parameter name: {name!r}")

@@ -1,4 +1,4 @@
-"""Plots of a comparison: validation curves per configuration, and the statistic against the gain.
+"""Plots of a comparison: curves per configuration, the statistic against the gain, and the forest plot.
 
 matplotlib on the Agg canvas (never pyplot), imported only when plotting. Colour is the gain, line style the
 alpha (or MA window), the baseline black and thick. See docs/DESIGN.md, section 11.
@@ -13,7 +13,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hlb_gpt.compare import Column, Comparison, Group, run_rows, short_label
+from hlb_gpt.compare import Column, Comparison, Group, PairedTest, run_rows, short_label
+from hlb_gpt.compare.statistics import CONFIDENCE
+from hlb_gpt.config import RunConfig
 from hlb_gpt.records import Run
 
 # Colour says the gain, line style the alpha (or MA window); baselines are black and thicker. When two
@@ -53,7 +55,7 @@ def line_styles(groups: Sequence[Group]) -> dict[str, LineStyle]:
 
 
 def _shape(config: dict[str, Any]) -> tuple:
-    kind = "grokadamw" if config.get("optimizer") == "grokadamw" else config.get("filter")
+    kind = RunConfig.kind_of(config)
     return (kind, config.get("window") if kind == "ma" else config.get("alpha"))
 
 
@@ -168,7 +170,7 @@ def gain_figure(comparison: Comparison):
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("gain")
     ax.set_ylabel(_statistic_name(c))
-    ax.set_title(f"{c.metric.describe(c.column)}, {c.window.describe()}: mean ± std over seeds")
+    ax.set_title(f"{c.metric.describe(c.column)}, {c.span.describe()}: mean ± std over seeds")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", frameon=False)
     return fig
@@ -187,7 +189,8 @@ def plot(comparison: Comparison, out_dir: Path | str, log_x: bool = False, zoom:
     """Write the PNGs into `out_dir` and return their paths.
 
     `<column>_vs_epoch.png` always; `<column>_vs_epoch_first<K>.png` with `zoom`; `<column>_vs_gain.png`
-    (`steps_to_target_vs_gain.png` for that metric) when a filtered configuration has a finite statistic.
+    (`steps_to_target_vs_gain.png` for that metric) when a filtered configuration has a finite statistic;
+    `forest.png` when a configuration has a paired difference to its baseline.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,8 +201,91 @@ def plot(comparison: Comparison, out_dir: Path | str, log_x: bool = False, zoom:
     if any(not g.is_baseline and g.mean is not None and math.isfinite(g.mean) for g in comparison.groups):
         statistic = "steps_to_target" if comparison.metric.kind == "steps_to_target" else name
         figures.append((f"{statistic}_vs_gain.png", gain_figure(comparison)))
+    if has_paired_difference(comparison):
+        figures.append(("forest.png", forest_figure(comparison)))
     paths = []
     for filename, fig in figures:
         fig.savefig(out_dir / filename, dpi=120)
         paths.append(out_dir / filename)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------- forest plot
+
+# The interval wholly on the better side of 0, wholly on the worse side, or across it (or no interval at all).
+BETTER_COLOR, WORSE_COLOR, UNCLEAR_COLOR = "#2ca02c", "#d62728", "#555555"
+
+
+def forest_rows(comparison: Comparison) -> list[Group]:
+    """The configurations a forest plot shows: every one but the baselines, in the table's order (best first)."""
+    return [g for g in comparison.groups if not g.is_baseline]
+
+
+def has_paired_difference(comparison: Comparison) -> bool:
+    return any(g.test is not None and g.test.mean_diff is not None for g in forest_rows(comparison))
+
+
+def forest_figure(comparison: Comparison):
+    """Each configuration's paired difference to its baseline with its 95% interval: "did it help beyond noise".
+
+    One row per configuration, labelled and ordered as in the table, a vertical line at 0 and, on the right,
+    the difference, its interval and "n = k pairs". A row with one pair has a point without an interval; a row
+    with no difference (no baseline, no shared seed, or an infinite statistic) has no point and its text says why.
+    The colour says whether the whole interval lies on the better side of 0, the worse side, or neither.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    c = comparison
+    rows = forest_rows(c)
+    lower_is_better = c.metric.lower_is_better(c.column)
+    spec = c.metric.spec
+    fig = Figure(figsize=(10, 1.6 + 0.45 * max(len(rows), 1)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.axvline(0.0, color=BASELINE_COLOR, linewidth=1.0, zorder=1)
+    # Several baselines (e.g. a depth grid): say which one each row is paired with.
+    several = len({g.baseline for g in rows if g.baseline is not None}) > 1
+    xs: list[float] = [0.0]
+    for y, g in enumerate(rows):
+        t = g.test
+        if t is not None and t.mean_diff is not None and math.isfinite(t.mean_diff):
+            d = t.mean_diff
+            xerr = None if t.ci_low is None else [[d - t.ci_low], [t.ci_high - d]]
+            ax.errorbar([d], [y], xerr=xerr, fmt="o", color=_forest_color(t, lower_is_better), capsize=4,
+                        markersize=6, linewidth=1.6, label=g.label, zorder=3)
+            xs += [d] + ([t.ci_low, t.ci_high] if t.ci_low is not None else [])
+        ax.text(1.02, y, _forest_text(t, spec), transform=ax.get_yaxis_transform(), va="center", fontsize="small")
+    ax.set_yticks(range(len(rows)), labels=[f"{g.label} vs {g.baseline}" if several and g.baseline else g.label
+                                            for g in rows])
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # the best configuration on top, as in the table
+    low, high = min(xs), max(xs)
+    pad = 0.08 * (high - low) or 0.1 * abs(high) or 0.1
+    ax.set_xlim(low - pad, high + pad)
+    better = "negative" if lower_is_better else "positive"
+    ax.set_xlabel(f"{_statistic_name(c)}: configuration − baseline, paired over seeds ({better} is better)")
+    ax.set_title(f"{c.metric.describe(c.column)}, {c.span.describe()}\n"  # two lines: one is wider than the axes
+                 f"paired difference to the baseline: mean and {CONFIDENCE:.0%} t interval")
+    ax.grid(True, axis="x", alpha=0.3)
+    return fig
+
+
+def _forest_color(t: PairedTest, lower_is_better: bool) -> str:
+    if t.ci_low is None or t.ci_low <= 0 <= t.ci_high:
+        return UNCLEAR_COLOR
+    helped = t.ci_high < 0 if lower_is_better else t.ci_low > 0
+    return BETTER_COLOR if helped else WORSE_COLOR
+
+
+def _forest_text(t: PairedTest | None, spec: str) -> str:
+    """What the right margin says of a row: the difference, its interval and the pairs, or why there are none."""
+    if t is None:
+        return "no baseline"
+    if t.n_pairs == 0:
+        return "no pairs (no seed shared with the baseline)"
+    pairs = f"n = {t.n_pairs} pair" + ("s" if t.n_pairs != 1 else "")
+    if t.mean_diff is None or not math.isfinite(t.mean_diff):
+        return f"{pairs}: infinite, no difference"
+    if t.ci_low is None:
+        return f"{t.mean_diff:+{spec}}   {pairs}: no interval"
+    return f"{t.mean_diff:+{spec}} [{t.ci_low:+{spec}}, {t.ci_high:+{spec}}]   {pairs}"

@@ -94,9 +94,6 @@ class RunWriter:
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_json(self.run_dir / CONFIG, config)
 
-    def start_metrics(self) -> None:
-        self.rewrite_metrics([])
-
     def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Start the metrics file over with `rows`: none for a fresh run, a checkpoint's rows for a resumed one
         (rows written after that checkpoint are dropped: the resumed run writes them again)."""

@@ -29,8 +29,7 @@ from hlb_gpt.status import write_manifest
 
 logger = logging.getLogger(__name__)
 
-MODEL_KEYS = ("depth", "width", "gate")
-FILTER_KEYS = ("filter", "alpha", "gain", "window")
+MODEL_KEYS = ("depth", "width", "gate", "lora_rank")
 
 
 def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool, baseline: bool) -> list[RunConfig]:
@@ -41,12 +40,13 @@ def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool,
     `baseline` adds the unfiltered AdamW run for every seed. With neither filter, only that run exists.
     """
     values = lambda key: list(grid.get(key) or [getattr(base, key)])  # noqa: E731
-    filtered = grokfast or base.optimizer == "grokadamw"
+    filtered = grokfast or base.kind == "grokadamw"
     points: list[dict[str, Any]] = []
-    for kind in values("filter") if filtered else []:
-        varying = ("window", "gain") if kind == "ma" and base.optimizer != "grokadamw" else ("alpha", "gain")
+    for name in values("filter") if filtered else []:
+        kind = RunConfig.kind_of({"grokfast": True, "optimizer": base.optimizer, "filter": name})
+        varying = ("window", "gain") if kind == "ma" else ("alpha", "gain")
         for combo in itertools.product(*(values(k) for k in varying)):
-            point = {"filter": kind, **dict(zip(varying, combo))}
+            point = {"filter": name, **dict(zip(varying, combo))}
             if point not in points:
                 points.append(point)
     configs = []
@@ -59,17 +59,17 @@ def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool,
     return configs
 
 
-def run_name(cfg: RunConfig, vary: Sequence[str] = ()) -> str:
-    """A folder name that says what the run is: `baseline-s0`, `ema-a0.9-g0.1-s0`, `ma-w100-g5-d4-s1`."""
-    if cfg.optimizer == "grokadamw":
-        parts = [f"grokadamw-a{cfg.alpha:g}-g{cfg.gain:g}"]
-    elif not cfg.grokfast:
-        parts = ["baseline"]
-    elif cfg.filter == "ema":
-        parts = [f"ema-a{cfg.alpha:g}-g{cfg.gain:g}"]
-    else:
+def run_folder_name(cfg: RunConfig, vary: Sequence[str] = ()) -> str:
+    """The run's folder in the sweep, named for what the run is: `baseline-s0`, `ema-a0.9-g0.1-s0`,
+    `ma-w100-g5-d4-s1`, `grokadamw-a0.98-g2-s0` (`vary`: the model settings the grid varies)."""
+    kind = cfg.kind
+    if kind == "baseline":
+        parts = [kind]
+    elif kind == "ma":
         parts = [f"ma-w{cfg.window}-g{cfg.gain:g}"]
-    short = {"depth": "d", "width": "w", "gate": "gate-"}
+    else:  # ema, grokadamw
+        parts = [f"{kind}-a{cfg.alpha:g}-g{cfg.gain:g}"]
+    short = {"depth": "d", "width": "w", "gate": "gate-", "lora_rank": "r"}
     parts += [f"{short[k]}{getattr(cfg, k)}" for k in MODEL_KEYS if k in vary]
     parts.append(f"s{cfg.seed}")
     return "-".join(parts)
@@ -95,7 +95,7 @@ class Decision:
 def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
               train_fn: Callable[..., dict[str, Any]] | None = None, progress: bool = True,
               lock_timeout_s: float = DEFAULT_TIMEOUT_S) -> list[SweepResult]:
-    """Run every config into `out/<run name>/`: completed runs are skipped, unfinished ones (and completed ones
+    """Run every config into `out/<run folder name>/`: completed runs are skipped, unfinished ones (and completed ones
     asked for more epochs) continue from their latest checkpoint, and a failed run does not stop the rest.
 
     Processes running the same sweep split it: a process trains only the runs whose lock it claims, and leaves
@@ -105,8 +105,9 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
     out, started = Path(out), time.time()
     ddp = _join_process_group(configs)
     unreadable = distributed.on_rank0(lambda: check_folders(configs, out, vary), ddp)
+    names = [run_folder_name(cfg, vary) for cfg in configs]
     if ddp.is_main:
-        write_manifest(out, [run_name(cfg, vary) for cfg in configs])
+        write_manifest(out, names)
     bar = tqdm(total=len(configs), unit="run", desc="sweep", position=0, dynamic_ncols=True,
                disable=not (progress and ddp.is_main and len(configs) > 1))
     results: dict[int, SweepResult] = {}
@@ -114,14 +115,14 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
     with bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
         for second_look in (False, True):  # a second look at runs held elsewhere: their process may have died
             for i in todo:
-                label = f"[{i + 1}/{len(configs)}] {run_name(configs[i], vary)}"
-                if run_name(configs[i], vary) in unreadable:  # damaged records: this run fails alone
-                    error = unreadable[run_name(configs[i], vary)]
+                label = f"[{i + 1}/{len(configs)}] {names[i]}"
+                if names[i] in unreadable:  # damaged records: this run fails alone
+                    error = unreadable[names[i]]
                     logger.error("%s failed: %s", label, error)
-                    results[i] = SweepResult(run_name(configs[i], vary), "failed", {"status": "failed", "error": error})
+                    results[i] = SweepResult(names[i], "failed", {"status": "failed", "error": error})
                     bar.update(1)
                     continue
-                results[i] = sweep_one(configs[i], out / run_name(configs[i], vary), label, train_fn, progress,
+                results[i] = sweep_one(configs[i], out / names[i], label, train_fn, progress,
                                        lock_timeout_s, ddp, report_busy=not second_look, since=started)
                 if results[i].status != "running":
                     bar.update(1)
@@ -139,7 +140,7 @@ def check_folders(configs: list[RunConfig], out: Path, vary: Sequence[str]) -> d
     runs whose records cannot be read, with why: those fail alone."""
     unreadable: dict[str, str] = {}
     for cfg in configs:
-        run_dir = out / run_name(cfg, vary)
+        run_dir = out / run_folder_name(cfg, vary)
         if is_run_dir(run_dir):
             try:
                 check_resumable(cfg, read_run(run_dir).config, run_dir)

@@ -146,7 +146,8 @@ def test_every_training_flag_can_come_from_hlb_gpt_flag_in_the_environment(monke
 
 # Generic samples that no setting accepts on its own; any other value of env_sample's kind would do.
 VALID_SAMPLES = {"width": ("64", [64]), "grad_accum": ("4", 4), "eval_tokens": ("0", 0),
-                 "checkpoint_every": ("30m", "30m")}
+                 "checkpoint_every": ("30m", "30m"), "lora_targets": ("head,in", "in,head"),
+                 "train_only": ("head", "head")}
 
 
 def test_hlb_gpt_field_in_the_environment_sets_that_field_of_the_run(monkeypatch, tmp_path):
@@ -169,7 +170,7 @@ def test_hlb_gpt_field_in_the_environment_sets_that_field_of_the_run(monkeypatch
 
 def test_every_compare_flag_can_come_from_hlb_gpt_compare_flag_in_the_environment(monkeypatch, tmp_path):
     options = options_of(compare_command)
-    assert {o.name for o in options} >= {"metric", "window_", "column", "fmt", "plot_dir", "log_x", "zoom"}
+    assert {o.name for o in options} >= {"metric", "span", "column", "fmt", "plot_dir", "log_x", "zoom"}
     for option in options:
         monkeypatch.setenv(env_name("HLB_GPT_COMPARE", option), env_sample(option, tmp_path)[0])
     parent = cli.make_context("hlb-gpt", ["compare"], auto_envvar_prefix="HLB_GPT", resilient_parsing=True)

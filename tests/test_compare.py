@@ -11,8 +11,8 @@ from matplotlib.colors import to_rgba
 from scipy import stats
 
 from hlb_gpt.cli import main
-from hlb_gpt.compare import (COLUMNS, Column, Metric, Window, compare, format_notes, format_table, group_key,
-                             load_runs, parse_metric, parse_window)
+from hlb_gpt.compare import (COLUMNS, Column, Metric, Span, compare, format_notes, format_table, group_key,
+                             load_runs, parse_metric, parse_span)
 from hlb_gpt.plots import curves_figure, gain_figure, plot
 from hlb_gpt.compare import group_key
 from hlb_gpt.config import BOOKKEEPING as BOOKKEEPING_KEYS
@@ -134,7 +134,7 @@ WINDOWS = ["all", "first:3", "last:2"]
 @pytest.mark.parametrize("metric", METRICS)
 def test_every_metric_and_window_reproduces_hand_computed_means_stds_and_paired_tests(sweep, metric, window):
     runs, _ = runs_of(sweep)
-    c = compare(runs, parse_metric(metric), parse_window(window))
+    c = compare(runs, parse_metric(metric), parse_span(window))
     assert sorted(g.label for g in c.groups) == sorted(CURVES)
     for label in CURVES:
         g = c.group(label)
@@ -158,7 +158,7 @@ def test_every_metric_and_window_reproduces_hand_computed_means_stds_and_paired_
 
 def test_final_over_all_epochs_matches_numbers_worked_out_on_paper(sweep):
     runs, _ = runs_of(sweep)
-    c = compare(runs, Metric("final"), Window("all"))
+    c = compare(runs, Metric("final"), Span("all"))
     base, ema = c.group("baseline"), c.group("ema α0.9 g0.1")
     assert base.mean == pytest.approx(3.55, abs=1e-12) and base.std == pytest.approx(0.05, abs=1e-12)
     # differences -0.03, -0.03, -0.01: mean -0.07/3, sd 0.02/sqrt(3), so t = -3.5 with 2 degrees of freedom,
@@ -171,7 +171,7 @@ def test_final_over_all_epochs_matches_numbers_worked_out_on_paper(sweep):
 
 def test_filter_memory_and_step_time_are_measured_against_the_baseline(sweep):
     runs, _ = runs_of(sweep)
-    c = compare(runs, Metric("final"), Window("all"))
+    c = compare(runs, Metric("final"), Span("all"))
     ema, ma, base = c.group("ema α0.9 g0.1"), c.group("ma w100 g5"), c.group("baseline")
     assert ema.filter_mb == pytest.approx(8.0) and ma.filter_mb == pytest.approx(16.0)
     assert ema.filter_pct_of_peak == pytest.approx(8 / 400 * 100)  # the baseline's mean peak is 400 MiB
@@ -545,7 +545,8 @@ def test_every_setting_but_the_seed_and_the_bookkeeping_separates_configurations
              "checkpoint_every": 0.5, "keep_checkpoints": 7, "device": "cuda", "precision": "bf16", "compile": True,
              "wandb": True, "wandb_project": "x", "data_dir": "/x", "resolved_device": "cuda",
              "resolved_precision": "bf16", "world_size": 2, "n_params": 7, "train_tokens": 7,
-             "text_sha256": CUSTOM_SHA, "versions": {"torch": "9.9"}, "attention": "flex"}
+             "text_sha256": CUSTOM_SHA, "versions": {"torch": "9.9"}, "attention": "flex", "init_from": "/x",
+             "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "in", "train_only": "norms"}
     assert set(RunConfig.__dataclass_fields__) <= set(other)  # a new setting must be added here
     # Neither what the run records but does not use (the window of an EMA run, GrokAdamW's settings), nor the
     # request that the recorded result stands for (--device auto, resolved; --data-dir and --dataset, read
@@ -571,13 +572,13 @@ def test_a_bad_metric_is_refused_naming_the_flag(text):
 
 @pytest.mark.parametrize("text", ["middle", "first:0", "last:-2", "first:", "last:inf", "first:x"])
 def test_a_bad_window_is_refused_naming_the_flag(text):
-    with pytest.raises(ValueError, match="--window"):
-        parse_window(text)
+    with pytest.raises(ValueError, match="--span"):
+        parse_span(text)
 
 
 def test_metric_and_window_text_round_trips():
     assert parse_metric("best:4") == Metric("best", 4) and str(parse_metric("best:4")) == "best:4"
-    assert parse_window("last:2.5") == Window("last", 2.5) and str(parse_window("first:10")) == "first:10"
+    assert parse_span("last:2.5") == Span("last", 2.5) and str(parse_span("first:10")) == "first:10"
 
 
 def test_compare_module_imports_neither_torch_nor_click_nor_matplotlib():
@@ -607,7 +608,8 @@ def grid(tmp_path):
 
 def test_plot_writes_valid_pngs_of_sensible_size(grid, tmp_path):
     paths = plot(grid, tmp_path / "plots", zoom=1.0)
-    assert [p.name for p in paths] == ["val_loss_vs_epoch.png", "val_loss_vs_epoch_first1.png", "val_loss_vs_gain.png"]
+    assert [p.name for p in paths] == ["val_loss_vs_epoch.png", "val_loss_vs_epoch_first1.png", "val_loss_vs_gain.png",
+                                       "forest.png"]
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -727,7 +729,7 @@ def test_steps_to_target_is_paired_against_a_baseline_that_reaches_it(tmp_path):
 
 def test_steps_to_target_rejects_a_window_and_leaves_out_runs_without_a_target(grokking, tmp_path):
     runs, _ = load_runs([grokking])
-    with pytest.raises(ValueError, match="drop --window"):
+    with pytest.raises(ValueError, match="drop --span"):
         compare(runs, "steps_to_target", "last:2")
     write_accuracy_run(tmp_path / "untargeted" / "baseline-s5", {}, [0.99], 5, target_acc=None)
     c = compare(load_runs([tmp_path / "untargeted"])[0], "steps_to_target", "all")
@@ -762,10 +764,10 @@ def test_compare_command_offers_exactly_the_known_columns(capsys):
 
 def test_compare_command_refuses_a_bad_choice_in_one_line(grokking, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["compare", str(grokking), "--metric", "steps_to_target", "--window", "first:3"])
+        main(["compare", str(grokking), "--metric", "steps_to_target", "--span", "first:3"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.strip().splitlines() == [
-        "Error: --metric steps_to_target reads the whole run: drop --window first:3"]
+        "Error: --metric steps_to_target reads the whole run: drop --span first:3"]
 
 
 def test_val_acc_of_language_model_runs_is_a_usage_error_not_a_divergence(sweep, capsys):
@@ -785,3 +787,18 @@ def test_runs_without_the_column_are_left_out_with_a_note_beside_runs_that_have_
     assert not any("diverged" in n for n in c.notes)
     assert c.group("ema α0.98 g2 target_acc=0.95").values == [0.99, 0.99, 0.97]
     assert c.group("baseline target_acc=None").n == 0  # not counted as -inf
+
+
+def test_the_old_window_flag_of_compare_still_sets_the_span_with_a_one_line_note(sweep, capsys):
+    outputs = []
+    for flag in ("--span", "--window"):
+        with pytest.raises(SystemExit) as exc:
+            main(["compare", str(sweep), flag, "first:3"])
+        assert exc.value.code == 0
+        outputs.append(capsys.readouterr())
+    assert outputs[1].out == outputs[0].out and "(first:3)" in outputs[0].out
+    assert outputs[1].err.splitlines() == ["note: compare's --window is now --span (--window is the MA filter's, "
+                                           "in steps)"]
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(sweep), "--span", "all", "--window", "first:3"])
+    assert exc.value.code == 2 and "give --span only" in capsys.readouterr().err

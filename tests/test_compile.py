@@ -86,13 +86,18 @@ def test_a_filter_whose_compile_fails_runs_eagerly_with_one_warning_and_the_same
     torch.testing.assert_close(filt.state[params[0]]["mu"], eager.state[reference[0]]["mu"])
 
 
+def recompile_limit(n: int):
+    """dynamo's recompile limit for one block. Not pytest's monkeypatch: since pytest 9.2 its undo deletes the
+    attribute from torch's config module, which hides the setting from dynamo for the rest of the session."""
+    return torch._dynamo.config.patch(recompile_limit=n)
+
+
 def test_reaching_the_recompile_limit_falls_back_to_eager_with_one_warning_instead_of_silently(
         monkeypatch, caplog):
     monkeypatch.setattr(compiling, "BACKEND", "eager")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     torch._dynamo.reset()
     double = compiling.FallbackCompiled(lambda x: 2 * x, "doubling", dynamic=False)
-    with caplog.at_level(logging.WARNING, logger="hlb_gpt.compiling"):
+    with caplog.at_level(logging.WARNING, logger="hlb_gpt.compiling"), recompile_limit(2):
         results = [double(torch.ones(n)) for n in (1, 2, 3, 4, 5)]  # a new static shape each call
     assert all(torch.equal(r, torch.full((n,), 2.0)) for r, n in zip(results, (1, 2, 3, 4, 5)))
     assert "FailOnRecompileLimitHit" in double.error
@@ -151,9 +156,9 @@ def test_each_run_starts_from_a_clean_compile_state_so_a_model_grid_never_reache
     monkeypatch.setattr(compiling, "BACKEND", "eager")
     # A run compiles the model's forward twice (training; evaluation, without grad). Carried over between
     # runs, three architectures would make six variants of that one function, past a limit of three.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
-    summaries = [train(small(tmp_path, compile=True, max_steps=1, width=w), tmp_path / f"w{w}", progress=False)
-                 for w in (8, 16, 24)]
+    with recompile_limit(3):
+        summaries = [train(small(tmp_path, compile=True, max_steps=1, width=w), tmp_path / f"w{w}", progress=False)
+                     for w in (8, 16, 24)]
     assert [(s["compiled"], s["compile_count"]) for s in summaries] == [(True, 2)] * 3
 
 

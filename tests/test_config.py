@@ -112,5 +112,19 @@ def test_every_setting_carries_the_help_of_its_flag():
     assert not undocumented
 
 
-def test_the_grid_settings_are_the_model_filter_and_seed_lists():
-    assert set(GRID_KEYS) == {"depth", "width", "gate", "filter", "alpha", "gain", "window", "seed"}
+def test_the_grid_settings_are_the_model_filter_seed_and_lora_rank_lists():
+    assert set(GRID_KEYS) == {"depth", "width", "gate", "filter", "alpha", "gain", "window", "seed", "lora_rank"}
+
+
+@pytest.mark.parametrize("settings, kind", [
+    ({}, "baseline"),
+    ({"alpha": 0.5, "filter": "ma"}, "baseline"),  # filter settings without --grokfast: unused
+    ({"grokfast": True}, "ema"),
+    ({"grokfast": True, "filter": "ma"}, "ma"),
+    ({"optimizer": "grokadamw"}, "grokadamw"),
+])
+def test_a_runs_kind_is_read_alike_from_its_config_and_its_recorded_settings(settings, kind):
+    cfg = RunConfig(preset="tiny", **settings)
+    assert cfg.kind == kind
+    assert RunConfig.kind_of(cfg.to_dict()) == kind
+    assert RunConfig.kind_of(settings) == kind  # a config.json recorded before a setting existed lacks its key

@@ -271,7 +271,7 @@ def test_found_inf_zero_gives_the_same_bits_as_no_found_inf(make):
 def test_skipped_steps_are_left_out_whether_later_steps_pass_found_inf_or_not(kind):
     schedule = random_schedule(16)
     skipped = {2, 5, 6, 12}
-    modes = ["plain", "zero", "plain", "zero"]  # cycles the plain and guarded paths
+    modes = ["plain", "zero", "plain", "zero"]  # cycles steps without and with found_inf
     params = make_params()
     filt = EMAFilter(params, alpha=0.8, gain=1.0) if kind == "ema" else MAFilter(params, window=3, gain=1.0)
     kept, actual = [], []
@@ -438,7 +438,7 @@ def test_compiled_step_equals_eager_step(kind):
 
     skip = 5  # with window 3 this is also an MA re-summation step (the 6th attempt)
 
-    def found(t):  # plain steps, then guarded steps, one of them skipped
+    def found(t):  # steps without found_inf, then with it, one of them skipped
         return None if t < 4 else torch.tensor(1.0 if t == skip else 0.0)
 
     eager_params, compiled_params = make_params(), make_params()

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from hlb_gpt.model import GPT, GPTConfig, block_index, chunked_cross_entropy, pad_vocab
+from hlb_gpt.model import GPT, GPTConfig, chunked_cross_entropy, pad_vocab
+from hlb_gpt.optim import layer_index
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -212,10 +213,10 @@ def test_compiled_model_matches_eager_loss_and_gradients():
         torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-5)
 
 
-def test_block_index_maps_embedding_blocks_and_head_to_layers():
+def test_layer_index_maps_the_models_embedding_blocks_and_head_to_layers():
     depth = 3
     model = build(tiny(depth=depth))
-    layers = {name: block_index(name, depth) for name, _ in model.named_parameters()}
+    layers = {name: layer_index(name, depth) for name, _ in model.named_parameters()}
     assert layers["embed.weight"] == 0
     assert layers["blocks.0.expand"] == 1
     assert layers["blocks.2.position_bias"] == 3
@@ -223,11 +224,9 @@ def test_block_index_maps_embedding_blocks_and_head_to_layers():
     assert layers["blocks.1.norm.weight"] == 2  # a block's own norm belongs to the block
 
 
-def test_block_index_sees_through_compile_and_ddp_prefixes():
-    assert block_index("_orig_mod.blocks.4.project", 8) == 5
-    assert block_index("module._orig_mod.head.weight", 8) == 9
-    with pytest.raises(ValueError, match="not a GPT parameter"):
-        block_index("encoder.weight", 8)
+def test_layer_index_sees_through_compile_and_ddp_prefixes():
+    assert layer_index("_orig_mod.blocks.4.project", 8) == 5
+    assert layer_index("module._orig_mod.head.weight", 8) == 9
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ def _row(**overrides):
 def test_run_folder_round_trips_config_metrics_and_summary(tmp_path):
     writer = RunWriter(tmp_path / "run")
     writer.write_config({"seed": 1})
-    writer.start_metrics()
+    writer.rewrite_metrics([])
     writer.append_metrics(_row(step=1, val_loss=2.5))
     writer.append_metrics(_row(step=2, val_loss=2.0))
     writer.write_summary({"status": "completed", "best_val_loss": 2.0})
@@ -27,7 +27,7 @@ def test_run_folder_round_trips_config_metrics_and_summary(tmp_path):
 
 def test_each_metrics_row_is_on_disk_as_soon_as_it_is_appended(tmp_path):
     writer = RunWriter(tmp_path)
-    writer.start_metrics()
+    writer.rewrite_metrics([])
     writer.append_metrics(_row(step=7))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["step"] == 7
@@ -35,7 +35,7 @@ def test_each_metrics_row_is_on_disk_as_soon_as_it_is_appended(tmp_path):
 
 def test_non_finite_numbers_are_written_as_null_so_the_files_stay_valid_json(tmp_path):
     writer = RunWriter(tmp_path)
-    writer.start_metrics()
+    writer.rewrite_metrics([])
     writer.append_metrics(_row(val_loss=float("nan"), train_loss=float("inf")))
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["val_loss"] is None and row["train_loss"] is None
@@ -55,7 +55,7 @@ def test_summary_status_must_be_a_known_status(tmp_path):
 def test_a_row_cut_short_by_a_kill_is_dropped_and_earlier_rows_kept(tmp_path):
     writer = RunWriter(tmp_path)
     writer.write_config({})
-    writer.start_metrics()
+    writer.rewrite_metrics([])
     writer.append_metrics(_row(step=1))
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 0.5, "st')

@@ -1,6 +1,6 @@
 from hlb_gpt.config import RunConfig
 from hlb_gpt.records import RunWriter, read_run
-from hlb_gpt.sweep import expand_grid, run_name, run_sweep
+from hlb_gpt.sweep import expand_grid, run_folder_name, run_sweep
 
 BASE = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes")
 
@@ -24,7 +24,7 @@ def _fake_train(fail_names=()):
 def test_a_single_run_is_a_sweep_of_one():
     configs = expand_grid(BASE, {}, grokfast=False, baseline=False)
     assert len(configs) == 1 and not configs[0].grokfast
-    assert run_name(configs[0]) == "baseline-s0"
+    assert run_folder_name(configs[0]) == "baseline-s0"
 
 
 def test_grokfast_grid_with_baseline_has_every_point_for_every_seed():
@@ -35,7 +35,7 @@ def test_grokfast_grid_with_baseline_has_every_point_for_every_seed():
         mine = [c for c in configs if c.seed == seed]
         assert sum(not c.grokfast for c in mine) == 1
         assert {(c.alpha, c.gain) for c in mine if c.grokfast} == {(0.8, 0.1), (0.8, 5.0), (0.99, 0.1), (0.99, 5.0)}
-    assert len({run_name(c) for c in configs}) == 10
+    assert len({run_folder_name(c) for c in configs}) == 10
 
 
 def test_without_grokfast_only_the_unfiltered_configuration_runs():
@@ -46,12 +46,12 @@ def test_without_grokfast_only_the_unfiltered_configuration_runs():
 def test_ma_points_vary_window_and_gain_and_name_them():
     configs = expand_grid(BASE.replace(grokfast=True, filter="ma"), {"filter": ["ma"], "window": [10, 100]},
                           grokfast=True, baseline=False)
-    assert [run_name(c) for c in configs] == ["ma-w10-g2-s0", "ma-w100-g2-s0"]
+    assert [run_folder_name(c) for c in configs] == ["ma-w10-g2-s0", "ma-w100-g2-s0"]
 
 
-def test_model_knobs_in_the_grid_appear_in_run_names():
+def test_model_knobs_in_the_grid_appear_in_run_folder_names():
     configs = expand_grid(BASE, {"depth": [2, 4]}, grokfast=False, baseline=False)
-    assert [run_name(c, vary=["depth"]) for c in configs] == ["baseline-d2-s0", "baseline-d4-s0"]
+    assert [run_folder_name(c, vary=["depth"]) for c in configs] == ["baseline-d2-s0", "baseline-d4-s0"]
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -85,7 +85,7 @@ def test_a_real_grid_sweep_pairs_seeds_and_survives_one_broken_run(tmp_path):
     folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert len(folders) == 10
     statuses = {r.name: r.status for r in results}
-    assert statuses.pop(run_name(broken)) == "failed"
+    assert statuses.pop(run_folder_name(broken)) == "failed"
     assert set(statuses.values()) == {"completed"}
     runs = [read_run(tmp_path / "sweep" / name) for name in folders]
     for seed in (0, 1):

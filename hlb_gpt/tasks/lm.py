@@ -21,6 +21,7 @@ from hlb_gpt import distributed
 from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
 from hlb_gpt.device import attention_for, resolve_precision
+from hlb_gpt.finetune import prepare_model
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import make_optimizer, make_scheduler, param_groups
 from hlb_gpt.tasks import Batch
@@ -165,8 +166,11 @@ class LanguageModel:
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
-        return GPT(GPTConfig(vocab_size=pad_vocab(self.tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,
-                             max_seq_len=cfg.seq_len, gate=cfg.gate, attention=self.attention)).to(self.device)
+        model = GPT(GPTConfig(vocab_size=pad_vocab(self.tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,
+                              max_seq_len=cfg.seq_len, gate=cfg.gate, attention=self.attention)).to(self.device)
+        # --init-from, --lora-*, --train-only: before anything sees the parameters.
+        self.finetune = prepare_model(model, cfg)
+        return model
 
     def build_optimizer(self, named_params: list[tuple[str, nn.Parameter]]):
         return build_optimizer(self.cfg, named_params, self.device, compile=self.compile)
@@ -176,7 +180,7 @@ class LanguageModel:
                 f"{self.schedule.tokens_per_step:,} tokens")
 
     def record(self) -> dict[str, Any]:
-        return {}
+        return self.finetune  # the checkpoint the weights came from, with --init-from
 
     def batch(self, step: int) -> Batch:
         length, batch = self.schedule.length_at(step), self.schedule.batch_at(step)

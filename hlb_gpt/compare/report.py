@@ -1,0 +1,91 @@
+"""A comparison as text: markdown (title, table, notes) or CSV (the table only; `format_notes` gives the notes,
+for stderr)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+from hlb_gpt.compare.comparison import Comparison, Group
+from hlb_gpt.compare.statistics import CONFIDENCE, PairedTest
+
+NA = "n/a"
+SELF = "—"
+# `window` is the span's column: named before the option became --span, and kept for readers of earlier files.
+CSV_FIELDS = ("configuration", "n", "mean", "std", "diff", "ci_low", "ci_high", "p_value", "pairs",
+              "filter_mb", "filter_pct_of_peak", "step_time_overhead_pct", "baseline", "metric", "window", "column")
+
+
+def format_table(comparison: Comparison, fmt: str = "markdown") -> str:
+    """Markdown (title, table, notes) or CSV (one row per configuration; notes via `format_notes`)."""
+    if fmt == "csv":
+        return _csv(comparison)
+    if fmt != "markdown":
+        raise ValueError(f"--format must be markdown or csv (got {fmt!r})")
+    c = comparison
+    title = (f"{c.metric.describe(c.column)}, {c.span.describe()} "
+             f"({'lower' if c.metric.lower_is_better(c.column) else 'higher'} is better); mean ± std over seeds, "
+             f"difference = configuration − baseline, paired over shared seeds")
+    header = ["configuration", "n", f"{c.metric} ({c.span})", "Δ vs baseline", f"{CONFIDENCE:.0%} CI", "p",
+              "pairs", "filter MB", "% of peak", "step time"]
+    spec = c.metric.spec
+    rows = [[g.label, str(g.n), _mean_std(g, spec), *_diff_cells(g, spec), _num(g.filter_mb, ".1f"),
+             _pct(g.filter_pct_of_peak, ".2f"), SELF if g.is_baseline else _pct(g.step_time_overhead_pct, "+.1f")]
+            for g in c.groups]
+    lines = [title, "", _md_row(header), _md_row(["---"] * len(header))] + [_md_row(r) for r in rows]
+    notes = format_notes(c)
+    return "\n".join(lines + (["", notes] if notes else [])) + "\n"
+
+
+def format_notes(comparison: Comparison) -> str:
+    return "\n".join(["Notes:"] + [f"- {n}" for n in comparison.notes]) if comparison.notes else ""
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _num(value: float | None, spec: str) -> str:
+    if value is None or math.isnan(value):
+        return NA
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    text = format(value, spec)
+    return format(0.0, spec) if float(text) == 0 else text  # no "-0.0" from rounding noise
+
+
+def _pct(value: float | None, spec: str) -> str:
+    text = _num(value, spec)
+    return text if text == NA else text + "%"
+
+
+def _mean_std(g: Group, spec: str) -> str:
+    if g.mean is None:
+        return NA
+    return f"{_num(g.mean, spec)} ± {_num(g.std, spec)}"
+
+
+def _diff_cells(g: Group, spec: str) -> list[str]:
+    if g.is_baseline:
+        return [SELF, SELF, SELF, SELF]
+    t = g.test
+    if t is None:
+        return [NA, NA, NA, NA]
+    ci = NA if t.ci_low is None else f"[{t.ci_low:+{spec}}, {t.ci_high:+{spec}}]"
+    p = NA if t.p_value is None else f"{t.p_value:.3g}"
+    return [_num(t.mean_diff, "+" + spec), ci, p, str(t.n_pairs)]
+
+
+def _csv(c: Comparison) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    cell = lambda v: "" if v is None else (repr(v) if isinstance(v, float) else str(v))  # noqa: E731
+    for g in c.groups:
+        t = g.test or PairedTest(0, ())
+        writer.writerow([cell(v) for v in (
+            g.label, g.n, g.mean, g.std, t.mean_diff, t.ci_low, t.ci_high, t.p_value,
+            None if g.test is None else t.n_pairs, g.filter_mb, g.filter_pct_of_peak, g.step_time_overhead_pct,
+            g.baseline, str(c.metric), str(c.span), c.column.name)])
+    return out.getvalue()

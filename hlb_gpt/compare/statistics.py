@@ -1,0 +1,284 @@
+"""The numbers of `compare`: a run's statistic, and the paired test of a configuration against its baseline.
+
+A missing or non-finite value counts as the worst, and a diverged run gets the worst value where it stopped, so a
+run that blew up never looks good. A span's bounds are widened by one optimizer step, since an evaluation falls
+on the first step past its epoch. The paired test pairs runs by seed (docs/DESIGN.md, section 11).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from hlb_gpt.compare.loading import last_epoch, run_rows
+from hlb_gpt.records import Run
+
+CONFIDENCE = 0.95
+
+# ----------------------------------------------------------------------------------------------- choices
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metrics.jsonl column that can be compared, and which direction is better."""
+
+    name: str
+    lower_is_better: bool = True
+
+    @property
+    def worst(self) -> float:
+        return math.inf if self.lower_is_better else -math.inf
+
+
+# Adding a column here is all `compare` needs.
+COLUMNS: dict[str, Column] = {
+    "val_loss": Column("val_loss"),
+    "train_loss": Column("train_loss"),
+    "val_acc": Column("val_acc", lower_is_better=False),  # --task modular
+    "train_acc": Column("train_acc", lower_is_better=False),
+}
+COLUMN_OWNERS = "language-model runs record val_loss and train_loss; val_acc and train_acc are --task modular's"
+# The column `steps_to_target` reads: the run reached its --target-acc at its first evaluation at or above it.
+TARGET_COLUMN = "val_acc"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The per-run statistic: `final`, `best`, `best` with `n` (mean of the n best), `mean`, or
+    `steps_to_target` (the step at which val_acc first reached the run's --target-acc)."""
+
+    kind: str
+    n: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.n}" if self.n is not None else self.kind
+
+    def lower_is_better(self, column: Column) -> bool:
+        return self.kind == "steps_to_target" or column.lower_is_better
+
+    @property
+    def spec(self) -> str:
+        """How its values print: steps are whole numbers (means to a tenth), losses and accuracies to 4 places."""
+        return ".1f" if self.kind == "steps_to_target" else ".4f"
+
+    def describe(self, column: Column) -> str:
+        if self.kind == "steps_to_target":
+            return f"steps to {TARGET_COLUMN} >= the run's --target-acc"
+        if self.n is not None:
+            return f"mean of the {self.n} {'lowest' if column.lower_is_better else 'highest'} {column.name}"
+        return f"{self.kind} {column.name}"
+
+
+@dataclass(frozen=True)
+class Span:
+    """Which evaluations of a run count: all, the first `k` epochs or the last `k` epochs."""
+
+    kind: str
+    k: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.k:g}" if self.k is not None else self.kind
+
+    def describe(self) -> str:
+        return "all evaluations" if self.kind == "all" else f"{self.kind} {self.k:g} epochs"
+
+
+def parse_metric(text: str) -> Metric:
+    text = text.strip().lower()
+    if text in ("final", "best", "mean", "steps_to_target"):
+        return Metric(text)
+    if text.startswith("best:"):
+        n = text.partition(":")[2]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--metric best:N needs a whole number N >= 1 (got {text!r})")
+        return Metric("best", int(n))
+    raise ValueError(f"--metric must be final, best, best:N, mean or steps_to_target (got {text!r})")
+
+
+def parse_span(text: str) -> Span:
+    text = text.strip().lower()
+    if text == "all":
+        return Span("all")
+    kind, sep, k = text.partition(":")
+    if kind in ("first", "last") and sep:
+        try:
+            value = float(k)
+        except ValueError:
+            value = math.nan
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"--span {kind}:K needs a number of epochs K > 0 (got {text!r})")
+        return Span(kind, value)
+    raise ValueError(f"--span must be all, first:K or last:K with K in epochs (got {text!r})")
+
+
+def parse_column(text: str) -> Column:
+    if text not in COLUMNS:
+        raise ValueError(f"--column must be one of {', '.join(COLUMNS)} (got {text!r})")
+    return COLUMNS[text]
+
+
+def parse_choices(metric: Metric | str, span: Span | str,
+                  column: Column | str | None = None) -> tuple[Metric, Span, Column]:
+    """The three choices of a comparison, checked together. The column defaults to val_loss, or to val_acc
+    for steps_to_target (whose value is a step count; the column is what its curves show)."""
+    metric = parse_metric(metric) if isinstance(metric, str) else metric
+    span = parse_span(span) if isinstance(span, str) else span
+    if column is None:
+        column = TARGET_COLUMN if metric.kind == "steps_to_target" else "val_loss"
+    column = parse_column(column) if isinstance(column, str) else column
+    if metric.kind == "steps_to_target" and span.kind != "all":
+        raise ValueError(f"--metric steps_to_target reads the whole run: drop --span {span}")
+    return metric, span, column
+
+
+# ----------------------------------------------------------------------------------------------- per run
+
+
+@dataclass
+class Series:
+    """One run's evaluations of one column: epochs ascending, bad values replaced by the worst value."""
+
+    epochs: np.ndarray
+    values: np.ndarray
+    epochs_per_step: float
+
+
+def lacks_column(run: Run, column: Column) -> bool:
+    """Whether the run has evaluations but none records `column` (an LM run asked for val_acc)."""
+    rows = run_rows(run)
+    return bool(rows) and not any(column.name in r for r in rows)
+
+
+def run_series(run: Run, column: Column) -> Series:
+    rows = run_rows(run)
+    epochs = [float(r["epoch"]) for r in rows]
+    values = [_value_or_worst(r.get(column.name), column) for r in rows]
+    if run.status == "diverged" and not (values and math.isinf(values[-1])):
+        epochs.append(last_epoch(run))
+        values.append(column.worst)
+    per_step = [r["epoch"] / r["step"] for r in rows if isinstance(r.get("step"), (int, float)) and r["step"] > 0]
+    return Series(np.asarray(epochs, dtype=float), np.asarray(values, dtype=float), max(per_step, default=0.0))
+
+
+def _value_or_worst(value: Any, column: Column) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return column.worst
+
+
+def steps_to_target(run: Run) -> float | None:
+    """The step of the run's first evaluation with val_acc >= its --target-acc; +inf if none reached it (within
+    its budget, or before it diverged or stopped); None when the run has no target."""
+    target = run.config.get("target_acc")
+    if not isinstance(target, (int, float)) or isinstance(target, bool):
+        return None
+    for row in run_rows(run):
+        value, step = row.get(TARGET_COLUMN), row.get("step")
+        if isinstance(value, (int, float)) and math.isfinite(value) and value >= target and isinstance(step, int):
+            return float(step)
+    return math.inf
+
+
+def span_values(series: Series, span: Span) -> np.ndarray:
+    """The values of the evaluations inside `span`, in epoch order."""
+    if span.kind == "all" or len(series.epochs) == 0:
+        return series.values
+    slack = series.epochs_per_step + 1e-9  # the evaluation of epoch K is taken at the step that passes K
+    if span.kind == "first":
+        keep = series.epochs <= span.k + slack
+    else:
+        keep = series.epochs >= series.epochs.max() - span.k - slack
+    return series.values[keep]
+
+
+def run_statistic(values: np.ndarray, metric: Metric, column: Column) -> float:
+    """The statistic of one run's values in the span (NaN for an empty span)."""
+    if len(values) == 0:
+        return math.nan
+    if metric.kind == "final":
+        return float(values[-1])
+    ranked = np.sort(values) if column.lower_is_better else -np.sort(-values)
+    if metric.kind == "best":
+        return float(ranked[: metric.n or 1].mean())
+    if metric.kind == "mean":
+        return float(values.mean())
+    raise ValueError(f"unknown metric {metric}")
+
+
+# ----------------------------------------------------------------------------------------------- per configuration
+
+
+def describe(values: Sequence[float]) -> tuple[int, float | None, float | None]:
+    """n, mean and sample std (None below 2 values, or when one is infinite)."""
+    array = np.asarray(values, dtype=float)
+    n = len(array)
+    mean = float(array.mean()) if n else None
+    std = float(array.std(ddof=1)) if n >= 2 and np.isfinite(array).all() else None
+    return n, mean, std
+
+
+def per_seed(seeds: Sequence[Any], values: Sequence[float]) -> dict[Any, float]:
+    """The mean value of each seed (runs without a seed have no pair)."""
+    by_seed: dict[Any, list[float]] = {}
+    for seed, value in zip(seeds, values):
+        if seed is not None:
+            by_seed.setdefault(seed, []).append(value)
+    return {seed: float(np.mean(v)) for seed, v in by_seed.items()}
+
+
+@dataclass
+class PairedTest:
+    """Config minus baseline over shared seeds. Fields are None where undefined; `reason` says why."""
+
+    n_pairs: int
+    seeds: tuple[Any, ...]
+    mean_diff: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    statistic: float | None = None
+    p_value: float | None = None
+    reason: str | None = None
+
+
+def paired_test(mine: dict[Any, float], theirs: dict[Any, float]) -> PairedTest:
+    """Config minus baseline over the seeds both have (`per_seed` of each): mean difference, 95% t interval,
+    ttest_rel p-value."""
+    seeds = tuple(sorted(set(mine) & set(theirs), key=str))
+    x = np.array([mine[s] for s in seeds], dtype=float)
+    y = np.array([theirs[s] for s in seeds], dtype=float)
+    test = PairedTest(len(seeds), seeds)
+    with np.errstate(invalid="ignore"):  # inf - inf is nan: caught below as "infinite"
+        d = x - y
+    reasons = []
+    if len(seeds) < max(len(mine), len(theirs)):
+        reasons.append(f"paired over {len(seeds)} shared seed(s) (it has {len(mine)}, the baseline {len(theirs)})")
+    if not seeds:
+        reasons.append("no difference or test without a shared seed")
+    elif not np.isfinite(d).all():
+        reasons.append("an infinite statistic (a diverged run, or a target never reached) makes a paired "
+                       "difference infinite: no test")
+    elif len(seeds) == 1:
+        test.mean_diff = float(d[0])
+        reasons.append("1 pair: the difference only, no interval or test")
+    else:
+        mean = float(d.mean())
+        test.mean_diff = mean
+        if np.ptp(d) <= 1e-12 * np.abs(d).max():
+            test.ci_low = test.ci_high = mean
+            reasons.append(f"all {len(d)} paired differences are identical ({mean:+.6g}): "
+                           "no spread, so no p-value (the t statistic is undefined)")
+        else:
+            with warnings.catch_warnings():  # scipy warns on nearly identical data; the numbers are still right
+                warnings.simplefilter("ignore", RuntimeWarning)
+                result = stats.ttest_rel(x, y)
+            n = len(d)
+            scale = float(d.std(ddof=1)) / math.sqrt(n)
+            test.ci_low, test.ci_high = (float(v) for v in stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=scale))
+            test.statistic, test.p_value = float(result.statistic), float(result.pvalue)
+    test.reason = "; ".join(reasons) or None
+    return test

@@ -1,0 +1,25 @@
+"""Runs small enough to train inside a test: a few steps of a one-block model on the bundled `mini` text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hlb_gpt.config import RunConfig
+
+TINY_LM = dict(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=16, seq_len=32, batch_size=4,
+               eval_tokens=1024, max_steps=5, device="cpu")
+
+
+def train_tiny(run_dir: Path, cache: Path, **changes: Any) -> Path:
+    """Train a tiny language-model run (or, with task="modular", a grokking run) into `run_dir`; return it."""
+    from hlb_gpt.train import train
+
+    if changes.get("task") == "modular":
+        cfg = RunConfig(task="modular", depth=1, width=32, max_steps=2, device="cpu")
+        train(cfg.replace(**changes), run_dir, progress=False)
+        return run_dir
+    cfg = RunConfig(**TINY_LM, data_cache=str(cache)).replace(**changes)
+    summary = train(cfg, run_dir, progress=False)
+    assert summary["status"] == "completed", summary
+    return run_dir
