@@ -5,7 +5,7 @@
     python bench/modular.py --baseline-to-target [--max-steps 60000]
     python bench/modular.py --plain-to-target --filter ema --max-steps 2000 [--seeds 0,1,2] [--like-ours]
 
-Timing: "ours" is `train_modular` itself, a run of `--steps` steps whose summary reports the training time per
+Timing: "ours" is the trainer itself, a run of `--steps` steps whose summary reports the training time per
 step (evaluation excluded). The yardstick is the published setup written the obvious way: nn.MultiheadAttention
 blocks in (T, B, C) layout, logits at every position, the loss read off the last, Grokfast as a Python loop over
 parameters that allocates new tensors (EMA: a new mu and a new gradient per parameter; MA: a deque of W
@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from hlb_gpt.config import RunConfig
 from hlb_gpt.tasks.modular import (ADAM_BETAS, P, SAMPLER_SEED_OFFSET, SEQ_LEN, ModularConfig, ModularTransformer,
-                                   modular_dataset, train_modular)
+                                   modular_dataset)
+from hlb_gpt.train import train
 
 EMA = dict(grokfast=True, filter="ema", alpha=0.98, gain=2.0, weight_decay=0.005)
 MA = dict(grokfast=True, filter="ma", window=100, gain=5.0, weight_decay=0.01)
@@ -166,7 +167,7 @@ def our_steps(settings: dict, steps: int, compile: bool, seed: int = 0) -> float
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(task="modular", max_steps=steps, seed=seed, device="cpu", compile=compile, checkpoint_every=0,
                         **settings)
-        summary = train_modular(cfg, Path(tmp) / "run", progress=False)
+        summary = train(cfg, Path(tmp) / "run", progress=False)
     return summary["train_time_s"] / summary["steps"]
 
 
@@ -197,7 +198,7 @@ def run_claim(name: str, settings: dict, seed: int, max_steps: int, out: Path, c
     # the wall time of these short runs.
     cfg = RunConfig(task="modular", max_steps=max_steps, seed=seed, target_acc=0.95, device="cpu",
                     checkpoint_every=checkpoint_every, **settings)
-    summary = train_modular(cfg, out / f"{name}-s{seed}", progress=False, resume=checkpoint_every > 0)
+    summary = train(cfg, out / f"{name}-s{seed}", progress=False, resume=checkpoint_every > 0)
     print(f"  {name:9s} seed {seed}: steps to 95% {summary['steps_to_target']}, best val acc "
           f"{summary['best_val_acc']:.3f} after {summary['steps']} steps, train {summary['train_time_s']:.0f} s, "
           f"wall {summary['wall_time_s']:.0f} s ({1e3 * summary['step_time_s']:.0f} ms/step)", flush=True)

@@ -21,7 +21,8 @@ from hlb_gpt.config import RunConfig
 from hlb_gpt.data import BatchSampler, get_tokenizer, load_tokens
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.device import autocast_for, resolve_device, synchronize
-from hlb_gpt.train import build_filter, build_optimizer, optimizer_step
+from hlb_gpt.tasks.lm import build_optimizer
+from hlb_gpt.train import build_filter, optimizer_step
 
 
 def measure(cfg: RunConfig, steps: int, warmup: int) -> dict:

@@ -320,7 +320,7 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     """`--resume RUN_DIR`: the run's recorded settings, with only the flags given on this command applied."""
     from hlb_gpt.locks import read_lock, try_claim
     from hlb_gpt.records import CorruptRecord, is_run_dir, read_run
-    from hlb_gpt.sweep import check_length, trainer_for
+    from hlb_gpt.sweep import check_length
 
     run_dir: Path = flags["resume"]
     if not is_run_dir(run_dir):
@@ -338,14 +338,14 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
                     run_dir)
     cfg = recorded.replace(**changes)
     check_length(cfg, run_dir)
-    from hlb_gpt.train import check_memory
+    from hlb_gpt.train import check_memory, train
 
     check_memory(cfg)
     lock = try_claim(run_dir, flags["lock_timeout"])
     if lock is None:
         raise ConfigError(f"--resume {run_dir}: the run is being trained by {read_lock(run_dir).owner}")
     with lock:
-        summary = trainer_for(cfg)(cfg, run_dir, progress=not flags["quiet"], resume=True)
+        summary = train(cfg, run_dir, progress=not flags["quiet"], resume=True)
     click.echo(_result_line(run_dir.name, summary["status"], summary))
     if summary["status"] != "completed":
         sys.exit(1)

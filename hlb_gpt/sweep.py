@@ -181,7 +181,9 @@ def sweep_one(cfg: RunConfig, run_dir: Path, label: str, train_fn: Callable[...,
         return SweepResult(run_dir.name, "running", None, decision.holder)
     logger.info(label)
     try:
-        summary = (train_fn or trainer_for(cfg))(cfg, run_dir, progress=progress, resume=True)
+        if train_fn is None:
+            from hlb_gpt.train import train as train_fn  # imported here: it brings in every task's model
+        summary = train_fn(cfg, run_dir, progress=progress, resume=True)
     except (KeyboardInterrupt, DataUnavailable, ConfigError):
         raise  # the user stopped, or no run can get its data: stop the sweep
     except Exception as exc:  # one broken configuration must not cost the others
@@ -249,7 +251,9 @@ def check_length(cfg: RunConfig, run_dir: Path) -> None:
     n_train = run.config.get("train_tokens")
     if not reached or not isinstance(n_train, int):
         return  # nothing trained yet, or it never got as far as its data
-    asked = planned_steps_for(cfg)(cfg, n_train)
+    from hlb_gpt.train import planned_steps  # imported here: it brings in every task's model
+
+    asked = planned_steps(cfg, n_train)
     if reached > asked:
         epochs = max([r.get("epoch", 0) for r in run.metrics if isinstance(r, dict)]
                      + [(run.summary or {}).get("epochs") or 0])
@@ -258,28 +262,6 @@ def check_length(cfg: RunConfig, run_dir: Path) -> None:
         raise ConfigError(f"{run_dir} already went to step {reached:,}" + (f" (epoch {epochs:.4g})" if epochs else "")
                           + f", past the {asked:,} steps of {flag}: ask for at least its length, or use another "
                           "--out (the run folder is left as it is)")
-
-
-def planned_steps_for(cfg: RunConfig) -> Callable[[RunConfig, int], int]:
-    """The function that gives the config's task's length in steps (imported here: it brings in torch)."""
-    if cfg.task == "modular":
-        from hlb_gpt.tasks.modular import planned_steps
-
-        return planned_steps
-    from hlb_gpt.train import planned_steps
-
-    return planned_steps
-
-
-def trainer_for(cfg: RunConfig) -> Callable[..., dict[str, Any]]:
-    """The training function of the config's task (imported here: it brings in torch)."""
-    if cfg.task == "modular":
-        from hlb_gpt.tasks.modular import train_modular
-
-        return train_modular
-    from hlb_gpt.train import train
-
-    return train
 
 
 def _record_failure(cfg: RunConfig, run_dir: Path, exc: Exception) -> dict[str, Any]:

@@ -1,7 +1,11 @@
-"""One training run: build the parts from a `RunConfig`, run the loop, evaluate, record.
+"""The trainer: one loop for every task. It builds a run from a `RunConfig` and its `Task`, steps, evaluates,
+checkpoints, and records.
 
-The order of one optimizer step is written once, in `optimizer_step`. Everything that needs a host sync
-(reading losses, norms, timers) happens only at logging points, so the device runs ahead between them.
+The task (`hlb_gpt.tasks`) owns what differs between runs: the model, the optimizer, the batches and their
+sampler, the loss, the evaluation and its extra columns, the epoch and when to stop early. The trainer owns the
+rest, once: the order of one optimizer step (`optimizer_step`), log points, checkpoints and resuming, stop
+signals, divergence, the status, the summary, the progress bar, the memory report and DDP. Everything that needs
+a host sync (reading losses, norms, timers) happens only at sync points, so the device runs ahead between them.
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ import platform
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,21 +32,19 @@ from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, checkpoint_d
                                 rng_state, save_checkpoint, set_rng_state)
 from hlb_gpt.compiling import FallbackCompiled, Lap, compile_record, fresh_start, graphs_compiled
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
-from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
-from hlb_gpt.device import (PeakMemory, attention_for, autocast_for, available_memory, final_memory, format_memory,
-                            memory_breakdown, resolve_device, resolve_precision, synchronize)
-from hlb_gpt.finetune import count_trainable, prepare_model
+from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
+                            resolve_device, synchronize)
+from hlb_gpt.finetune import count_trainable
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
-from hlb_gpt.model import GPT, GPTConfig, pad_vocab
-from hlb_gpt.optim import GrokAdamW, make_muon, make_optimizer, make_scheduler, param_groups
+from hlb_gpt.optim import GrokAdamW
 from hlb_gpt.records import RecordWriteError, RunWriter
+from hlb_gpt.tasks import Batch
+from hlb_gpt.tasks.lm import LanguageModel
+from hlb_gpt.tasks.modular import ModularArithmetic
 from hlb_gpt.tracking import NoTracker, make_tracker
 
 logger = logging.getLogger(__name__)
 
-# hlb-gpt's sequence-length warmup: start short, double every SEQ_GROWTH_STEPS steps, same tokens per batch.
-SEQ_START = 32
-SEQ_GROWTH_STEPS = 80
 # How often the progress bar reads the loss (one host sync each time) when no evaluation falls due.
 REFRESH_STEPS = 20
 
@@ -52,53 +53,90 @@ class Diverged(RuntimeError):
     pass
 
 
-# ----------------------------------------------------------------------------------------------- schedule
+# ----------------------------------------------------------------------------------------------- the task
 
 
-@dataclass(frozen=True)
-class BatchSchedule:
-    """Sequence length and batch size at each step: a function of the step alone, never of the loss."""
+class Task(Protocol):
+    """What one kind of run supplies to the trainer; `TASKS` maps each --task name to its class.
 
-    seq_len: int
-    batch_size: int
-    seq_warmup: bool
+    The class is built as `Task(cfg, device, ddp, compile)`: it checks its settings and loads its data, and
+    writes nothing (a ConfigError here leaves no run folder). The trainer then seeds torch with `cfg.seed` and
+    asks, in this order, for the model, the optimizer, and at every step a batch and its loss.
+    """
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.seq_len * self.batch_size
+    n_train: int
+    """Items in one epoch: training tokens (lm), training equations (modular). `tokens` and `epoch` count them."""
+    precision: str
+    """The autocast precision the run trains with, resolved: "bf16" or "fp32"."""
+    dynamic_dims: tuple[int, ...]
+    """The input dimensions whose size varies between steps, so that one compiled graph serves them all."""
+    sampler: Any
+    """The batch sampler, whose `state_dict()`/`load_state_dict()` a checkpoint holds."""
+    data_source: str
+    attention: str | None
+    """The attention kernel config.json records as resolved, if the task's model has a choice."""
+    text_sha256: dict[str, str] | None
+    """The sha256 of each split's text, when the data is text: a run resumes only on the same text."""
 
-    def length_at(self, step: int) -> int:
-        if not self.seq_warmup or self.seq_len <= SEQ_START:
-            return self.seq_len
-        return min(SEQ_START * 2 ** (step // SEQ_GROWTH_STEPS), self.seq_len)
+    @staticmethod
+    def planned_steps(cfg: RunConfig, n_train: int) -> int:
+        """The steps a run of `cfg` takes, from the config alone and `n_train` (before or after the run)."""
 
-    def batch_at(self, step: int) -> int:
-        return self.tokens_per_step // self.length_at(step)
+    @staticmethod
+    def count_params(cfg: RunConfig) -> int:
+        """The model's parameter count, without building it in memory."""
 
-    def steps_for(self, tokens: float) -> int:
-        """Steps needed to see at least `tokens` training tokens.
+    @staticmethod
+    def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
+        """Refuse (ConfigError), before a sweep writes anything, settings the device cannot train with."""
 
-        In closed form, phase by phase: a walk step by step takes minutes for `--epochs 1e9`. The warm-up has
-        a few phases of SEQ_GROWTH_STEPS steps of constant tokens per step, then every step has the same tokens.
-        """
-        step, seen = 0, 0
-        while self.length_at(step) < self.seq_len:  # the warm-up phases: at most log2(seq_len / SEQ_START)
-            per_step = self.batch_at(step) * self.length_at(step)
-            if seen + SEQ_GROWTH_STEPS * per_step >= tokens:
-                return step + _steps_to_cover(tokens, seen, per_step)
-            step, seen = step + SEQ_GROWTH_STEPS, seen + SEQ_GROWTH_STEPS * per_step
-        return step + _steps_to_cover(tokens, seen, self.batch_at(step) * self.length_at(step))
+    def build_model(self) -> nn.Module:
+        """The model, on the device. Its trainable parameters (requires_grad) are the ones trained and filtered."""
+
+    def build_optimizer(self, named_params: list[tuple[str, nn.Parameter]]) -> tuple[Any, Any]:
+        """(optimizer, lr scheduler) over the trainable parameters. The optimizer may honour `found_inf` to skip
+        a non-finite step on the device (see `skips_on_device`)."""
+
+    def describe(self, total_steps: int) -> str:
+        """The data and the steps, for the line that starts a run."""
+
+    def record(self) -> dict[str, Any]:
+        """Entries config.json adds for this task."""
+
+    def batch(self, step: int) -> Batch:
+        """The batch of the step after `step` steps: every rank asks, and takes its share."""
+
+    def loss(self, model: Callable[..., Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """The mean loss of one micro-batch through `model` (the task's model, maybe wrapped by DDP and
+        compiled), under autocast."""
+
+    def evaluate(self, model: Callable[..., Tensor],
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
+        """{"val_loss": ..., then any extra metrics columns} (rank 0 alone evaluates, not through DDP)."""
+
+    def should_stop(self, row: dict[str, Any]) -> str | None:
+        """Why the run ends after the evaluation that wrote `row` (a target reached), or None to go on."""
+
+    def summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        """Entries summary.json adds for this task, from the run's metrics rows."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The task's own counters, checkpointed beside the loop's (names other than `LoopState`'s fields)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s counters from a checkpoint's loop state (which also holds the loop's)."""
 
 
-def _steps_to_cover(tokens: float, seen: int, per_step: int) -> int:
-    """The least n >= 0 with seen + n * per_step >= tokens, in exact arithmetic (a float quotient rounds)."""
-    return max(0, math.ceil((Fraction(tokens) - seen) / per_step))
+TASKS: dict[str, type[Task]] = {"lm": LanguageModel, "modular": ModularArithmetic}
+
+
+def task_type(cfg: RunConfig) -> type[Task]:
+    return TASKS[cfg.task]
 
 
 def planned_steps(cfg: RunConfig, n_train: int) -> int:
-    """The steps a run of `cfg` takes on `n_train` training tokens: --epochs of them, or --max-steps if fewer."""
-    schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
-    return min(schedule.steps_for(cfg.epochs * n_train), cfg.max_steps or math.inf)
+    """The steps a run of `cfg` takes on `n_train` training items (tokens, equations)."""
+    return task_type(cfg).planned_steps(cfg, n_train)
 
 
 def eval_due(tokens_before: int, tokens_after: int, tokens_per_eval: float) -> bool:
@@ -120,26 +158,18 @@ def build_filter(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], c
 
 def count_params(cfg: RunConfig) -> int:
     """The run's parameter count, from its model built on the meta device: no memory, no initialisation."""
-    return _count_params(cfg.task, cfg.tokenizer, cfg.depth, cfg.width, cfg.seq_len, cfg.gate)
+    return task_type(cfg).count_params(cfg)
 
 
-@functools.lru_cache(maxsize=None)
-def _count_params(task: str, tokenizer: str, depth: int, width: int, seq_len: int, gate: str) -> int:
-    with torch.device("meta"):
-        if task == "modular":
-            from hlb_gpt.tasks.modular import ModularConfig, ModularTransformer  # that module imports this one
-
-            return ModularTransformer(ModularConfig(depth=depth, width=width)).num_params()
-        vocab = pad_vocab(get_tokenizer(tokenizer).n_vocab)
-        return GPT(GPTConfig(vocab_size=vocab, depth=depth, width=width, max_seq_len=seq_len, gate=gate)).num_params()
+def compiles(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether the run compiles its model: --compile, or by default on CUDA."""
+    return device.type == "cuda" if cfg.compile is None else cfg.compile
 
 
 def check_attention(cfg: RunConfig) -> None:
     """Refuse, before a sweep writes anything, an attention kernel the run's device cannot train with."""
-    if cfg.task == "lm":
-        device = resolve_device(cfg.device)
-        compiled = device.type == "cuda" if cfg.compile is None else cfg.compile
-        attention_for(cfg.attention, device, compiled, cfg.width // GPTConfig.qk_div)
+    device = resolve_device(cfg.device)
+    task_type(cfg).check(cfg, device, compiles(cfg, device))
 
 
 def check_memory(cfg: RunConfig) -> None:
@@ -161,19 +191,6 @@ def check_memory(cfg: RunConfig) -> None:
             f"the {cfg.filter.upper()} filter's state needs about {filter_bytes / 2**30:,.1f} GiB ({what} of "
             f"{n_params:,} parameters in {cfg.filter_dtype}), more than the {available / 2**30:,.1f} GiB of {device} "
             f"memory; use a smaller --window or --filter-dtype bfloat16")
-
-
-def build_optimizer(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], device: torch.device,
-                    compile: bool = False):
-    groups = param_groups(named_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    grok = {}
-    if cfg.optimizer == "grokadamw":
-        grok = dict(alpha_init=cfg.alpha, lamb=cfg.gain, gamma=cfg.grok_gamma, kappa=cfg.grok_kappa)
-    if cfg.optimizer == "muon":  # Muon for the block matrices, AdamW for the rest
-        optimizer = make_muon(groups, cfg.muon_lr, cfg.muon_momentum, device_type=device.type)
-    else:
-        optimizer = make_optimizer(groups, kind=cfg.optimizer, device_type=device.type, compile=compile, **grok)
-    return optimizer, make_scheduler(optimizer, warmup_steps=cfg.warmup_steps)
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -234,17 +251,6 @@ def optimizer_step(
     return StepResult(loss_sum / len(micro_batches), grad_norm, found_inf, ratio)
 
 
-@torch.no_grad()
-def evaluate(forward: Callable[[Tensor, Tensor], Tensor], X: Tensor, Y: Tensor, batch_size: int,
-             autocast: Callable[[], contextlib.AbstractContextManager]) -> Tensor:
-    """Mean token loss over the fixed validation windows (all windows have the same length)."""
-    total = torch.zeros((), device=X.device)
-    for i in range(0, len(X), batch_size):
-        with autocast():
-            total += forward(X[i:i + batch_size], Y[i:i + batch_size]).float() * len(X[i:i + batch_size])
-    return total / len(X)
-
-
 # ----------------------------------------------------------------------------------------------- the run
 
 
@@ -302,7 +308,8 @@ class RunStatus:
 
 @dataclass
 class LoopState:
-    """The loop's counters: with the model, optimizer, filter and sampler, all a resumed run needs."""
+    """The loop's counters: with the model, optimizer, filter and the task's sampler and counters, all a resumed
+    run needs."""
 
     step: int = 0
     tokens: int = 0
@@ -367,10 +374,8 @@ class LoopState:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> LoopState:
-        return cls(**state)
-
-
-Loop = TypeVar("Loop", bound=LoopState)
+        """The loop's counters from a checkpoint's loop state, which also holds the task's."""
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
 
 
 @dataclass
@@ -383,8 +388,7 @@ class Resumable:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     grad_filter: GradFilter
-    sampler: Any
-    text_sha256: dict[str, str] | None = None  # of the data, when it is text: a resumed run must read the same
+    task: Task
     saved_at: int = -1  # the step of the checkpoint last written or resumed from
     saved_clock: float = field(default_factory=lambda: checkpoint_clock())  # when it was, or the run (re)started
 
@@ -396,11 +400,12 @@ class Resumable:
         return {
             "config": self.cfg.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "filter": self.grad_filter.state_dict(),
-            "sampler": self.sampler.state_dict(), "loop": loop.state_dict(), "rng": rng_state(self.device),
-            "metrics": metrics, **({"text_sha256": self.text_sha256} if self.text_sha256 is not None else {}),
+            "sampler": self.task.sampler.state_dict(), "loop": {**loop.state_dict(), **self.task.state_dict()},
+            "rng": rng_state(self.device), "metrics": metrics,
+            **({"text_sha256": self.task.text_sha256} if self.task.text_sha256 is not None else {}),
         }
 
-    def start(self, resume: bool, loop_cls: type[Loop]) -> tuple[Loop, list[dict[str, Any]], Path | None]:
+    def start(self, resume: bool) -> tuple[LoopState, list[dict[str, Any]], Path | None]:
         """(loop counters, metrics so far, checkpoint resumed from): a fresh start, or with `resume` the state of
         the run's latest checkpoint if it has one, after checking that it was trained with these settings."""
         self.saved_clock = checkpoint_clock()
@@ -408,21 +413,22 @@ class Resumable:
         checkpoint, saved = distributed.on_rank0(lambda: self._newest_intact() if resume else (None, None),
                                                  distributed.from_env())
         if checkpoint is None:
-            return loop_cls(), [], None
+            return LoopState(), [], None
         check_resumable(self.cfg, saved["config"], self.run_dir)
-        before = saved.get("text_sha256")
-        if before is not None and self.text_sha256 is not None and before != self.text_sha256:
-            split = next(k for k in self.text_sha256 if before.get(k) != self.text_sha256[k])
+        before, now = saved.get("text_sha256"), self.task.text_sha256
+        if before is not None and now is not None and before != now:
+            split = next(k for k in now if before.get(k) != now[k])
             raise ConfigError(f"{self.run_dir} was trained on other text (sha256 of its {split} split "
-                              f"{str(before.get(split))[:12]}…, now {self.text_sha256[split][:12]}…): point "
+                              f"{str(before.get(split))[:12]}…, now {now[split][:12]}…): point "
                               "--data-dir or --dataset at the data it was trained on")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.grad_filter.load_state_dict(saved["filter"])
-        self.sampler.load_state_dict(saved["sampler"])
+        self.task.sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"], self.device)
-        loop = loop_cls.from_state_dict(saved["loop"])
+        loop = LoopState.from_state_dict(saved["loop"])
+        self.task.load_state_dict(saved["loop"])
         self.saved_at = loop.step
         return loop, saved["metrics"], checkpoint
 
@@ -468,17 +474,18 @@ def checkpoint_clock() -> float:
 
 
 def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_tokens: int, world_size: int = 1,
-                  *, precision: str, text_sha256: dict[str, str] | None = None,
-                  attention: str | None = None) -> dict[str, Any]:
+                  *, precision: str, data_source: str, text_sha256: dict[str, str] | None = None,
+                  attention: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """config.json: the settings, and what the run really trained with (device, precision, attention kernel, world
     size, data).
 
     `precision` is the autocast precision the run used (bf16 or fp32); `text_sha256` the sha256 of each split's
-    text, which identifies the data wherever it was read from (`compare` separates runs by it).
+    text, which identifies the data wherever it was read from (`compare` separates runs by it); `extra` the task's
+    own entries.
     """
     return {
         **cfg.to_dict(),
-        "data_source": data_source(cfg.dataset, cfg.data_dir) if cfg.task == "lm" else "generated",
+        "data_source": data_source,
         "checkpoint_cadence": cfg.checkpoint_cadence.to_dict(),  # checkpoint_every parsed
         "resolved_device": str(device),
         "resolved_precision": precision,
@@ -488,15 +495,19 @@ def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_t
         "train_tokens": n_train_tokens,
         **({"text_sha256": text_sha256} if text_sha256 is not None else {}),
         "versions": {"hlb_gpt": hlb_gpt.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        **(extra or {}),
     }
 
 
 def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Train one run into `run_dir` and return its summary (also written to summary.json).
+    """Train one run of `cfg.task` into `run_dir` and return its summary (also written to summary.json).
 
-    With `resume`, continue from the run's latest checkpoint if it has one. A run that fails or is interrupted
-    still gets a summary with that status before the exception propagates. Under torchrun only rank 0
-    evaluates and writes; every rank returns the summary.
+    The run lasts the task's planned steps, or ends early at an evaluation the task says to stop at. It evaluates
+    --evals-per-epoch times an epoch and at the end, and checkpoints every --checkpoint-every epochs, or at the
+    first sync point after that much time (`30m`), and at the end (never when it is 0). With `resume`, it
+    continues from the run's latest checkpoint if it has one. A run that fails or is interrupted (SIGINT,
+    SIGTERM: after a checkpoint) still gets a summary with that status before the exception propagates. Under
+    torchrun only rank 0 evaluates and writes; every rank returns the summary.
     """
     run_dir = Path(run_dir)
     fresh_start()  # no compiled graph or recompile count of an earlier run in this process
@@ -505,69 +516,48 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     device = distributed.init(ddp, resolve_device(cfg.device))
     peak = PeakMemory.start(device)
     say = (tqdm.write if progress else logger.info) if ddp.is_main else (lambda msg: None)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    compile_model = device.type == "cuda" if cfg.compile is None else cfg.compile
-    autocast = autocast_for(device, cfg.precision)
-    attention = attention_for(cfg.attention, device, compile_model, cfg.width // GPTConfig.qk_div)
-    if cfg.batch_size % (cfg.grad_accum * ddp.world_size):
-        raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum x ranks "
-                          f"({cfg.grad_accum} x {ddp.world_size})")
-
-    tokenizer = get_tokenizer(cfg.tokenizer)
-    data = load_data(cfg.dataset, tokenizer, Path(cfg.data_cache), Path(cfg.data_dir) if cfg.data_dir else None)
-    tokens = data.tokens
-    n_train = len(tokens["train"])
-    if n_train < cfg.seq_len + 1:  # the sampler needs one window, the schedule more than zero tokens
-        raise ConfigError(f"the training text has {n_train} tokens, fewer than --seq-len + 1 = {cfg.seq_len + 1}; "
-                          "use a shorter --seq-len or more training text")
+    compile_model = compiles(cfg, device)
+    task = task_type(cfg)(cfg, device, ddp, compile_model)
+    autocast = autocast_for(device, task.precision)
+    n_train = task.n_train
 
     torch.manual_seed(cfg.seed)
-    model_cfg = GPTConfig(vocab_size=pad_vocab(tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,
-                          max_seq_len=cfg.seq_len, gate=cfg.gate, attention=attention)
-    model = GPT(model_cfg).to(device)
-    finetune = prepare_model(model, cfg)  # --init-from, --lora-*, --train-only: before anything sees the parameters
+    model = task.build_model()
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
-    optimizer, scheduler = build_optimizer(cfg, named_params, device, compile=compile_model)
+    optimizer, scheduler = task.build_optimizer(named_params)
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
-    sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
-    parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler, data.text_sha256)
-    loop, metrics, checkpoint = parts.start(resume, LoopState)
+    parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, task)
+    loop, metrics, checkpoint = parts.start(resume)
     loop.to(device)
 
-    train_forward, no_sync = model, contextlib.nullcontext
+    net, no_sync = model, contextlib.nullcontext
     if ddp.enabled:
         wrapped = distributed.wrap(model, device)
-        train_forward, no_sync = wrapped, wrapped.no_sync
-    if compile_model:  # batch and sequence length vary: one graph serves the sequence-length warm-up
-        train_forward = FallbackCompiled(train_forward, "the model", dynamic_dims=(0, 1))
-    # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward. It evaluates in
-    # chunks of the per-rank micro-batch, which training has shown to fit, not at the global batch.
-    eval_forward = train_forward if not ddp.enabled else model
-    eval_batch = cfg.batch_size // (cfg.grad_accum * ddp.world_size)
+        net, no_sync = wrapped, wrapped.no_sync
+    if compile_model:
+        net = FallbackCompiled(net, "the model", dynamic_dims=task.dynamic_dims)
+    forward = functools.partial(task.loss, net)
+    # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward.
+    eval_net = net if not ddp.enabled else model
 
-    eval_x, eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len, cfg.eval_tokens or None))
-    schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
-    total_steps = planned_steps(cfg, n_train)
+    total_steps = task.planned_steps(cfg, n_train)
     tokens_per_eval = n_train / cfg.evals_per_epoch
     tokens_per_checkpoint = cfg.checkpoint_cadence.epochs * n_train or math.inf
 
+    n_params = sum(p.numel() for p in model.parameters())
     writer = RunWriter(run_dir) if ddp.is_main else None
     if writer:
-        writer.begin({**config_record(cfg, device, model.num_params(), n_train, ddp.world_size,
-                                      precision=resolve_precision(device, cfg.precision),
-                                      text_sha256=data.text_sha256, attention=attention), **finetune}, metrics)
+        writer.begin(config_record(cfg, device, n_params, n_train, ddp.world_size, precision=task.precision,
+                                   data_source=task.data_source, text_sha256=task.text_sha256,
+                                   attention=task.attention, extra=task.record()), metrics)
     tracker = make_tracker(cfg, run_dir) if ddp.is_main else NoTracker()
-    say(f"{run_dir.name}: {model.num_params():,} parameters on {device}"
-        f"{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, {n_train:,} training tokens, "
-        f"{total_steps:,} steps of {schedule.tokens_per_step:,} tokens"
-        f"{f', resumed at step {loop.step:,}' if checkpoint is not None else ''}")
+    say(f"{run_dir.name}: {n_params:,} parameters on {device}{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, "
+        f"{task.describe(total_steps)}{f', resumed at step {loop.step:,}' if checkpoint is not None else ''}")
 
     memory: dict[str, Any] = {}
     outcome = RunStatus(run_dir.name, say)
-    last_val = loop.final
+    last_val, last_columns = loop.final, {}
     bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step",
                disable=not (progress and ddp.is_main), dynamic_ncols=True, leave=True)
 
@@ -575,12 +565,15 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         if writer is not None:  # rank 0 alone writes
             parts.save(loop, metrics, reason, say)
 
-    def log_point(train_loss: float, result: StepResult) -> None:
-        nonlocal last_val
-        val = evaluate(eval_forward, eval_x, eval_y, eval_batch, autocast).item() if ddp.is_main else math.nan
-        last_val = val
+    def log_point(train_loss: float, result: StepResult) -> bool:
+        """Evaluate and write a metrics row; True when the task says the run ends here (on every rank)."""
+        nonlocal last_val, last_columns
+        columns = task.evaluate(eval_net, autocast) if ddp.is_main else {"val_loss": math.nan}
+        val = last_val = columns.pop("val_loss")
+        last_columns = columns
         ratio = math.nan if result.ema_ratio is None else result.ema_ratio.item()
-        row = loop.metrics_row(n_train, train_loss, val, scheduler.get_last_lr()[0], result.grad_norm.item(), ratio)
+        row = {**loop.metrics_row(n_train, train_loss, val, scheduler.get_last_lr()[0], result.grad_norm.item(),
+                                  ratio), **columns}
         metrics.append(row)
         if writer:
             writer.append_metrics(row)
@@ -589,25 +582,29 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
             optimizer.set_grokking_signal(train_loss, distributed.gather_floats(val, ddp, device)[0])
         if distributed.broadcast_flag(not math.isfinite(val), ddp, device):  # rank 0 decides for all ranks
             raise Diverged(f"validation loss is not finite at step {loop.step}")
+        reason = task.should_stop(row) if ddp.is_main else None
+        if not distributed.broadcast_flag(reason is not None, ddp, device):
+            return False
+        say(f"{run_dir.name}: {reason} at step {loop.step}")
+        return True
 
     wall_start = time.perf_counter() - loop.wall_time
     try:
         with outcome, StopSignals() as stop:
             lap = Lap.begin(loop)
             while loop.step < total_steps:
-                length, batch = schedule.length_at(loop.step), schedule.batch_at(loop.step)
-                x, y = sampler.sample(batch, length)
-                x, y = x.chunk(ddp.world_size)[ddp.rank], y.chunk(ddp.world_size)[ddp.rank]
+                batch = task.batch(loop.step)
+                x, y = batch.x.chunk(ddp.world_size)[ddp.rank], batch.y.chunk(ddp.world_size)[ddp.rank]
                 micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
                 before = loop.tokens
-                loop.tokens += batch * length
+                loop.tokens += batch.items
                 loop.step += 1
                 evaluate_now = eval_due(before, loop.tokens, tokens_per_eval) or loop.step == total_steps
                 checkpoint_now = eval_due(before, loop.tokens, tokens_per_checkpoint)
-                result = optimizer_step(train_forward, micro, params, optimizer, scheduler, grad_filter, cfg.clip,
+                result = optimizer_step(forward, micro, params, optimizer, scheduler, grad_filter, cfg.clip,
                                         autocast, measure=evaluate_now, no_sync=no_sync)
-                loop.loss_sum += result.loss
-                loop.loss_count += 1
+                loop.loss_sum += result.loss * batch.weight
+                loop.loss_count += batch.weight
                 loop.bad_run = (loop.bad_run + result.found_inf) * result.found_inf
                 loop.diverged_at = torch.where((loop.diverged_at < 0) & (loop.bad_run > cfg.max_bad_steps),
                                                loop.step, loop.diverged_at)
@@ -626,24 +623,31 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                     if not memory:
                         memory = memory_breakdown(model, optimizer, grad_filter, peak)
                         say(format_memory(memory))
+                    finished = False
                     if evaluate_now:
                         loop.loss_sum.zero_()
                         loop.loss_count = 0
-                        log_point(train_loss, result)
+                        finished = log_point(train_loss, result)
                     loop.wall_time = time.perf_counter() - wall_start
+                    if finished:
+                        break
                     if checkpoint_now or stopping or parts.time_due():
                         save("signal" if stopping else "periodic")
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")
-                    bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val), refresh=False)
+                    bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val, last_columns),
+                                        refresh=False)
                     lap = Lap.begin(loop)
-            save("final")  # so that a completed run can be extended with more --epochs
+            save("final")  # so that a completed run can be extended with more --epochs or --max-steps
     finally:
         bar.close()
         memory = final_memory(memory, model, optimizer, grad_filter, peak)
-        summary = run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory,
-                              compile_record(compile_model, [train_forward.error if compile_model else None,
-                                                             grad_filter.compile_error], graphs_at_start))
+        summary = {
+            **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory,
+                          compile_record(compile_model, [net.error if compile_model else None,
+                                                         grad_filter.compile_error], graphs_at_start)),
+            **task.summary(metrics),
+        }
         if ddp.enabled and outcome.status != "failed":
             summary["ddp"] = {"world_size": ddp.world_size,
                               "filter_checksums": distributed.gather_floats(filter_checksum(grad_filter), ddp, device)}
@@ -693,6 +697,7 @@ def filter_checksum(grad_filter: GradFilter) -> float:
     return total
 
 
-def _postfix(epoch: float, train_loss: float, val_loss: float) -> str:
+def _postfix(epoch: float, train_loss: float, val_loss: float, columns: dict[str, float]) -> str:
     val = "val -" if math.isnan(val_loss) else f"val {val_loss:.3f}"
-    return f"epoch {epoch:.3f} | loss {train_loss:.3f} | {val}"
+    extra = "".join(f" | {name.replace('_', ' ')} {value:.3f}" for name, value in columns.items())
+    return f"epoch {epoch:.3f} | loss {train_loss:.3f} | {val}{extra}"

@@ -5,7 +5,8 @@
 On rank RANK, WHERE=step raises in the third optimizer step of the first run, WHERE=eval raises an
 out-of-memory error in the first evaluation; every other rank runs the real code. The error message ends
 with the time it was raised (seconds since the epoch). The failure is put in from
-outside, by patching this process's `hlb_gpt.train` before the command line runs.
+outside, by patching this process's `hlb_gpt.train` (the step) and `hlb_gpt.tasks.lm` (the evaluation) before the
+command line runs.
 """
 
 import os
@@ -14,6 +15,7 @@ import time
 
 import torch
 
+import hlb_gpt.tasks.lm as lm
 import hlb_gpt.train as train
 from hlb_gpt.cli import main
 
@@ -35,7 +37,7 @@ def fail_on(rank: int, where: str) -> None:
         def failing_evaluate(*args, **kwargs):
             raise torch.OutOfMemoryError(f"injected: out of memory in rank {rank}'s evaluation at {time.time():.3f}")
 
-        train.evaluate = failing_evaluate
+        lm.evaluate = failing_evaluate
     else:
         raise SystemExit(f"unknown WHERE {where!r} (step or eval)")
 

@@ -16,7 +16,6 @@ from hlb_gpt.compiling import graphs_compiled
 from hlb_gpt.config import RunConfig
 from hlb_gpt.grokfast import EMAFilter, MAFilter
 from hlb_gpt.records import read_run
-from hlb_gpt.tasks.modular import train_modular
 from hlb_gpt.train import train
 
 # Cheap runs: one block of width 16, 32-token windows, 2 sequences a step, 4 validation windows (2 full batches).
@@ -112,7 +111,7 @@ def test_a_run_whose_compile_fails_completes_eagerly_says_so_once_and_matches_an
     changes = dict(grokfast=True, filter="ema", alpha=0.9, gain=1.0, max_steps=3)
     if task == "modular":
         cfg = RunConfig(task="modular", depth=1, width=32, checkpoint_every=0, device="cpu", compile=True, **changes)
-        trainer = train_modular
+        trainer = train
     else:
         cfg, trainer = small(tmp_path, compile=True, **changes), train
     eager = trainer(cfg.replace(compile=False), tmp_path / "eager", progress=False)

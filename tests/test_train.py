@@ -9,9 +9,9 @@ from hlb_gpt.grokfast import EMAFilter
 from hlb_gpt.model import GPT, GPTConfig
 from hlb_gpt.optim import make_optimizer, make_scheduler, param_groups
 from hlb_gpt.records import METRIC_KEYS, read_run
-from hlb_gpt import train as train_module
-from hlb_gpt.checkpoint import list_checkpoints, load_checkpoint
-from hlb_gpt.train import BatchSchedule, Diverged, Interrupted, RunStatus, eval_due, evaluate, optimizer_step, train
+from hlb_gpt.tasks import lm
+from hlb_gpt.tasks.lm import BatchSchedule, evaluate
+from hlb_gpt.train import Diverged, Interrupted, RunStatus, eval_due, optimizer_step, train
 
 TIME_KEYS = {"time_s", "tokens_per_s"}
 
@@ -110,19 +110,6 @@ def test_summary_reports_exact_memory_of_params_grads_and_optimizer_state(tmp_pa
     # AdamW keeps two float32 moments per parameter, plus one step counter per tensor.
     assert 8 * n <= mem["optimizer_bytes"] <= 8 * n + 8 * 64
     assert mem["filter_bytes"] == 0 and mem["peak_bytes"] > mem["params_bytes"]
-
-
-def test_same_seed_gives_identical_metrics(tmp_path):
-    cfg = tiny(tmp_path)
-    train(cfg, tmp_path / "a", progress=False)
-    train(cfg, tmp_path / "b", progress=False)
-    assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
-
-
-def test_another_seed_gives_other_metrics(tmp_path):
-    train(tiny(tmp_path), tmp_path / "a", progress=False)
-    train(tiny(tmp_path, seed=1), tmp_path / "b", progress=False)
-    assert numbers(tmp_path / "a") != numbers(tmp_path / "b")
 
 
 def test_the_gpt2_tokenizer_trains_offline_on_mini(tmp_path):
@@ -306,50 +293,6 @@ def test_a_run_is_not_resumed_on_other_text_from_a_moved_data_dir(tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 8
 
 
-def ticking_clock(monkeypatch, module, seconds_per_step):
-    """The checkpoint clock advances `seconds_per_step` with each optimizer step `module`'s loop takes."""
-    now = [0.0]
-    step = module.optimizer_step
-
-    def timed_step(*args, **kwargs):
-        now[0] += seconds_per_step
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "checkpoint_clock", lambda: now[0])
-    monkeypatch.setattr(module, "optimizer_step", timed_step)
-
-
-def checkpoint_steps(run_dir):
-    return [load_checkpoint(p)["loop"]["step"] for p in list_checkpoints(run_dir)]
-
-
-def test_a_time_cadence_checkpoints_at_the_first_sync_point_after_the_interval_and_resumes_under_another(
-        tmp_path, monkeypatch):
-    ticking_clock(monkeypatch, train_module, seconds_per_step=7.0)
-    cfg = tiny(tmp_path, depth=1, width=32, seq_len=32, batch_size=4, eval_tokens=256, epochs=1.0, evals_per_epoch=1,
-               max_steps=60, checkpoint_every="3m", keep_checkpoints=10)
-    assert train(cfg, tmp_path / "run", progress=False)["status"] == "completed"
-    # Sync points at steps 1, 20, 40 and 60: 180 s have passed by step 40 (280 s), not again by 60 (140 s),
-    # where the final checkpoint is written anyway.
-    assert checkpoint_steps(tmp_path / "run") == [40, 60]
-    run = read_run(tmp_path / "run")
-    assert run.config["checkpoint_every"] == "3m"
-    assert run.config["checkpoint_cadence"] == {"epochs": 0.0, "seconds": 180.0}
-
-    summary = train(cfg.replace(checkpoint_every="1m", max_steps=100), tmp_path / "run", progress=False, resume=True)
-    assert summary["status"] == "completed" and summary["steps"] == 100
-    assert checkpoint_steps(tmp_path / "run") == [40, 60, 80, 100]  # 140 s between sync points > 1 minute
-    assert read_run(tmp_path / "run").config["checkpoint_every"] == "1m"
-
-
-def test_an_epoch_cadence_ignores_the_clock(tmp_path, monkeypatch):
-    ticking_clock(monkeypatch, train_module, seconds_per_step=3600.0)
-    cfg = tiny(tmp_path, depth=1, width=32, seq_len=32, batch_size=4, eval_tokens=256, epochs=1.0, evals_per_epoch=1,
-               max_steps=40, checkpoint_every=1.0, keep_checkpoints=10)
-    train(cfg, tmp_path / "run", progress=False)
-    assert checkpoint_steps(tmp_path / "run") == [40]  # the final one: an epoch is far more than 40 steps here
-
-
 def test_evaluation_in_chunks_gives_the_mean_over_all_windows_whatever_the_chunk_size():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, depth=1, width=32, max_seq_len=16))
@@ -361,15 +304,13 @@ def test_evaluation_in_chunks_gives_the_mean_over_all_windows_whatever_the_chunk
 
 
 def test_evaluation_runs_in_chunks_of_the_training_micro_batch_not_the_global_batch(tmp_path, monkeypatch):
-    import hlb_gpt.train as train_module
-
     chunks = []
 
     def spy(forward, X, Y, batch_size, autocast):
         chunks.append(batch_size)
         return evaluate(forward, X, Y, batch_size, autocast)
 
-    monkeypatch.setattr(train_module, "evaluate", spy)
+    monkeypatch.setattr(lm, "evaluate", spy)
     train(tiny(tmp_path, batch_size=8, grad_accum=4, max_steps=2), tmp_path / "run", progress=False)
     assert chunks and set(chunks) == {2}
 

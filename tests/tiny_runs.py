@@ -13,14 +13,12 @@ TINY_LM = dict(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=
 
 def train_tiny(run_dir: Path, cache: Path, **changes: Any) -> Path:
     """Train a tiny language-model run (or, with task="modular", a grokking run) into `run_dir`; return it."""
-    if changes.get("task") == "modular":
-        from hlb_gpt.tasks.modular import train_modular
-
-        cfg = RunConfig(task="modular", depth=1, width=32, max_steps=2, device="cpu")
-        train_modular(cfg.replace(**changes), run_dir, progress=False)
-        return run_dir
     from hlb_gpt.train import train
 
+    if changes.get("task") == "modular":
+        cfg = RunConfig(task="modular", depth=1, width=32, max_steps=2, device="cpu")
+        train(cfg.replace(**changes), run_dir, progress=False)
+        return run_dir
     cfg = RunConfig(**TINY_LM, data_cache=str(cache)).replace(**changes)
     summary = train(cfg, run_dir, progress=False)
     assert summary["status"] == "completed", summary

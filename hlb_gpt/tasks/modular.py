@@ -31,30 +31,21 @@ published code does; `train_loss` likewise, weighted by batch size).
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import functools
 import math
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from hlb_gpt import distributed
-from hlb_gpt.compiling import FallbackCompiled, Lap, compile_record, fresh_start, graphs_compiled
-from hlb_gpt.config import ConfigError, RunConfig
-from hlb_gpt.device import (PeakMemory, autocast_for, final_memory, format_memory, memory_breakdown, resolve_device,
-                            resolve_precision, synchronize)
+from hlb_gpt.config import RunConfig
+from hlb_gpt.device import resolve_precision
 from hlb_gpt.optim import lr_lambda
-from hlb_gpt.records import RunWriter
-from hlb_gpt.tracking import make_tracker
-from hlb_gpt.train import (Diverged, Interrupted, LoopState, Resumable, RunStatus, StepResult, StopSignals,
-                           build_filter, config_record, eval_due, optimizer_step, run_summary)
-
-logger = logging.getLogger(__name__)
+from hlb_gpt.tasks import Batch
 
 P = 97
 SEQ_LEN = 4  # x op y =
@@ -281,23 +272,7 @@ def make_modular_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, start_mult=0.0, exponent=0.0))
 
 
-# ----------------------------------------------------------------------------------------------- the run
-
-
-@dataclass
-class ModularLoop(LoopState):
-    """The trainer's loop counters (`tokens` and `loss_count` count equations here) plus this task's accuracy."""
-
-    best_acc: float = math.nan
-    final_acc: float = math.nan
-    steps_to_target: int | None = None
-    time_to_target: float | None = None
-    correct: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))  # since the last eval
-
-    def to(self, device: torch.device) -> ModularLoop:
-        super().to(device)
-        self.correct = self.correct.to(device)
-        return self
+# ----------------------------------------------------------------------------------------------- the task
 
 
 def planned_steps(cfg: RunConfig, n_train: int) -> int:
@@ -306,163 +281,116 @@ def planned_steps(cfg: RunConfig, n_train: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
-def train_modular(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Train one run of the grokking benchmark into `run_dir`; return its summary (also written to summary.json).
+@functools.lru_cache(maxsize=None)
+def _count_params(depth: int, width: int) -> int:
+    with torch.device("meta"):
+        return ModularTransformer(ModularConfig(depth=depth, width=width)).num_params()
+
+
+class ModularArithmetic:
+    """The grokking benchmark: the `Task` the trainer runs for --task modular.
 
     The run stops after `cfg.max_steps` steps (or `cfg.epochs` epochs of 10 steps when max_steps is None), or
-    at the first evaluation whose validation accuracy reaches `cfg.target_acc`. It evaluates after every epoch
-    and checkpoints every `cfg.checkpoint_every` epochs, or at the first evaluation after that much time
-    (`30m`), and at the end (none when it is 0). With `resume`, it
-    continues from the run's latest checkpoint if it has one. A run that fails or is interrupted (SIGINT,
-    SIGTERM: after a checkpoint) still gets a summary with that status before the exception propagates.
+    at the first evaluation whose validation accuracy reaches `cfg.target_acc`. With the default
+    --evals-per-epoch 1 it evaluates after every epoch.
     """
-    if distributed.from_env().enabled:
-        raise ConfigError("--task modular trains in one process: launch it without torchrun")
-    run_dir = Path(run_dir)
-    fresh_start()  # no compiled graph or recompile count of an earlier run in this process
-    graphs_at_start = graphs_compiled()
-    device = resolve_device(cfg.device)
-    peak = PeakMemory.start(device)
-    say = tqdm.write if progress else logger.info
-    compile_model = device.type == "cuda" if cfg.compile is None else cfg.compile
-    # float32 unless bf16 is asked for: the published runs are float32, and this model is too small for bf16
-    # to buy much even on a GPU.
-    precision = resolve_precision(device, "fp32" if cfg.precision == "auto" else cfg.precision)
-    autocast = autocast_for(device, precision)
 
-    data = {split: tuple(t.to(device) for t in xy) for split, xy in modular_dataset(P, seed=cfg.seed).items()}
-    train_x, train_y = data["train"]
-    valid_x, valid_y = data["valid"]
-    n_train = len(train_x)
+    dynamic_dims = (0,)  # batches of 512, the epoch's remainder and the whole validation set: one graph
+    data_source = "generated"
+    attention = None  # the model's own attention over 4 tokens: --attention does not apply
+    text_sha256 = None
 
-    torch.manual_seed(cfg.seed)
-    model = ModularTransformer(ModularConfig(depth=cfg.depth, width=cfg.width)).to(device)
-    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named_params]
-    optimizer = make_modular_optimizer(params, cfg.lr, cfg.weight_decay, device)
-    scheduler = make_modular_scheduler(optimizer, cfg.warmup_steps)
-    grad_filter = build_filter(cfg, named_params, compile=compile_model)
-    sampler = EpochSampler(n_train, cfg.batch_size, seed=cfg.seed, device=device)
-    parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, sampler)
-    loop, metrics, checkpoint = parts.start(resume, ModularLoop)
-    loop.to(device)
-    # Batches of 512, the epoch's remainder and the whole validation set: one graph for every batch size.
-    compiled = FallbackCompiled(model, "the model", dynamic_dims=(0,)) if compile_model else model
+    @staticmethod
+    def planned_steps(cfg: RunConfig, n_train: int) -> int:
+        return planned_steps(cfg, n_train)
 
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = planned_steps(cfg, n_train)
-    per_checkpoint = cfg.checkpoint_cadence.epochs * n_train or math.inf  # in equations
+    @staticmethod
+    def count_params(cfg: RunConfig) -> int:
+        return _count_params(cfg.depth, cfg.width)
 
-    def forward(x: Tensor, y: Tensor) -> Tensor:
-        logits = compiled(x)  # (B, V)
-        loop.correct.add_((logits.argmax(-1) == y).sum())  # scored by the model before its step, as published
+    @staticmethod
+    def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
+        pass
+
+    def __init__(self, cfg: RunConfig, device: torch.device, ddp: distributed.Dist, compile: bool) -> None:
+        self.cfg, self.device = cfg, device
+        # float32 unless bf16 is asked for: the published runs are float32, and this model is too small for bf16
+        # to buy much even on a GPU.
+        self.precision = resolve_precision(device, "fp32" if cfg.precision == "auto" else cfg.precision)
+        data = {split: tuple(t.to(device) for t in xy) for split, xy in modular_dataset(P, seed=cfg.seed).items()}
+        self.train_x, self.train_y = data["train"]
+        self.valid_x, self.valid_y = data["valid"]
+        self.n_train = len(self.train_x)
+        self.sampler = EpochSampler(self.n_train, cfg.batch_size, seed=cfg.seed, device=device)
+        # Training accuracy since the last evaluation, on this rank's share of the batches.
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0
+
+    def build_model(self) -> nn.Module:
+        return ModularTransformer(ModularConfig(depth=self.cfg.depth, width=self.cfg.width)).to(self.device)
+
+    def build_optimizer(self, named_params: list[tuple[str, nn.Parameter]]):
+        optimizer = make_modular_optimizer([p for _, p in named_params], self.cfg.lr, self.cfg.weight_decay,
+                                           self.device)
+        return optimizer, make_modular_scheduler(optimizer, self.cfg.warmup_steps)
+
+    def describe(self, total_steps: int) -> str:
+        return (f"{self.n_train:,} training equations, up to {total_steps:,} steps of {self.cfg.batch_size} "
+                f"({self.sampler.steps_per_epoch} per epoch)")
+
+    def record(self) -> dict[str, Any]:
+        return {"modular": {"p": P, "train_equations": self.n_train, "valid_equations": len(self.valid_x),
+                            "steps_per_epoch": self.sampler.steps_per_epoch,
+                            "optimizer": "Adam (coupled L2 weight decay)", "betas": list(ADAM_BETAS),
+                            "tokens": "training equations seen"}}
+
+    def batch(self, step: int) -> Batch:
+        index = self.sampler.next()
+        # The training loss of a row is a mean over equations: the epoch's short last batch weighs less.
+        return Batch(self.train_x[index], self.train_y[index], items=len(index), weight=len(index))
+
+    def loss(self, model: Callable[..., Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = model(x)  # (B, V)
+        self.correct.add_((logits.argmax(-1) == y).sum())  # scored by the model before its step, as published
+        self.seen += len(y)
         return F.cross_entropy(logits.float(), y)
 
-    writer = RunWriter(run_dir)
-    record = config_record(cfg, device, model.num_params(), n_train, precision=precision)
-    record["modular"] = {"p": P, "train_equations": n_train, "valid_equations": len(valid_x),
-                         "steps_per_epoch": steps_per_epoch, "optimizer": "Adam (coupled L2 weight decay)",
-                         "betas": list(ADAM_BETAS), "tokens": "training equations seen"}
-    writer.begin(record, metrics)
-    tracker = make_tracker(cfg, run_dir)
-    say(f"{run_dir.name}: {model.num_params():,} parameters on {device}, {n_train:,} training equations, "
-        f"up to {total_steps:,} steps of {cfg.batch_size} ({steps_per_epoch} per epoch)"
-        f"{f', resumed at step {loop.step:,}' if checkpoint is not None else ''}")
-
-    memory: dict[str, Any] = {}
-    outcome = RunStatus(run_dir.name, say)
-    bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step", disable=not progress,
-               dynamic_ncols=True, leave=True)
-
     @torch.no_grad()
-    def log_point(result: StepResult) -> bool:
-        """Evaluate, write a metrics row; True when the target accuracy is reached."""
+    def evaluate(self, model: Callable[..., Tensor],
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
         with autocast():
-            logits = compiled(valid_x)  # the whole validation set in one pass: (n_valid, V)
-        ratio = result.ema_ratio if result.ema_ratio is not None else torch.full((), math.nan)
-        # One host sync for everything the row needs.
-        val_loss, val_acc, train_loss, train_acc, grad_norm, ratio = torch.stack([
-            F.cross_entropy(logits.float(), valid_y), (logits.argmax(-1) == valid_y).float().mean(),
-            loop.loss_sum / max(loop.loss_count, 1), loop.correct.float() / max(loop.loss_count, 1),
-            result.grad_norm.float(), ratio.float().to(device),
+            logits = model(self.valid_x)  # the whole validation set in one pass: (n_valid, V)
+        val_loss, val_acc, train_acc = torch.stack([  # one host sync for all three
+            F.cross_entropy(logits.float(), self.valid_y), (logits.argmax(-1) == self.valid_y).float().mean(),
+            self.correct.float() / max(self.seen, 1),
         ]).tolist()
-        loop.final_acc = val_acc
-        loop.best_acc = val_acc if math.isnan(loop.best_acc) else max(loop.best_acc, val_acc)
-        row = {**loop.metrics_row(n_train, train_loss, val_loss, scheduler.get_last_lr()[0], grad_norm, ratio),
-               "val_acc": val_acc, "train_acc": train_acc}
-        metrics.append(row)
-        writer.append_metrics(row)
-        tracker.log(row)
-        loop.loss_sum.zero_()
-        loop.correct.zero_()
-        loop.loss_count = 0
-        bar.set_postfix_str(f"epoch {row['epoch']:.0f} | loss {train_loss:.3f} | val acc {val_acc:.3f}",
-                            refresh=False)
-        if not math.isfinite(val_loss):
-            raise Diverged(f"validation loss is not finite at step {loop.step}")
-        reached = cfg.target_acc is not None and val_acc >= cfg.target_acc
-        if reached and loop.steps_to_target is None:
-            loop.steps_to_target, loop.time_to_target = loop.step, loop.train_time
-        return reached
+        self.correct.zero_()
+        self.seen = 0
+        return {"val_loss": val_loss, "val_acc": val_acc, "train_acc": train_acc}
 
-    wall_start = time.perf_counter() - loop.wall_time
-    try:
-        with outcome, StopSignals() as stop:
-            lap = Lap.begin(loop)
-            while loop.step < total_steps:
-                index = sampler.next()
-                x, y = train_x[index], train_y[index]
-                micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
-                before = loop.tokens
-                loop.tokens += len(index)
-                loop.step += 1
-                evaluate_now = loop.step % steps_per_epoch == 0 or loop.step == total_steps
-                checkpoint_now = eval_due(before, loop.tokens, per_checkpoint)
-                result = optimizer_step(forward, micro, params, optimizer, scheduler, grad_filter, cfg.clip,
-                                        autocast, measure=evaluate_now)
-                loop.loss_sum += result.loss * len(index)
-                loop.loss_count += len(index)
-                loop.bad_run = (loop.bad_run + result.found_inf) * result.found_inf
-                loop.diverged_at = torch.where((loop.diverged_at < 0) & (loop.bad_run > cfg.max_bad_steps),
-                                               loop.step, loop.diverged_at)
-                bar.update(1)
+    def should_stop(self, row: dict[str, Any]) -> str | None:
+        if not self._reached(row):
+            return None
+        return f"validation accuracy {row['val_acc']:.3f} >= {self.cfg.target_acc}"
 
-                stopping = stop.requested is not None
-                if evaluate_now or checkpoint_now or stopping:  # the only host syncs of the loop
-                    synchronize(device)
-                    loop.add_lap(lap)
-                    if loop.diverged_at.item() >= 0:
-                        raise Diverged(f"more than {cfg.max_bad_steps} consecutive steps with non-finite "
-                                       f"gradients, from step {int(loop.diverged_at.item()) - cfg.max_bad_steps}")
-                    if not memory:
-                        memory = memory_breakdown(model, optimizer, grad_filter, peak)
-                        say(format_memory(memory))
-                    reached = evaluate_now and log_point(result)
-                    loop.wall_time = time.perf_counter() - wall_start
-                    if reached:
-                        say(f"{run_dir.name}: validation accuracy {loop.final_acc:.3f} >= {cfg.target_acc} "
-                            f"at step {loop.step}")
-                        break
-                    if checkpoint_now or stopping or parts.time_due():
-                        parts.save(loop, metrics, "signal" if stopping else "periodic", say)
-                    if stopping:
-                        raise Interrupted(f"stopped by {stop.requested} at step {loop.step}")
-                    lap = Lap.begin(loop)
-            # So that a completed run can be extended with a larger --max-steps.
-            parts.save(loop, metrics, "final", say)
-    finally:
-        bar.close()
-        memory = final_memory(memory, model, optimizer, grad_filter, peak)
-        summary = {
-            **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory,
-                          compile_record(compile_model, [compiled.error if compile_model else None,
-                                                         grad_filter.compile_error], graphs_at_start)),
-            "best_val_acc": loop.best_acc,
-            "final_val_acc": loop.final_acc,
-            "target_acc": cfg.target_acc,
-            "steps_to_target": loop.steps_to_target,
-            "time_to_target_s": loop.time_to_target,
-        }
-        writer.write_summary(summary)
-        tracker.finish(summary)
-    return summary
+    def _reached(self, row: dict[str, Any]) -> bool:
+        return self.cfg.target_acc is not None and row.get("val_acc", math.nan) >= self.cfg.target_acc
+
+    def summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        best = final = math.nan
+        for row in metrics:
+            if "val_acc" in row:
+                final = row["val_acc"]
+                best = final if math.isnan(best) else max(best, final)
+        first = next((row for row in metrics if self._reached(row)), None)
+        return {"best_val_acc": best, "final_val_acc": final, "target_acc": self.cfg.target_acc,
+                "steps_to_target": first["step"] if first else None,
+                "time_to_target_s": first["time_s"] if first else None}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"correct": self.correct.detach().cpu().clone(), "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.correct = state["correct"].to(self.device)
+        # Checkpoints written before the task counted its own equations: the loop's count was the same number.
+        self.seen = state.get("seen", state["loss_count"])

@@ -1,0 +1,210 @@
+"""WikiText language modelling: the GPT, its batch schedule, parameter groups and validation windows.
+
+An epoch is one pass's worth of training tokens (windows are sampled at random offsets, so not literally one
+pass); `tokens` in the records counts training tokens seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from hlb_gpt import distributed
+from hlb_gpt.config import ConfigError, RunConfig
+from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
+from hlb_gpt.device import attention_for, resolve_precision
+from hlb_gpt.finetune import prepare_model
+from hlb_gpt.model import GPT, GPTConfig, pad_vocab
+from hlb_gpt.optim import make_muon, make_optimizer, make_scheduler, param_groups
+from hlb_gpt.tasks import Batch
+
+# hlb-gpt's sequence-length warmup: start short, double every SEQ_GROWTH_STEPS steps, same tokens per batch.
+SEQ_START = 32
+SEQ_GROWTH_STEPS = 80
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """Sequence length and batch size at each step: a function of the step alone, never of the loss."""
+
+    seq_len: int
+    batch_size: int
+    seq_warmup: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size
+
+    def length_at(self, step: int) -> int:
+        if not self.seq_warmup or self.seq_len <= SEQ_START:
+            return self.seq_len
+        return min(SEQ_START * 2 ** (step // SEQ_GROWTH_STEPS), self.seq_len)
+
+    def batch_at(self, step: int) -> int:
+        return self.tokens_per_step // self.length_at(step)
+
+    def steps_for(self, tokens: float) -> int:
+        """Steps needed to see at least `tokens` training tokens.
+
+        In closed form, phase by phase: a walk step by step takes minutes for `--epochs 1e9`. The warm-up has
+        a few phases of SEQ_GROWTH_STEPS steps of constant tokens per step, then every step has the same tokens.
+        """
+        step, seen = 0, 0
+        while self.length_at(step) < self.seq_len:  # the warm-up phases: at most log2(seq_len / SEQ_START)
+            per_step = self.batch_at(step) * self.length_at(step)
+            if seen + SEQ_GROWTH_STEPS * per_step >= tokens:
+                return step + _steps_to_cover(tokens, seen, per_step)
+            step, seen = step + SEQ_GROWTH_STEPS, seen + SEQ_GROWTH_STEPS * per_step
+        return step + _steps_to_cover(tokens, seen, self.batch_at(step) * self.length_at(step))
+
+
+def _steps_to_cover(tokens: float, seen: int, per_step: int) -> int:
+    """The least n >= 0 with seen + n * per_step >= tokens, in exact arithmetic (a float quotient rounds)."""
+    return max(0, math.ceil((Fraction(tokens) - seen) / per_step))
+
+
+def planned_steps(cfg: RunConfig, n_train: int) -> int:
+    """The steps a run of `cfg` takes on `n_train` training tokens: --epochs of them, or --max-steps if fewer."""
+    schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
+    return min(schedule.steps_for(cfg.epochs * n_train), cfg.max_steps or math.inf)
+
+
+# ----------------------------------------------------------------------------------------------- parts
+
+
+def build_optimizer(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], device: torch.device,
+                    compile: bool = False):
+    """The optimizer over the model's parameter groups (decayed matrices, the rest), and its lr schedule."""
+    groups = param_groups(named_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    grok = {}
+    if cfg.optimizer == "grokadamw":
+        grok = dict(alpha_init=cfg.alpha, lamb=cfg.gain, gamma=cfg.grok_gamma, kappa=cfg.grok_kappa)
+    if cfg.optimizer == "muon":  # Muon for the block matrices, AdamW for the rest
+        optimizer = make_muon(groups, cfg.muon_lr, cfg.muon_momentum, device_type=device.type)
+    else:
+        optimizer = make_optimizer(groups, kind=cfg.optimizer, device_type=device.type, compile=compile, **grok)
+    return optimizer, make_scheduler(optimizer, warmup_steps=cfg.warmup_steps)
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[Tensor, Tensor], Tensor], X: Tensor, Y: Tensor, batch_size: int,
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> Tensor:
+    """Mean token loss over the fixed validation windows (all windows have the same length)."""
+    total = torch.zeros((), device=X.device)
+    for i in range(0, len(X), batch_size):
+        with autocast():
+            total += forward(X[i:i + batch_size], Y[i:i + batch_size]).float() * len(X[i:i + batch_size])
+    return total / len(X)
+
+
+def attention(cfg: RunConfig, device: torch.device, compile: bool) -> str:
+    """The attention kernel the run trains with; ConfigError when the device cannot run the one asked for."""
+    return attention_for(cfg.attention, device, compile, cfg.width // GPTConfig.qk_div)
+
+
+@functools.lru_cache(maxsize=None)
+def _count_params(tokenizer: str, depth: int, width: int, seq_len: int, gate: str) -> int:
+    with torch.device("meta"):
+        vocab = pad_vocab(get_tokenizer(tokenizer).n_vocab)
+        return GPT(GPTConfig(vocab_size=vocab, depth=depth, width=width, max_seq_len=seq_len, gate=gate)).num_params()
+
+
+# ----------------------------------------------------------------------------------------------- the task
+
+
+class LanguageModel:
+    """WikiText (or a --data-dir) with the GPT: the `Task` the trainer runs for --task lm."""
+
+    dynamic_dims = (0, 1)  # batch and sequence length vary: one compiled graph serves the sequence-length warm-up
+
+    @staticmethod
+    def planned_steps(cfg: RunConfig, n_train: int) -> int:
+        return planned_steps(cfg, n_train)
+
+    @staticmethod
+    def count_params(cfg: RunConfig) -> int:
+        return _count_params(cfg.tokenizer, cfg.depth, cfg.width, cfg.seq_len, cfg.gate)
+
+    @staticmethod
+    def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
+        attention(cfg, device, compile)
+
+    def __init__(self, cfg: RunConfig, device: torch.device, ddp: distributed.Dist, compile: bool) -> None:
+        self.cfg, self.device, self.compile = cfg, device, compile
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.precision = resolve_precision(device, cfg.precision)
+        self.attention = attention(cfg, device, compile)
+        if cfg.batch_size % (cfg.grad_accum * ddp.world_size):
+            raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum x ranks "
+                              f"({cfg.grad_accum} x {ddp.world_size})")
+        self.tokenizer = get_tokenizer(cfg.tokenizer)
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+        data = load_data(cfg.dataset, self.tokenizer, Path(cfg.data_cache), data_dir)
+        tokens = data.tokens
+        self.n_train = len(tokens["train"])
+        if self.n_train < cfg.seq_len + 1:  # the sampler needs one window, the schedule more than zero tokens
+            raise ConfigError(f"the training text has {self.n_train} tokens, fewer than --seq-len + 1 = "
+                              f"{cfg.seq_len + 1}; use a shorter --seq-len or more training text")
+        self.data_source = data_source(cfg.dataset, cfg.data_dir)
+        self.text_sha256: dict[str, str] | None = data.text_sha256
+        self.schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
+        self.sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
+        self.eval_x, self.eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len,
+                                                                        cfg.eval_tokens or None))
+        # Evaluation goes in chunks of the per-rank micro-batch, which training has shown to fit.
+        self.eval_batch = cfg.batch_size // (cfg.grad_accum * ddp.world_size)
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        model = GPT(GPTConfig(vocab_size=pad_vocab(self.tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,
+                              max_seq_len=cfg.seq_len, gate=cfg.gate, attention=self.attention)).to(self.device)
+        # --init-from, --lora-*, --train-only: before anything sees the parameters.
+        self.finetune = prepare_model(model, cfg)
+        return model
+
+    def build_optimizer(self, named_params: list[tuple[str, nn.Parameter]]):
+        return build_optimizer(self.cfg, named_params, self.device, compile=self.compile)
+
+    def describe(self, total_steps: int) -> str:
+        return (f"{self.n_train:,} training tokens, {total_steps:,} steps of "
+                f"{self.schedule.tokens_per_step:,} tokens")
+
+    def record(self) -> dict[str, Any]:
+        return self.finetune  # the checkpoint the weights came from, with --init-from
+
+    def batch(self, step: int) -> Batch:
+        length, batch = self.schedule.length_at(step), self.schedule.batch_at(step)
+        x, y = self.sampler.sample(batch, length)
+        return Batch(x, y, items=batch * length)
+
+    def loss(self, model: Callable[..., Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return model(x, y)
+
+    def evaluate(self, model: Callable[..., Tensor],
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
+        return {"val_loss": evaluate(model, self.eval_x, self.eval_y, self.eval_batch, autocast).item()}
+
+    def should_stop(self, row: dict[str, Any]) -> str | None:
+        return None
+
+    def summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
