@@ -166,6 +166,8 @@ class RunConfig:
     # schedule of the run
     epochs: float = setting(1.0, "Training length in epochs (a float).")
     evals_per_epoch: int = setting(1, "Evaluations per epoch (one more at the end).")
+    eval_at_start: bool = setting(True, "Evaluate once before the first step, so curves start at the initial loss.",
+                                  negatable=True)
     eval_tokens: int | None = setting(None, "Validation tokens per evaluation, from the start of the split; 0 = all.",
                                       note="preset")
     seed: int = setting(0, "Seed(s); shared by all configurations.", grid=True)

@@ -565,20 +565,23 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         if writer is not None:  # rank 0 alone writes
             parts.save(loop, metrics, reason, say)
 
-    def log_point(train_loss: float, result: StepResult) -> bool:
-        """Evaluate and write a metrics row; True when the task says the run ends here (on every rank)."""
+    def log_point(train_loss: float, result: StepResult | None) -> bool:
+        """Evaluate and write a metrics row; True when the task says the run ends here (on every rank). Without a
+        step's `result` (the evaluation before training) the training columns are null: nothing has trained."""
         nonlocal last_val, last_columns
         columns = task.evaluate(eval_net, autocast) if ddp.is_main else {"val_loss": math.nan}
         val = last_val = columns.pop("val_loss")
         last_columns = columns
-        ratio = math.nan if result.ema_ratio is None else result.ema_ratio.item()
-        row = {**loop.metrics_row(n_train, train_loss, val, scheduler.get_last_lr()[0], result.grad_norm.item(),
-                                  ratio), **columns}
+        ratio = math.nan if result is None or result.ema_ratio is None else result.ema_ratio.item()
+        grad_norm = math.nan if result is None else result.grad_norm.item()
+        row = {**loop.metrics_row(n_train, train_loss, val, scheduler.get_last_lr()[0], grad_norm, ratio), **columns}
+        if result is None:
+            row.update({k: None for k in row if k.startswith("train_") or k == "grad_norm"})
         metrics.append(row)
         if writer:
             writer.append_metrics(row)
         tracker.log(row)
-        if isinstance(optimizer, GrokAdamW):  # its filter reads the gap between validation and training loss
+        if isinstance(optimizer, GrokAdamW) and result is not None:  # it reads the gap between val and train loss
             optimizer.set_grokking_signal(train_loss, distributed.gather_floats(val, ddp, device)[0])
         if distributed.broadcast_flag(not math.isfinite(val), ddp, device):  # rank 0 decides for all ranks
             raise Diverged(f"validation loss is not finite at step {loop.step}")
@@ -591,6 +594,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     wall_start = time.perf_counter() - loop.wall_time
     try:
         with outcome, StopSignals() as stop:
+            if cfg.eval_at_start and loop.step == 0 and not metrics:  # not when a run continues
+                log_point(math.nan, None)
             lap = Lap.begin(loop)
             while loop.step < total_steps:
                 batch = task.batch(loop.step)

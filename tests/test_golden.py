@@ -27,7 +27,7 @@ def curve(name: str, cache: Path, out: Path) -> dict[str, list[float]]:
     cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=2, width=64, seq_len=64, batch_size=8,
                     epochs=0.006, evals_per_epoch=500, eval_tokens=4096, data_cache=str(cache), **RUNS[name])
     train(cfg, out, progress=False)
-    rows = read_run(out).metrics
+    rows = [row for row in read_run(out).metrics if row["step"] > 0]  # the curves predate the step-0 evaluation
     return {key: [row[key] for row in rows] for key in ("step", "train_loss", "val_loss", "grad_norm")}
 
 

@@ -140,8 +140,9 @@ def test_a_run_records_accuracy_with_every_standard_metric(tmp_path):
     assert summary["status"] == "completed" == run.status
     assert SUMMARY_KEYS <= set(run.summary)
     assert run.summary["steps_to_target"] is None and run.summary["steps"] == 20
-    assert [row["step"] for row in run.metrics] == [10, 20]  # one evaluation per epoch of 10 steps
-    for row in run.metrics:
+    assert [row["step"] for row in run.metrics] == [0, 10, 20]  # before training, then one per epoch of 10 steps
+    assert run.metrics[0]["train_acc"] is None and 0 <= run.metrics[0]["val_acc"] <= 1
+    for row in run.metrics[1:]:
         assert set(METRIC_KEYS) | {"val_acc", "train_acc"} <= set(row)
         assert 0 <= row["val_acc"] <= 1 and 0 <= row["train_acc"] <= 1
         assert row["ema_ratio"] is None  # no filter
@@ -155,7 +156,7 @@ def test_a_run_records_accuracy_with_every_standard_metric(tmp_path):
 def test_max_steps_is_respected_even_mid_epoch(tmp_path):
     summary = train(small(max_steps=15), tmp_path / "run", progress=False)
     assert summary["steps"] == 15 and summary["tokens"] == 9 * 512 + 48 + 5 * 512
-    assert [row["step"] for row in read_run(tmp_path / "run").metrics] == [10, 15]
+    assert [row["step"] for row in read_run(tmp_path / "run").metrics] == [0, 10, 15]
 
 
 def test_without_max_steps_the_run_lasts_epochs_times_ten_steps(tmp_path):
@@ -183,7 +184,8 @@ def test_the_grokfast_filter_acts_and_reports_its_ratio(tmp_path, kind):
     train(cfg, tmp_path / "filtered", progress=False)
     train(cfg.replace(grokfast=False), tmp_path / "plain", progress=False)
     filtered, plain = read_run(tmp_path / "filtered"), read_run(tmp_path / "plain")
-    assert all(row["ema_ratio"] is not None and row["ema_ratio"] > 0 for row in filtered.metrics)
+    trained = [row for row in filtered.metrics if row["step"] > 0]  # step 0: the evaluation before training
+    assert all(row["ema_ratio"] is not None and row["ema_ratio"] > 0 for row in trained)
     assert filtered.summary["memory"]["filter_bytes"] > 0 == plain.summary["memory"]["filter_bytes"]
     assert filtered.metrics[-1]["val_loss"] != plain.metrics[-1]["val_loss"]
 

@@ -98,7 +98,7 @@ def test_a_real_grid_sweep_pairs_seeds_and_survives_one_broken_run(tmp_path):
     after_step_1 = {}
     for r in runs:
         if r.status == "completed":
-            assert r.metrics[0]["step"] == 1
-            after_step_1.setdefault(r.config["seed"], set()).add(r.metrics[0]["val_loss"])
+            assert r.metrics[1]["step"] == 1  # after the evaluation at step 0
+            after_step_1.setdefault(r.config["seed"], set()).add(r.metrics[1]["val_loss"])
     assert all(len(v) == 1 for v in after_step_1.values())
     assert after_step_1[0] != after_step_1[1]

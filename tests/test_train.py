@@ -90,9 +90,10 @@ def test_a_short_run_writes_config_metrics_and_summary(tmp_path):
     assert run.config["seed"] == 0 and run.config["versions"]["torch"] == torch.__version__
     assert run.config["resolved_device"] == "cpu"
     assert len(run.metrics) >= 2
+    assert run.metrics[0]["step"] == 0 and run.metrics[0]["train_loss"] is None  # evaluated before training
     for row in run.metrics:
         assert set(METRIC_KEYS) <= set(row)
-        assert math.isfinite(row["val_loss"]) and math.isfinite(row["train_loss"])
+        assert math.isfinite(row["val_loss"]) and (row["step"] == 0 or math.isfinite(row["train_loss"]))
         assert row["ema_ratio"] is None  # no filter
     assert [r["step"] for r in run.metrics] == sorted(r["step"] for r in run.metrics)
     assert run.metrics[-1]["step"] == summary["steps"]
@@ -183,7 +184,7 @@ def test_summary_reports_the_exact_filter_state_size(tmp_path, changes, bytes_pe
 
 def test_filtered_runs_log_the_filter_strength_at_every_evaluation(tmp_path):
     train(tiny(tmp_path, grokfast=True, alpha=0.9, gain=0.5), tmp_path / "run", progress=False)
-    ratios = [row["ema_ratio"] for row in read_run(tmp_path / "run").metrics]
+    ratios = [row["ema_ratio"] for row in read_run(tmp_path / "run").metrics if row["step"] > 0]
     assert ratios and all(r is not None and 0 < r < 10 for r in ratios)
 
 
@@ -326,3 +327,28 @@ def test_flex_attention_on_cpu_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="--attention flex needs a CUDA device"):
         train(tiny(tmp_path, attention="flex", device="cpu"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_run_is_evaluated_once_before_training_unless_asked_not_to(tmp_path):
+    train(tiny(tmp_path), tmp_path / "on", progress=False)
+    train(tiny(tmp_path, eval_at_start=False), tmp_path / "off", progress=False)
+    on, off = read_run(tmp_path / "on").metrics, read_run(tmp_path / "off").metrics
+    first = on[0]
+    assert (first["step"], first["epoch"], first["tokens"]) == (0, 0.0, 0)
+    assert first["train_loss"] is None and first["grad_norm"] is None and first["ema_ratio"] is None
+    # The untrained model's loss over a byte vocabulary (256 rows padded): about ln 256, above every later one.
+    assert first["val_loss"] == pytest.approx(math.log(256), abs=0.3)
+    assert first["val_loss"] > max(row["val_loss"] for row in on[1:])
+    untimed = [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in on[1:]]
+    assert untimed == numbers(tmp_path / "off")  # evaluating first changes nothing that trains
+    assert off[0]["step"] > 0
+
+
+def test_compare_reads_the_step_0_row_as_having_no_training_columns_not_as_a_missing_value(tmp_path):
+    from hlb_gpt.compare import compare, load_runs
+
+    train(tiny(tmp_path), tmp_path / "sweep" / "baseline-s0", progress=False)
+    runs, _ = load_runs([tmp_path / "sweep"])
+    for column in ("train_loss", "val_loss"):
+        group = compare(runs, "mean", "all", column=column).groups[0]
+        assert math.isfinite(group.mean), column

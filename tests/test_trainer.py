@@ -139,8 +139,8 @@ def test_a_checkpoint_that_cannot_be_written_is_reported_and_training_goes_on(tm
 
 
 @pytest.mark.parametrize("task, checkpoint_every, rows", [
-    ("lm", 1.0, list(range(1, 36))),  # only the checkpoint at the end of the shorter run
-    ("modular", 2, [10, 20, 30, 35]),
+    ("lm", 1.0, list(range(0, 36))),  # only the checkpoint at the end of the shorter run
+    ("modular", 2, [0, 10, 20, 30, 35]),  # 0: the evaluation before training
 ])
 def test_a_resumed_run_records_what_an_uninterrupted_run_does(tmp_path, token_cache, task, checkpoint_every, rows):
     cfg = small(task, token_cache, grokfast=True, max_steps=35, checkpoint_every=checkpoint_every)
@@ -154,8 +154,8 @@ def test_a_resumed_run_records_what_an_uninterrupted_run_does(tmp_path, token_ca
 
 
 @pytest.mark.parametrize("task, tokens, rows", [
-    ("lm", 25 * 128, list(range(1, 26))),
-    ("modular", 25 * 512 - 2 * (512 - 48), [10, 15, 20, 25]),  # two epochs' short last batches
+    ("lm", 25 * 128, list(range(0, 26))),  # one evaluation before training, none again when it continues
+    ("modular", 25 * 512 - 2 * (512 - 48), [0, 10, 15, 20, 25]),  # two epochs' short last batches
 ])
 def test_a_completed_run_given_more_steps_continues_from_its_end(tmp_path, token_cache, task, tokens, rows):
     cfg = small(task, token_cache, max_steps=15, checkpoint_every=1)

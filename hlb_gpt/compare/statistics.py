@@ -155,7 +155,8 @@ def lacks_column(run: Run, column: Column) -> bool:
 
 
 def run_series(run: Run, column: Column) -> Series:
-    rows = run_rows(run)
+    # The evaluation before training has no training columns: nothing is missing there.
+    rows = [r for r in run_rows(run) if not (r.get("step") == 0 and r.get(column.name) is None)]
     epochs = [float(r["epoch"]) for r in rows]
     values = [_value_or_worst(r.get(column.name), column) for r in rows]
     if run.status == "diverged" and not (values and math.isinf(values[-1])):
