@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from torch import Tensor
 
 import hlb_gpt
 from hlb_gpt.config import ConfigError
-from hlb_gpt.records import temporary_name
+from hlb_gpt.records import RecordWriteError, atomic_write_bytes
 from hlb_gpt.trained import Trained
 
 FORMAT = "hlb-gpt/1"
@@ -66,18 +65,10 @@ def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], out:
     check_out(out, force)
     # Serialised in memory and written by us, not by `save_file`, whose files are private to their owner (0600):
     # an export is made to be shared, so it gets the permissions of any new file (the umask's).
-    data = save(unshared(tensors), metadata=metadata)
-    tmp = temporary_name(out)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write_bytes(out, save(unshared(tensors), metadata=metadata))
+    except RecordWriteError as exc:
+        raise ConfigError(str(exc)) from None
     return out
 
 

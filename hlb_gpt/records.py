@@ -46,12 +46,16 @@ def temporary_name(path: Path) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same folder, fsync, then rename: readers see the old or the new file.
     A write that fails (a full disk) leaves the old file and no temporary one, and raises RecordWriteError."""
     tmp = temporary_name(Path(path))
     try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "xb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

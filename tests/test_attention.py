@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hlb_gpt.compare import group_key
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable

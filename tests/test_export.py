@@ -9,19 +9,11 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
 from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint
-from hlb_gpt.cli import main
 from hlb_gpt.export import FORMAT, write_safetensors
 from hlb_gpt.model import GPT, GPTConfig
 from hlb_gpt.records import read_run
 from hlb_gpt.trained import load_trained
-from tiny_runs import train_tiny
-
-
-def run_main(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+from tiny_runs import run_main, train_tiny
 
 
 @pytest.fixture(scope="module")

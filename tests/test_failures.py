@@ -10,7 +10,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import subprocess
 import uuid
 from pathlib import Path

@@ -13,15 +13,7 @@ SUMMARY_KEYS = {"status", "best_val_loss", "final_val_loss", "steps", "tokens", 
                 "wall_time_s", "step_time_s", "memory", "best_val_acc", "final_val_acc", "steps_to_target"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These runs are too small for a second thread to help, and on a shared 2-core machine a second
-    thread that waits for a busy core made them ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small(**changes):
     """The benchmark's data, batches and schedule with a model small enough for a step in milliseconds."""

@@ -6,17 +6,9 @@ import torch
 from torch import nn
 
 from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint
-from hlb_gpt.cli import main
 from hlb_gpt.sample import generate
 from hlb_gpt.trained import load_trained
-from tiny_runs import train_tiny
-
-
-def run_main(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+from tiny_runs import run_main, train_tiny
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 for every task, because one loop runs them all."""
 
 import pytest
-import torch
 
 from hlb_gpt import checkpoint, data
 from hlb_gpt import train as train_module
@@ -16,15 +15,7 @@ TIME_KEYS = {"time_s", "tokens_per_s"}
 MINI_TOKENS = 1_290_590  # training tokens of mini with --tokenizer bytes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These runs are too small for a second thread to help, and on a shared 2-core machine a second
-    thread that waits for a busy core made them ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def token_cache(tmp_path_factory):

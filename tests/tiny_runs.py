@@ -11,6 +11,18 @@ TINY_LM = dict(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=
                eval_tokens=1024, max_steps=5, device="cpu")
 
 
+def run_main(args: list[str], capsys: Any) -> tuple[int, str, str]:
+    """Run `hlb-gpt ARGS` in this process: its exit code, stdout and stderr."""
+    import pytest
+
+    from hlb_gpt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
 def train_tiny(run_dir: Path, cache: Path, **changes: Any) -> Path:
     """Train a tiny language-model run (or, with task="modular", a grokking run) into `run_dir`; return it."""
     from hlb_gpt.train import train
