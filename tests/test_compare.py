@@ -14,7 +14,6 @@ from hlb_gpt.cli import main
 from hlb_gpt.compare import (COLUMNS, Column, Metric, Span, compare, format_notes, format_table, group_key,
                              load_runs, parse_metric, parse_span)
 from hlb_gpt.plots import curves_figure, gain_figure, plot
-from hlb_gpt.compare import group_key
 from hlb_gpt.config import BOOKKEEPING as BOOKKEEPING_KEYS
 from hlb_gpt.config import RunConfig
 
