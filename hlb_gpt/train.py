@@ -34,7 +34,6 @@ from hlb_gpt.compiling import FallbackCompiled, Lap, compile_record, fresh_start
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
                             resolve_device, synchronize)
-from hlb_gpt.finetune import count_trainable
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.optim import GrokAdamW
 from hlb_gpt.records import RecordWriteError, RunWriter
@@ -84,7 +83,8 @@ class Task(Protocol):
 
     @staticmethod
     def count_params(cfg: RunConfig) -> int:
-        """The model's parameter count, without building it in memory."""
+        """How many parameters the run trains (and filters), without building the model in memory: all of them,
+        unless fine-tuning freezes some."""
 
     @staticmethod
     def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
@@ -157,7 +157,8 @@ def build_filter(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], c
 
 
 def count_params(cfg: RunConfig) -> int:
-    """The run's parameter count, from its model built on the meta device: no memory, no initialisation."""
+    """How many parameters the run trains, from its model built on the meta device: no memory, no
+    initialisation."""
     return task_type(cfg).count_params(cfg)
 
 
@@ -177,8 +178,7 @@ def check_memory(cfg: RunConfig) -> None:
     allocates its (window + 1) copies of the parameters only at the first step, long after the run started."""
     if not cfg.grokfast:
         return
-    # With --lora-rank or --train-only the filter holds the trainable parameters only.
-    n_params = count_trainable(cfg) if cfg.lora_rank or cfg.train_only else count_params(cfg)
+    n_params = count_params(cfg)
     copies = cfg.window + 1 if cfg.filter == "ma" else 1  # MA: the ring of `window` gradients and their sum
     value_bytes = 2 if cfg.filter_dtype == "bfloat16" else 4  # "param": the model's float32 parameters
     filter_bytes = copies * n_params * value_bytes

@@ -21,7 +21,7 @@ from hlb_gpt import distributed
 from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
 from hlb_gpt.device import attention_for, resolve_precision
-from hlb_gpt.finetune import prepare_model
+from hlb_gpt.finetune import count_trainable, prepare_model
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import make_muon, make_optimizer, make_scheduler, param_groups
 from hlb_gpt.tasks import Batch
@@ -134,6 +134,8 @@ class LanguageModel:
 
     @staticmethod
     def count_params(cfg: RunConfig) -> int:
+        if cfg.lora_rank or cfg.train_only:  # fine-tuning trains (and filters) the adapters or a few components
+            return count_trainable(cfg)
         return _count_params(cfg.tokenizer, cfg.depth, cfg.width, cfg.seq_len, cfg.gate)
 
     @staticmethod
