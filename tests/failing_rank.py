@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=2 tests/failing_rank.py RANK WHERE -- HLB-GPT ARGS...
 
 On rank RANK, WHERE=step raises in the third optimizer step of the first run, WHERE=eval raises an
-out-of-memory error in the first evaluation; every other rank runs the real code. The error message ends
+out-of-memory error in the first evaluation after a training step; every other rank runs the real code. The error message ends
 with the time it was raised (seconds since the epoch). The failure is put in from
 outside, by patching this process's `hlb_gpt.train` (the step) and `hlb_gpt.tasks.lm` (the evaluation) before the
 command line runs.
@@ -34,8 +34,14 @@ def fail_on(rank: int, where: str) -> None:
 
         train.optimizer_step = failing_step
     elif where == "eval":
+        real_evaluate, evaluations = lm.evaluate, []
+
         def failing_evaluate(*args, **kwargs):
-            raise torch.OutOfMemoryError(f"injected: out of memory in rank {rank}'s evaluation at {time.time():.3f}")
+            evaluations.append(1)
+            if len(evaluations) == 2:  # the first after training began (the first is the one at step 0)
+                raise torch.OutOfMemoryError(
+                    f"injected: out of memory in rank {rank}'s evaluation at {time.time():.3f}")
+            return real_evaluate(*args, **kwargs)
 
         lm.evaluate = failing_evaluate
     else:
