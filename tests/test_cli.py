@@ -269,24 +269,25 @@ def test_the_parameter_count_for_the_memory_check_is_the_built_model_s(tmp_path)
     assert torch.empty(0).device.type == "cpu"  # the meta device did not leak out
 
 
-def test_an_empty_training_file_is_refused_in_one_line(capsys, tmp_path):
+def train_on_text(train_text: bytes, capsys, tmp_path):
+    """Run TINY on a --data-dir whose training file holds `train_text`: (exit code, stderr, the data folder)."""
     folder = tmp_path / "raw"
     folder.mkdir()
-    (folder / "wiki.train.raw").write_bytes(b"")
+    (folder / "wiki.train.raw").write_bytes(train_text)
     (folder / "wiki.valid.raw").write_bytes(b" = Valid = \n" * 100)
     code, _, err = run_main(TINY + ["--data-dir", str(folder), "--out", str(tmp_path / "out"),
                                     "--data-cache", str(tmp_path / "cache")], capsys)
+    return code, err, folder
+
+
+def test_an_empty_training_file_is_refused_in_one_line(capsys, tmp_path):
+    code, err, folder = train_on_text(b"", capsys, tmp_path)
     assert code == 2 and err.strip().splitlines() == [f"Error: --data-dir {folder}: wiki.train.raw is empty"]
     assert not (tmp_path / "out").exists()
 
 
 def test_a_training_text_shorter_than_one_window_is_refused_in_one_line(capsys, tmp_path):
-    folder = tmp_path / "raw"
-    folder.mkdir()
-    (folder / "wiki.train.raw").write_bytes(b" = Short = \n")
-    (folder / "wiki.valid.raw").write_bytes(b" = Valid = \n" * 100)
-    code, _, err = run_main(TINY + ["--data-dir", str(folder), "--out", str(tmp_path / "out"),
-                                    "--data-cache", str(tmp_path / "cache")], capsys)
+    code, err, _ = train_on_text(b" = Short = \n", capsys, tmp_path)
     assert code == 2
     assert err.strip().splitlines() == ["Error: the training text has 12 tokens, fewer than --seq-len + 1 = 257; "
                                         "use a shorter --seq-len or more training text"]
