@@ -345,7 +345,7 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
     if lock is None:
         raise ConfigError(f"--resume {run_dir}: the run is being trained by {read_lock(run_dir).owner}")
     with lock:
-        summary = train(cfg, run_dir, progress=not flags["quiet"], resume=True)
+        summary = train(cfg, run_dir, progress=not flags["quiet"], resume=True, lock=lock)
     click.echo(_result_line(run_dir.name, summary["status"], summary))
     if summary["status"] != "completed":
         sys.exit(1)
@@ -426,8 +426,9 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except Exception as exc:
         from hlb_gpt.data import DataUnavailable  # imports torch: not at start-up
+        from hlb_gpt.locks import LockLost
 
-        if not isinstance(exc, DataUnavailable):
+        if not isinstance(exc, (DataUnavailable, LockLost)):
             raise
         click.echo(f"Error: {exc}", err=True)
         code = 1

@@ -1,9 +1,10 @@
 """Who trains which run: `<run>/lock.<n>.json`, so that many processes can share one sweep.
 
 Claiming creates the next number (an atomic create, also on NFS: one claimant wins); the highest lock is
-current; a heartbeat thread keeps it fresh; a stale lock (dead PID on this host, or a heartbeat older than the
-timeout) is superseded by the next number. Lock files are never deleted. Hosts must agree on the time to well
-within the timeout. No torch here: `hlb-gpt status` must stay fast. See docs/DESIGN.md, section 10.
+current; a heartbeat thread keeps it fresh; a stale lock (a process of this host that is gone, or on another host
+a heartbeat older than the timeout) is superseded by the next number, and the process that held it writes nothing
+more to the run (`LockLost`). Lock files are never deleted. Hosts must agree on the time to well within the
+timeout. No torch here: `hlb-gpt status` must stay fast. See docs/DESIGN.md, section 10.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
 HEARTBEAT_S = 30.0
+# How much later than its lock a holder's process may seem to have started (procfs counts from a boot time
+# rounded to the second; the wall clock may be stepped) before its PID is taken for reused by another process.
+START_SLACK_S = 5.0
 _NAME = re.compile(r"^lock\.(\d+)\.json$")
 
 
@@ -57,9 +61,14 @@ class LockRecord:
         return (time.time() if now is None else now) - self.heartbeat
 
     def is_stale(self, timeout_s: float, now: float | None = None) -> bool:
-        """Its process is gone: dead on this host, or silent for longer than the timeout on any host."""
-        if self.owner.host == socket.gethostname() and not pid_alive(self.owner.pid):
-            return True
+        """Its process is gone. On this host the PID says so: a live process holds its lock however old its
+        heartbeat (it may be paused: SIGSTOP, a debugger), unless its PID now names a process started after the
+        lock. On another host, a heartbeat older than the timeout says so."""
+        if self.owner.host == socket.gethostname():
+            if not pid_alive(self.owner.pid):
+                return True
+            began = process_started(self.owner.pid)
+            return began is not None and began > self.started + START_SLACK_S
         return self.heartbeat_age(now) > timeout_s
 
     def state(self, timeout_s: float, now: float | None = None) -> str:
@@ -86,6 +95,27 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True  # no procfs: trust kill(0)
     return state not in ("Z", "X")
+
+
+def process_started(pid: int) -> float | None:
+    """When the process `pid` of this host started, in seconds since the epoch; None where procfs does not say."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: since boot
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+class LockLost(RuntimeError):
+    """This process's lock on a run was superseded: another process took it for stale and now trains the run.
+    Raised before any further write of this process to the run; the sweep goes on with its next run."""
+
+    def __init__(self, run_dir: Path, holder: Owner) -> None:
+        super().__init__(f"{run_dir}: the run was taken over by {holder}, to which this process's lock looked "
+                         "stale; this process stopped writing to it")
+        self.holder = holder
 
 
 def read_lock(run_dir: Path) -> LockRecord | None:
@@ -132,8 +162,9 @@ def try_claim(run_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S, owner: Owner 
 
 
 class RunLock:
-    """A held lock: refreshes its heartbeat in a daemon thread, notices if it was superseded, and is released
-    once (a context manager, or `release()`)."""
+    """A held lock: refreshes its heartbeat in a daemon thread, notices if it was superseded (`check`), and is
+    released once (a context manager, or `release()`). Once superseded it writes nothing more, its own file
+    included."""
 
     def __init__(self, record: LockRecord, heartbeat_s: float) -> None:
         self.record = record
@@ -159,21 +190,30 @@ class RunLock:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
         try:
-            self._write(released=time.time())
+            if not self._superseded():
+                self._write(released=time.time())
         except OSError as exc:  # the run's own outcome matters more: the lock goes stale on its own
             logger.warning("%s: could not mark the lock released (%s); it counts as stale once this process "
                            "ends", self.record.path, exc)
 
+    def check(self, look: bool = True) -> None:
+        """Raise LockLost if another process superseded this lock. Before every write to the run (`look`: read
+        the run's locks now, since a paused process learns nothing from its heartbeat before it writes); at every
+        step without `look`, for what the heartbeat found (no I/O)."""
+        if (self._superseded() if look else self.lost_to is not None):
+            raise LockLost(self.record.path.parent, self.lost_to.owner)
+
     def beat(self) -> None:
-        """Refresh the heartbeat, and check that no other process superseded this lock."""
-        current = read_lock(self.record.path.parent)
-        if current is not None and current.number > self.record.number:
-            if self.lost_to is None:
-                logger.error("%s: the lock of this process was taken over by %s (its heartbeat was older than "
-                             "--lock-timeout); two processes now train this run", self.record.path.parent.name,
-                             current.owner)
-            self.lost_to = current
-        self._write()
+        """Refresh the heartbeat, unless another process superseded this lock (then `lost_to` says who)."""
+        if not self._superseded():
+            self._write()
+
+    def _superseded(self) -> bool:
+        if self.lost_to is None:
+            current = read_lock(self.record.path.parent)
+            if current is not None and current.number > self.record.number:
+                self.lost_to = current
+        return self.lost_to is not None
 
     def _beat(self) -> None:
         while not self._stop.wait(self._interval):

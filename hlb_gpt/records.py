@@ -13,7 +13,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -82,31 +82,44 @@ def _finite_or_null(obj: Any) -> Any:
 
 
 class RunWriter:
-    """Writes one run folder. Metrics rows are appended and flushed one at a time."""
+    """Writes one run folder. Metrics rows are appended and flushed one at a time.
 
-    def __init__(self, run_dir: Path):
+    `guard` is called before every write and raises to refuse it: the check of a lock this process may have lost
+    (`locks.RunLock.check`), so that a run taken over by another process keeps that process's records alone."""
+
+    def __init__(self, run_dir: Path, guard: Callable[[], None] | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._guard = guard
+
+    def check(self) -> None:
+        """Raise if this process may no longer write the run (its `guard` says why); also before a checkpoint."""
+        if self._guard is not None:
+            self._guard()
 
     def begin(self, config: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
         """Start or continue the run before its first step: the summary of an earlier end goes first (a continued
         run is running, not completed), then the config it now runs with, then the metrics it continues from."""
+        self.check()
         (self.run_dir / SUMMARY).unlink(missing_ok=True)
         self.write_config(config)
         self.rewrite_metrics(metrics)
 
     def write_config(self, config: dict[str, Any]) -> None:
+        self.check()
         atomic_write_json(self.run_dir / CONFIG, config)
 
     def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Start the metrics file over with `rows`: none for a fresh run, a checkpoint's rows for a resumed one
         (rows written after that checkpoint are dropped: the resumed run writes them again)."""
+        self.check()
         atomic_write_text(self.run_dir / METRICS, "".join(json.dumps(_finite_or_null(r)) + "\n" for r in rows))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         missing = [k for k in METRIC_KEYS if k not in row]
         if missing:
             raise ValueError(f"metrics row lacks {missing}")
+        self.check()
         try:
             with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(_finite_or_null(row)) + "\n")
@@ -117,6 +130,7 @@ class RunWriter:
     def write_summary(self, summary: dict[str, Any]) -> None:
         if summary.get("status") not in STATUSES:
             raise ValueError(f"summary status must be one of {STATUSES} (got {summary.get('status')!r})")
+        self.check()
         atomic_write_json(self.run_dir / SUMMARY, summary)
 
 

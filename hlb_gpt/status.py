@@ -1,5 +1,6 @@
 """Where a sweep stands (`hlb-gpt status`): one line per run, from its folder and locks, and the sweep's
-manifest `<out>/sweep.json`, which lists runs not begun yet. No torch here. See docs/DESIGN.md, section 10.
+manifest `<out>/sweep.json`, which lists runs not begun yet and records the settings the sweep's runs share.
+No torch here. See docs/DESIGN.md, section 10.
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from hlb_gpt.config import ConfigError, flag
 from hlb_gpt.locks import DEFAULT_TIMEOUT_S, format_age, read_lock
 from hlb_gpt.records import atomic_write_json, is_run_dir, read_run
 
 MANIFEST = "sweep.json"
+MANIFEST_LOCK = ".sweep.json.lock"  # held while a command reads, changes and rewrites the manifest
+MANIFEST_WAIT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -32,19 +37,45 @@ class RunState:
 
 
 def read_manifest(out: Path) -> list[str]:
+    return _read_manifest(out)[0]
+
+
+def _read_manifest(out: Path) -> tuple[list[str], dict[str, Any]]:
+    """The run names and the recorded settings (none in manifests written before settings were recorded)."""
     try:
-        return list(json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))["runs"])
+        manifest = json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
+        names = list(manifest["runs"])
     except (OSError, ValueError, KeyError, TypeError):
-        return []
+        return [], {}
+    settings = manifest.get("settings")
+    return names, settings if isinstance(settings, dict) else {}
 
 
-def write_manifest(out: Path, names: list[str]) -> None:
-    """Record the sweep's run names, adding to those of earlier commands on the same folder."""
-    known = read_manifest(out)
-    merged = known + [n for n in names if n not in known]
-    if merged != known:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(out) / MANIFEST, {"runs": merged})
+def write_manifest(out: Path, names: list[str], settings: dict[str, Any] | None = None) -> None:
+    """Record the sweep's run names, adding to those of earlier commands on the same folder, and the `settings`
+    its runs share. A setting already recorded must agree: a command whose settings differ is refused
+    (ConfigError naming them) and records nothing. Workers starting together read, change and rewrite the
+    manifest in turn, under a file lock beside it."""
+    from filelock import FileLock, Timeout  # imported here: only sweeps need it
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(out / MANIFEST_LOCK, timeout=MANIFEST_WAIT_S):
+            known, recorded = _read_manifest(out)
+            mine = settings or {}
+            differing = [f"{flag(k)}: {mine[k]!r} vs {recorded[k]!r}"
+                         for k in mine if k in recorded and mine[k] != recorded[k]]
+            if differing:
+                raise ConfigError(f"{out} is a sweep with other settings (this command vs the sweep): "
+                                  f"{'; '.join(differing)}; run it with the sweep's settings, or use another --out")
+            merged = known + [n for n in names if n not in known]
+            shared = {**recorded, **{k: v for k, v in mine.items() if k not in recorded}}
+            if merged != known or shared != recorded:
+                atomic_write_json(out / MANIFEST, {"runs": merged, "settings": shared})
+    except Timeout:
+        raise ConfigError(f"{out / MANIFEST_LOCK}: another process has held it for {MANIFEST_WAIT_S:.0f} s; "
+                          "is a sweep command hanging?") from None
 
 
 def run_state(run_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S, now: float | None = None) -> RunState:

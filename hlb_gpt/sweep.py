@@ -2,12 +2,14 @@
 
 A single run is a sweep of one, so the layout is always `<out>/<run name>/`. Seeds are shared by every
 configuration (a paired design), and a run that already completed in `<out>` is skipped. Several processes
-may run the same sweep: each run is trained by the one that holds its lock (see `locks`).
+may run the same sweep: each run is trained by the one that holds its lock (see `locks`), and all of them with
+the settings the sweep's manifest records (`sweep_settings`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -20,16 +22,22 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hlb_gpt import distributed
 from hlb_gpt.checkpoint import list_checkpoints
-from hlb_gpt.config import ConfigError, RunConfig, check_resumable
+from hlb_gpt.config import GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import DataUnavailable
 from hlb_gpt.device import resolve_device
-from hlb_gpt.locks import DEFAULT_TIMEOUT_S, RunLock, read_lock, try_claim
+from hlb_gpt.locks import DEFAULT_TIMEOUT_S, LockLost, RunLock, read_lock, try_claim
 from hlb_gpt.records import CorruptRecord, Run, RunWriter, is_run_dir, read_run
 from hlb_gpt.status import write_manifest
 
 logger = logging.getLogger(__name__)
 
 MODEL_KEYS = ("depth", "width", "gate", "lora_rank")
+# How the runs of one sweep folder may differ: by their grid values, by their arm (--grokfast, --baseline and the
+# optimizer make the arms), and in what a resumed run may change (its length, the bookkeeping, the device). Every
+# other setting belongs to the sweep, and all its workers must agree on it.
+PER_RUN = frozenset(GRID_KEYS) | {"grokfast", "optimizer"} | MAY_CHANGE_ON_RESUME
+# The settings of one optimizer alone, unset (None) with the others: recorded once a worker with it sets them.
+OPTIMIZER_OWN = ("muon_lr", "muon_momentum")
 
 
 def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool, baseline: bool) -> list[RunConfig]:
@@ -79,6 +87,17 @@ def run_folder_name(cfg: RunConfig, vary: Sequence[str] = ()) -> str:
     return "-".join(parts)
 
 
+def sweep_settings(configs: Sequence[RunConfig]) -> dict[str, Any]:
+    """The settings every run of `configs` shares: those its manifest records, and any other worker of the
+    sweep must share."""
+    if not configs:
+        return {}
+    first = configs[0].to_dict()
+    return {key: value for key, value in first.items()
+            if key not in PER_RUN and not (key in OPTIMIZER_OWN and value is None)
+            and all(getattr(cfg, key) == value for cfg in configs)}
+
+
 @dataclass
 class SweepResult:
     name: str
@@ -103,15 +122,21 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
     asked for more epochs) continue from their latest checkpoint, and a failed run does not stop the rest.
 
     Processes running the same sweep split it: a process trains only the runs whose lock it claims, and leaves
-    those held by live processes (their results say "running"). A run whose process died, or whose heartbeat is
-    older than `lock_timeout_s`, is taken over and continues from its checkpoint. Under torchrun, rank 0 decides
-    for all ranks."""
+    those held by live processes (their results say "running"). A run whose process died (on another host: whose
+    heartbeat is older than `lock_timeout_s`) is taken over and continues from its checkpoint; a process whose run
+    was taken over stops writing to it and goes on with the next. Before any work, a command whose settings differ
+    from those the sweep's manifest records is refused (ConfigError). Under torchrun, rank 0 decides for all
+    ranks."""
     out, started = Path(out), time.time()
     ddp = _join_process_group(configs)
-    unreadable = distributed.on_rank0(lambda: check_folders(configs, out, vary), ddp)
     names = [run_folder_name(cfg, vary) for cfg in configs]
-    if ddp.is_main:
-        write_manifest(out, names)
+
+    def prepare() -> dict[str, str]:
+        unreadable = check_folders(configs, out, vary)
+        write_manifest(out, names, sweep_settings(configs))
+        return unreadable
+
+    unreadable = distributed.on_rank0(prepare, ddp)
     bar = tqdm(total=len(configs), unit="run", desc="sweep", position=0, dynamic_ncols=True,
                disable=not (progress and ddp.is_main and len(configs) > 1))
     results: dict[int, SweepResult] = {}
@@ -147,8 +172,7 @@ def check_folders(configs: list[RunConfig], out: Path, vary: Sequence[str]) -> d
         run_dir = out / run_folder_name(cfg, vary)
         if is_run_dir(run_dir):
             try:
-                check_resumable(cfg, read_run(run_dir).config, run_dir)
-                check_length(cfg, run_dir)
+                check_run(cfg, run_dir)
             except CorruptRecord as exc:
                 unreadable[run_dir.name] = str(exc)
     return unreadable
@@ -180,21 +204,30 @@ def sweep_one(cfg: RunConfig, run_dir: Path, label: str, train_fn: Callable[...,
             logger.info("%s: running on %s, skipped", label, decision.holder)
         return SweepResult(run_dir.name, "running", None, decision.holder)
     logger.info(label)
+    guard = lock.check if lock is not None else None
     try:
         if train_fn is None:
-            from hlb_gpt.train import train as train_fn  # imported here: it brings in every task's model
+            from hlb_gpt.train import train  # imported here: it brings in every task's model
+
+            train_fn = functools.partial(train, lock=lock)  # it stops before any write once the lock is lost
         summary = train_fn(cfg, run_dir, progress=progress, resume=True)
     except (KeyboardInterrupt, DataUnavailable, ConfigError):
         raise  # the user stopped, or no run can get its data: stop the sweep
+    except LockLost as exc:  # another process took the run for abandoned: it is that process's run now
+        logger.warning("%s: taken over by %s, to which this process's lock looked stale; this process stopped "
+                       "writing to the run", label, exc.holder)
+        if ddp.enabled:  # the other ranks wait in a collective: end this process, and torchrun stops them
+            raise
+        return SweepResult(run_dir.name, "running", None, str(exc.holder))
     except Exception as exc:  # one broken configuration must not cost the others
         logger.error("%s failed: %s: %s", run_dir.name, type(exc).__name__, exc)
         if ddp.enabled:
             # ...except under torchrun: the other ranks wait for this one in a collective. Rank 0 records
             # the failure; the exception ends this process, and torchrun stops the others.
             if ddp.is_main:
-                _record_failure(cfg, run_dir, exc)
+                _record_failure(cfg, run_dir, exc, guard)
             raise
-        summary = _record_failure(cfg, run_dir, exc)
+        summary = _record_failure(cfg, run_dir, exc, guard)
     finally:
         if lock is not None:
             lock.release()
@@ -205,17 +238,36 @@ def claim(cfg: RunConfig, run_dir: Path, lock_timeout_s: float,
           since: float | None = None) -> tuple[Decision, RunLock | None]:
     """Read from disk: a completed run is done, and so is one another process of the sweep finished (diverged or
     failed) after `since`, so that workers do not each retry it; a run locked by a live process is busy; any other
-    is claimed."""
-    if is_run_dir(run_dir) and _finished(cfg, run := read_run(run_dir), since):
-        return Decision("done", run.summary), None
+    is claimed. Its records, which other processes may have written since the sweep began, must be those of `cfg`
+    (its settings, and no further than its length: `check_run`) to count as done, and again once its lock is won,
+    before a takeover continues them; otherwise ConfigError, and the folder is left as it is."""
+    if is_run_dir(run_dir):
+        run = check_run(cfg, run_dir)
+        if _finished(cfg, run, since):
+            return Decision("done", run.summary), None
     lock = try_claim(run_dir, lock_timeout_s)
     if lock is None:
         held = read_lock(run_dir)
         return Decision("busy", holder=str(held.owner) if held else "another process"), None
-    if is_run_dir(run_dir) and _finished(cfg, run := read_run(run_dir), since):  # its holder ended it as we looked
+    try:
+        if is_run_dir(run_dir):  # as they are now that no other process writes them
+            run = check_run(cfg, run_dir)
+            if _finished(cfg, run, since):  # its holder ended it as we looked
+                lock.release()
+                return Decision("done", run.summary), None
+    except BaseException:
         lock.release()
-        return Decision("done", run.summary), None
+        raise
     return Decision("train"), lock
+
+
+def check_run(cfg: RunConfig, run_dir: Path) -> Run:
+    """The run's records, after checking that `cfg` may count them as its own or continue them: the same
+    settings (`check_resumable`) and no further than its length (`check_length`). ConfigError if not."""
+    run = read_run(run_dir)
+    check_resumable(cfg, run.config, run_dir)
+    check_length(cfg, run_dir)
+    return run
 
 
 def _finished(cfg: RunConfig, run: Run, since: float | None) -> bool:
@@ -264,11 +316,13 @@ def check_length(cfg: RunConfig, run_dir: Path) -> None:
                           "--out (the run folder is left as it is)")
 
 
-def _record_failure(cfg: RunConfig, run_dir: Path, exc: Exception) -> dict[str, Any]:
-    """A run that failed before training wrote its own records still leaves a folder saying why."""
+def _record_failure(cfg: RunConfig, run_dir: Path, exc: Exception,
+                    guard: Callable[[], None] | None = None) -> dict[str, Any]:
+    """A run that failed before training wrote its own records still leaves a folder saying why (unless `guard`,
+    the check of its lock, says another process has taken the run over)."""
     summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     try:
-        writer = RunWriter(run_dir)
+        writer = RunWriter(run_dir, guard)
         if not is_run_dir(run_dir):
             writer.write_config(cfg.to_dict())
         run = read_run(run_dir)
@@ -279,4 +333,6 @@ def _record_failure(cfg: RunConfig, run_dir: Path, exc: Exception) -> dict[str, 
         writer.write_summary(summary)
     except (OSError, CorruptRecord) as error:  # a full disk: the sweep goes on, the folder cannot say why
         logger.error("%s: %s; its folder has no summary saying it failed", run_dir.name, error)
+    except LockLost:  # its records are another process's now
+        pass
     return summary

@@ -35,6 +35,7 @@ from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
                             resolve_device, synchronize)
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
+from hlb_gpt.locks import RunLock
 from hlb_gpt.optim import GrokAdamW
 from hlb_gpt.records import RecordWriteError, RunWriter
 from hlb_gpt.tasks import Batch
@@ -499,7 +500,8 @@ def config_record(cfg: RunConfig, device: torch.device, n_params: int, n_train_t
     }
 
 
-def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bool = False,
+          lock: RunLock | None = None) -> dict[str, Any]:
     """Train one run of `cfg.task` into `run_dir` and return its summary (also written to summary.json).
 
     The run lasts the task's planned steps, or ends early at an evaluation the task says to stop at. It evaluates
@@ -507,7 +509,9 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     first sync point after that much time (`30m`), and at the end (never when it is 0). With `resume`, it
     continues from the run's latest checkpoint if it has one. A run that fails or is interrupted (SIGINT,
     SIGTERM: after a checkpoint) still gets a summary with that status before the exception propagates. Under
-    torchrun only rank 0 evaluates and writes; every rank returns the summary.
+    torchrun only rank 0 evaluates and writes; every rank returns the summary. `lock` is the run's lock, if this
+    process holds one: once another process has taken it over, the run stops before its next write (LockLost),
+    leaving the run's records to that process.
     """
     run_dir = Path(run_dir)
     fresh_start()  # no compiled graph or recompile count of an earlier run in this process
@@ -546,7 +550,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     tokens_per_checkpoint = cfg.checkpoint_cadence.epochs * n_train or math.inf
 
     n_params = sum(p.numel() for p in model.parameters())
-    writer = RunWriter(run_dir) if ddp.is_main else None
+    writer = RunWriter(run_dir, lock.check if lock is not None else None) if ddp.is_main else None
     if writer:
         writer.begin(config_record(cfg, device, n_params, n_train, ddp.world_size, precision=task.precision,
                                    data_source=task.data_source, text_sha256=task.text_sha256,
@@ -563,6 +567,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
     def save(reason: str) -> None:
         if writer is not None:  # rank 0 alone writes
+            writer.check()
             parts.save(loop, metrics, reason, say)
 
     def log_point(train_loss: float, result: StepResult | None) -> bool:
@@ -598,6 +603,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                 log_point(math.nan, None)
             lap = Lap.begin(loop)
             while loop.step < total_steps:
+                if lock is not None:
+                    lock.check(look=False)  # what the heartbeat found: a lost lock stops the run at once
                 batch = task.batch(loop.step)
                 x, y = batch.x.chunk(ddp.world_size)[ddp.rank], batch.y.chunk(ddp.world_size)[ddp.rank]
                 micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))

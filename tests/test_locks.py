@@ -20,11 +20,12 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def leave_lock(run_dir, owner, heartbeat_age=0.0):
+def leave_lock(run_dir, owner, heartbeat_age=0.0, started_age=None):
     """The lock a killed process leaves behind: never released, its heartbeat as old as it was at the kill."""
     beat = time.time() - heartbeat_age
+    started = beat if started_age is None else time.time() - started_age
     (run_dir / "lock.0.json").write_text(json.dumps(
-        {"host": owner.host, "pid": owner.pid, "started": beat, "heartbeat": beat, "released": None}))
+        {"host": owner.host, "pid": owner.pid, "started": started, "heartbeat": beat, "released": None}))
 
 
 def test_a_free_run_is_claimed_by_one_process_and_refused_to_the_next(tmp_path):
@@ -127,3 +128,33 @@ def test_lock_timeouts_are_read_in_seconds_minutes_or_hours(text, seconds):
 def test_a_lock_timeout_that_is_not_a_positive_duration_is_refused(text):
     with pytest.raises(ValueError, match="positive duration"):
         parse_duration(text)
+
+
+def test_a_live_process_on_this_host_holds_its_lock_however_old_its_heartbeat(tmp_path):
+    """A paused process (SIGSTOP, a debugger, a swapped-out machine) sends no heartbeat but is not gone."""
+    leave_lock(tmp_path, Owner.this_process(), heartbeat_age=2)  # claimed by this process, then paused for 2 s
+    assert read_lock(tmp_path).state(timeout_s=0.5) == "held"
+    assert try_claim(tmp_path, timeout_s=0.5, owner=ELSEWHERE) is None
+
+
+def test_a_lock_whose_pid_now_belongs_to_a_process_started_after_it_is_stale(tmp_path):
+    """The PID of a process that died was reused by one started since: the lock's holder is gone all the same."""
+    leave_lock(tmp_path, Owner.this_process(), started_age=10 * 24 * 3600)  # claimed before this process began
+    assert read_lock(tmp_path).state(timeout_s=600) == "stale"
+
+
+def test_a_holder_whose_lock_was_taken_over_is_refused_its_next_write(tmp_path):
+    from hlb_gpt.locks import LockLost
+
+    slow = try_claim(tmp_path, owner=ELSEWHERE, heartbeat_s=3600)
+    slow.check()  # still its own: writing is allowed
+    time.sleep(0.3)
+    taker = try_claim(tmp_path, timeout_s=0.2)
+    with pytest.raises(LockLost, match=f"taken over by {Owner.this_process()}"):
+        slow.check()  # no heartbeat since: the check itself reads the locks
+    before = (tmp_path / "lock.0.json").read_text()
+    slow.beat()
+    slow.release()
+    assert (tmp_path / "lock.0.json").read_text() == before  # the loser writes nothing more, not even its lock
+    taker.check()
+    taker.release()

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from hlb_gpt.checkpoint import list_checkpoints
-from hlb_gpt.config import RunConfig
+from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.locks import Owner, read_lock
 from hlb_gpt.records import RunWriter, atomic_write_text, read_run
 from hlb_gpt.sweep import expand_grid, run_sweep
@@ -47,6 +47,12 @@ def leave_lock(run_dir, owner, heartbeat_age=0.0):
     beat = time.time() - heartbeat_age
     (run_dir / "lock.0.json").write_text(json.dumps(
         {"host": owner.host, "pid": owner.pid, "started": beat, "heartbeat": beat, "released": None}))
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def seeds(*values):
@@ -117,6 +123,87 @@ def test_a_sweep_writes_its_run_names_so_status_can_show_pending_runs(tmp_path):
     run_sweep(seeds(0, 1), tmp_path, train_fn=train, progress=False)
     run_sweep(seeds(1, 2), tmp_path, train_fn=train, progress=False)
     assert json.loads((tmp_path / "sweep.json").read_text())["runs"] == ["baseline-s0", "baseline-s1", "baseline-s2"]
+
+
+# ------------------------------------------------------------------------------------------ workers that disagree
+
+
+def test_a_worker_whose_settings_differ_from_the_sweep_s_is_refused_before_any_work(tmp_path):
+    train, calls = fake_train()
+    run_sweep(seeds(0, 1), tmp_path, train_fn=train, progress=False)
+    manifest = (tmp_path / "sweep.json").read_text()
+    other = [cfg.replace(lr=0.004, warmup_steps=5) for cfg in seeds(2, 3)]
+    with pytest.raises(ConfigError) as exc:
+        run_sweep(other, tmp_path, train_fn=train, progress=False)
+    message = str(exc.value)
+    assert "\n" not in message and "--lr: 0.004 vs 0.002" in message and "--warmup-steps: 5 vs 100" in message
+    assert "another --out" in message
+    assert [name for name, _ in calls] == ["baseline-s0", "baseline-s1"]  # nothing more trained
+    assert not (tmp_path / "baseline-s2").exists() and (tmp_path / "sweep.json").read_text() == manifest
+
+
+def test_workers_on_one_sweep_may_differ_in_grid_values_arms_length_and_bookkeeping(tmp_path):
+    train, _ = fake_train()
+    run_sweep(seeds(0, 1), tmp_path, train_fn=train, progress=False)
+    more = [  # other seeds; filtered arms beside the baseline; a longer run; checkpoints and cache elsewhere
+        seeds(2, 3),
+        expand_grid(BASE.replace(grokfast=True), {"seed": [0, 1], "alpha": [0.8, 0.9]}, grokfast=True, baseline=True),
+        expand_grid(BASE.replace(optimizer="grokadamw"), {"seed": [0]}, grokfast=False, baseline=True),
+        expand_grid(BASE.replace(optimizer="muon"), {"seed": [0]}, grokfast=False, baseline=True),
+        [cfg.replace(epochs=2.0, checkpoint_every=0.5, keep_checkpoints=5, data_cache="elsewhere")
+         for cfg in seeds(4)],
+    ]
+    for configs in more:
+        assert {r.status for r in run_sweep(configs, tmp_path, train_fn=train, progress=False)} == {"completed"}
+    assert len(json.loads((tmp_path / "sweep.json").read_text())["runs"]) == 11
+    with pytest.raises(ConfigError, match=r"--muon-lr: 0\.01 vs 0\.02"):  # the muon arm's own settings agree, too
+        run_sweep([BASE.replace(optimizer="muon", muon_lr=0.01, seed=5)], tmp_path, train_fn=train, progress=False)
+
+
+def test_a_run_another_worker_finished_with_other_settings_is_refused_not_counted_as_done(tmp_path):
+    train, calls = fake_train()
+
+    def meanwhile_another_worker_completes_s1(cfg, run_dir, progress=True, resume=False):
+        other = RunWriter(tmp_path / "baseline-s1")  # e.g. from an older sweep.json, which recorded no settings
+        other.write_config(BASE.replace(seed=1, lr=0.004).to_dict())
+        other.write_summary({"status": "completed", "best_val_loss": 2.0})
+        return train(cfg, run_dir, progress, resume)
+
+    with pytest.raises(ConfigError, match=r"baseline-s1 was trained with other settings .*--lr: 0\.002 vs 0\.004"):
+        run_sweep(seeds(0, 1), tmp_path, train_fn=meanwhile_another_worker_completes_s1, progress=False)
+    assert [name for name, _ in calls] == ["baseline-s0"]
+
+
+def test_a_takeover_of_a_run_that_went_past_this_worker_s_length_is_refused_and_the_run_left_as_it_is(tmp_path):
+    train, calls = fake_train()
+    short = [cfg.replace(max_steps=30) for cfg in seeds(1, 0)]
+    gone = Owner(socket.gethostname(), dead_pid())
+
+    def meanwhile_another_worker_dies_at_step_38(cfg, run_dir, progress=True, resume=False):
+        other = tmp_path / "baseline-s0"  # a longer run's worker, killed after its step-38 evaluation
+        RunWriter(other).write_config({**BASE.replace(max_steps=60).to_dict(), "train_tokens": 1_290_590})
+        RunWriter(other).append_metrics({"epoch": 0.004, "step": 38, "tokens": 4864, "train_loss": 2.0,
+                                         "val_loss": 2.5, "lr": 0.1, "grad_norm": 1.0, "ema_ratio": None,
+                                         "time_s": 0.1, "tokens_per_s": 10.0})
+        leave_lock(other, gone)
+        return train(cfg, run_dir, progress, resume)
+
+    with pytest.raises(ConfigError, match=r"baseline-s0 already went to step 38 .*past the 30 steps of --max-steps 30"):
+        run_sweep(short, tmp_path, train_fn=meanwhile_another_worker_dies_at_step_38, progress=False)
+    assert [name for name, _ in calls] == ["baseline-s1"]
+    run = read_run(tmp_path / "baseline-s0")
+    assert run.summary is None and run.config["max_steps"] == 60 and [r["step"] for r in run.metrics] == [38]
+
+
+def test_workers_adding_their_runs_to_the_manifest_at_once_lose_none(tmp_path):
+    code = ("import sys, time\nfrom pathlib import Path\nfrom hlb_gpt.status import write_manifest\n"
+            "i, start = sys.argv[1], float(sys.argv[2])\ntime.sleep(max(0.0, start - time.time()))\n"
+            "for j in range(15):\n    write_manifest(Path(sys.argv[3]), [f'w{i}-{j}'])\n")
+    start = time.time() + 3  # every process has imported by then, and they write at once
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(i), str(start), str(tmp_path)]) for i in range(6)]
+    assert [w.wait(timeout=120) for w in writers] == [0] * 6
+    runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
+    assert sorted(runs) == sorted(f"w{i}-{j}" for i in range(6) for j in range(15))
 
 
 # ------------------------------------------------------------------------------------------ status and exit codes
