@@ -55,8 +55,9 @@ class Duration(click.ParamType):
 
 LOCK_TIMEOUT = click.option(
     "--lock-timeout", type=Duration(), default="10m", show_default=True,
-    help="A run whose process has sent no heartbeat for this long (600, 90s, 10m, 1.5h) is taken over by another "
-         "process of the sweep; a process that died on this host is taken over at once.")
+    help="A run whose process on another host has sent no heartbeat for this long (600, 90s, 10m, 1.5h) is taken "
+         "over by another process of the sweep; on this host, at once when its process is gone, never while it "
+         "lives.")
 
 
 # The flags that are not settings of a run: how a sweep is run, and where.

@@ -206,6 +206,36 @@ def test_workers_adding_their_runs_to_the_manifest_at_once_lose_none(tmp_path):
     assert sorted(runs) == sorted(f"w{i}-{j}" for i in range(6) for j in range(15))
 
 
+@pytest.mark.slow
+def test_a_run_whose_lock_is_taken_over_stops_before_its_next_write_and_the_sweep_goes_on(tmp_path, monkeypatch,
+                                                                                          caplog):
+    from tiny_runs import TINY_LM
+
+    original = RunWriter.append_metrics
+
+    def taken_over_after_step_10(self, row):  # another host takes the run after this row (the heartbeat is late)
+        original(self, row)
+        if row["step"] >= 10 and self.run_dir.name == "baseline-s0" and not (self.run_dir / "lock.1.json").exists():
+            beat = time.time()
+            (self.run_dir / "lock.1.json").write_text(json.dumps(
+                {"host": ELSEWHERE.host, "pid": ELSEWHERE.pid, "started": beat, "heartbeat": beat, "released": None}))
+
+    monkeypatch.setattr(RunWriter, "append_metrics", taken_over_after_step_10)
+    cfg = RunConfig(**{**TINY_LM, "max_steps": 40, "evals_per_epoch": 2000, "checkpoint_every": 0.0005},
+                    data_cache=str(tmp_path / "cache"))
+    results = run_sweep([cfg, cfg.replace(seed=1)], tmp_path / "sweep", progress=False)
+    assert [(r.status, r.holder) for r in results] == [("running", str(ELSEWHERE)), ("completed", None)]
+    run_dir = tmp_path / "sweep" / "baseline-s0"
+    run = read_run(run_dir)
+    steps = [r["step"] for r in run.metrics]
+    assert run.summary is None and steps[-1] >= 10 and [s for s in steps if s >= 10] == [steps[-1]]
+    assert all(int(p.stem.rpartition("-")[2]) <= steps[-1] for p in list_checkpoints(run_dir))
+    assert json.loads((run_dir / "lock.0.json").read_text())["released"] is None  # not even its lock is written
+    lost = [r.getMessage() for r in caplog.records if "taken over by" in r.getMessage()]
+    assert lost == [f"[1/2] baseline-s0: taken over by {ELSEWHERE}, to which this process's lock looked stale; "
+                    "this process stopped writing to the run"]
+
+
 # ------------------------------------------------------------------------------------------ status and exit codes
 
 
@@ -399,3 +429,132 @@ def test_a_killed_worker_s_run_is_taken_over_by_another_and_ends_as_if_never_kil
     assert read_run(run_dir).status == "completed"
     assert read_lock(run_dir).number == 1 and read_lock(run_dir).owner.pid == taker.pid
     assert numbers(run_dir) == uninterrupted
+
+
+# ------------------------------------------------------------------------------------------ real workers that disagree
+
+
+def wait_for(condition, proc, what, seconds=300):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert proc.poll() is None, f"the worker ended before {what}: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def last_checkpoint_step(run_dir):
+    found = list_checkpoints(run_dir)
+    return int(found[-1].stem.rpartition("-")[2]) if found else -1
+
+
+@pytest.mark.slow
+def test_two_workers_started_together_with_different_settings_one_is_refused_before_any_work(tmp_path):
+    args = SMALL + ["--seed", "0,1", "--max-steps", "20", "--data-cache", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "sweep")]
+    hlb(SMALL + ["--max-steps", "1", "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "warm")],
+        env=WORKER_ENV)  # the data cache first, so that the two start at the same pace
+    workers = [start(args, WORKER_ENV), start(args + ["--lr", "0.004"], WORKER_ENV)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    codes = sorted(w.returncode for w in workers)
+    assert codes == [0, 2], outputs
+    refused = [w.returncode for w in workers].index(2)
+    err = outputs[refused][1].strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: ") and "--lr" in err[0] and "another --out" in err[0]
+    lr = 0.004 if refused == 0 else 0.002  # the other worker's
+    for name in ("baseline-s0", "baseline-s1"):
+        run = read_run(tmp_path / "sweep" / name)
+        assert run.status == "completed" and run.config["lr"] == lr
+        assert read_lock(tmp_path / "sweep" / name).owner.pid == workers[1 - refused].pid
+
+
+@pytest.mark.slow
+def test_workers_started_together_on_other_seeds_both_list_their_runs_in_the_manifest(tmp_path):
+    common = SMALL + ["--max-steps", "2", "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "sweep")]
+    hlb(SMALL + ["--max-steps", "1", "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "warm")],
+        env=WORKER_ENV)
+    workers = [start(common + ["--seed", "0,1"], WORKER_ENV), start(common + ["--seed", "2,3"], WORKER_ENV)]
+    for w in workers:
+        assert w.wait(timeout=600) == 0, w.stderr.read()
+    assert sorted(json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]) == [
+        f"baseline-s{s}" for s in range(4)]
+
+
+@pytest.mark.slow
+def test_a_worker_that_would_take_over_a_run_past_its_own_length_is_refused_and_leaves_it_as_it_is(tmp_path):
+    common = SMALL + ["--evals-per-epoch", "1000", "--checkpoint-every", "0.001", "--data-cache",
+                      str(tmp_path / "cache"), "--out", str(tmp_path / "sweep")]
+    short = start(common + ["--seed", "1,0", "--max-steps", "30"], WORKER_ENV)
+    long = None
+    try:
+        # The short worker checks the sweep folder and claims s1; paused there, it will look at s0 later.
+        wait_for(lambda: (tmp_path / "sweep" / "baseline-s1" / "lock.0.json").exists(), short, "claiming s1")
+        short.send_signal(signal.SIGSTOP)
+        run_dir = tmp_path / "sweep" / "baseline-s0"
+        long = start(common + ["--seed", "0", "--max-steps", "3000"], WORKER_ENV)
+        wait_for(lambda: last_checkpoint_step(run_dir) > 30, long, "a checkpoint past step 30")
+        long.send_signal(signal.SIGKILL)
+        long.wait()
+    finally:
+        short.send_signal(signal.SIGCONT)
+        if long is not None and long.poll() is None:
+            long.kill()
+    before = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and not p.name.startswith("lock.")}
+    out, err = short.communicate(timeout=600)
+    assert short.returncode == 2, err
+    assert err.strip().splitlines()[-1].startswith("Error: ") and "past the 30 steps of --max-steps 30" in err
+    assert {p.name: p.read_bytes() for p in run_dir.rglob("*")
+            if p.is_file() and not p.name.startswith("lock.")} == before
+    assert read_run(run_dir).summary is None and read_run(run_dir).config["max_steps"] == 3000
+    assert read_run(tmp_path / "sweep" / "baseline-s1").status == "completed"
+
+
+@pytest.mark.slow
+def test_a_paused_worker_on_this_host_keeps_its_run_however_old_its_heartbeat(tmp_path, uninterrupted):
+    args = SMALL + KILL_ARGS + ["--lock-timeout", "2s", "--data-cache", str(tmp_path / "cache"),
+                                "--out", str(tmp_path / "sweep")]
+    run_dir = tmp_path / "sweep" / "baseline-s0"
+    paused = start(args, WORKER_ENV)
+    try:
+        wait_for(lambda: list_checkpoints(run_dir), paused, "its first checkpoint")
+        paused.send_signal(signal.SIGSTOP)
+        time.sleep(3)  # its heartbeat is older than --lock-timeout now
+        other = hlb(args, env=WORKER_ENV)
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    assert other.returncode == 0, other.stderr
+    assert f"baseline-s0: running on {socket.gethostname()}:{paused.pid}" in other.stdout
+    out, err = paused.communicate(timeout=600)
+    assert paused.returncode == 0, err
+    assert [p.name for p in run_dir.glob("lock.*.json")] == ["lock.0.json"]
+    assert read_run(run_dir).status == "completed" and numbers(run_dir) == uninterrupted
+
+
+@pytest.mark.slow
+def test_a_paused_worker_whose_run_was_taken_over_stops_writing_to_it_and_goes_on(tmp_path, uninterrupted):
+    args = SMALL + KILL_ARGS + ["--lock-timeout", "2s", "--data-cache", str(tmp_path / "cache"),
+                                "--out", str(tmp_path / "sweep")]
+    run_dir = tmp_path / "sweep" / "baseline-s0"
+    paused = start(args, WORKER_ENV)
+    taker = None
+    try:
+        wait_for(lambda: list_checkpoints(run_dir), paused, "its first checkpoint")
+        paused.send_signal(signal.SIGSTOP)
+        # As if it ran on another machine, which the other worker cannot ask whether the process lives.
+        lock = json.loads((run_dir / "lock.0.json").read_text())
+        (run_dir / "lock.0.json").write_text(json.dumps({**lock, "host": "another-host"}))
+        while read_lock(run_dir).heartbeat_age() <= 2:
+            time.sleep(0.1)
+        taker = start(args, WORKER_ENV)
+        wait_for(lambda: (run_dir / "lock.1.json").exists(), taker, "the takeover")
+    finally:
+        paused.send_signal(signal.SIGCONT)  # it wakes while the other trains the run (or after)
+    out, err = paused.communicate(timeout=600)
+    taker_out, taker_err = taker.communicate(timeout=600)
+    assert taker.returncode == 0 and "took over the stale lock" in taker_err, taker_err
+    assert paused.returncode == 0, err
+    lost = [line for line in err.splitlines() if "taken over by" in line]
+    assert lost == [f"[1/1] baseline-s0: taken over by {socket.gethostname()}:{taker.pid}, to which this process's "
+                    "lock looked stale; this process stopped writing to the run"]
+    assert read_run(run_dir).status == "completed" and numbers(run_dir) == uninterrupted  # the taker's rows alone
+    assert read_lock(run_dir).owner.pid == taker.pid and read_lock(run_dir).released is not None
+    assert json.loads((run_dir / "lock.0.json").read_text())["host"] == "another-host"  # not written since
