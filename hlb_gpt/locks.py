@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
 HEARTBEAT_S = 30.0
-# How much later than its lock a holder's process may seem to have started (procfs counts from a boot time
-# rounded to the second; the wall clock may be stepped) before its PID is taken for reused by another process.
-START_SLACK_S = 5.0
+# How much later than its lock a holder's process may seem to have started before its PID is taken for reused
+# by another process: procfs gives the start since boot, and the wall clock may have been stepped since.
+START_SLACK_S = 60.0
 _NAME = re.compile(r"^lock\.(\d+)\.json$")
 
 
@@ -112,10 +112,9 @@ class LockLost(RuntimeError):
     """This process's lock on a run was superseded: another process took it for stale and now trains the run.
     Raised before any further write of this process to the run; the sweep goes on with its next run."""
 
-    def __init__(self, run_dir: Path, holder: Owner) -> None:
-        super().__init__(f"{run_dir}: the run was taken over by {holder}, to which this process's lock looked "
-                         "stale; this process stopped writing to it")
-        self.holder = holder
+    def __init__(self, message: str, holder: Owner | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder  # the process that holds the run now
 
 
 def read_lock(run_dir: Path) -> LockRecord | None:
@@ -201,7 +200,9 @@ class RunLock:
         the run's locks now, since a paused process learns nothing from its heartbeat before it writes); at every
         step without `look`, for what the heartbeat found (no I/O)."""
         if (self._superseded() if look else self.lost_to is not None):
-            raise LockLost(self.record.path.parent, self.lost_to.owner)
+            holder = self.lost_to.owner
+            raise LockLost(f"{self.record.path.parent}: the run was taken over by {holder}, to which this "
+                           "process's lock looked stale; this process stopped writing to it", holder)
 
     def beat(self) -> None:
         """Refresh the heartbeat, unless another process superseded this lock (then `lost_to` says who)."""

@@ -552,9 +552,9 @@ def test_a_paused_worker_whose_run_was_taken_over_stops_writing_to_it_and_goes_o
     taker_out, taker_err = taker.communicate(timeout=600)
     assert taker.returncode == 0 and "took over the stale lock" in taker_err, taker_err
     assert paused.returncode == 0, err
+    assert read_run(run_dir).status == "completed" and numbers(run_dir) == uninterrupted  # the taker's rows alone
     lost = [line for line in err.splitlines() if "taken over by" in line]
     assert lost == [f"[1/1] baseline-s0: taken over by {socket.gethostname()}:{taker.pid}, to which this process's "
                     "lock looked stale; this process stopped writing to the run"]
-    assert read_run(run_dir).status == "completed" and numbers(run_dir) == uninterrupted  # the taker's rows alone
     assert read_lock(run_dir).owner.pid == taker.pid and read_lock(run_dir).released is not None
     assert json.loads((run_dir / "lock.0.json").read_text())["host"] == "another-host"  # not written since
