@@ -21,6 +21,7 @@ setup(
         "scipy>=1.10",
         "matplotlib>=3.7",
         "safetensors>=0.4,<1",  # `hlb-gpt export`: weights any tool can read, loaded without running code
+        "filelock>=3.0",  # workers starting together update a sweep's manifest in turn (torch needs it too)
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["hlb-gpt = hlb_gpt.cli:main"]},
