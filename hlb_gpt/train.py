@@ -339,9 +339,11 @@ class LoopState:
     def metrics_row(self, n_train: int, train_loss: float, val_loss: float, lr: float, grad_norm: float,
                     ema_ratio: float) -> dict[str, Any]:
         """The metrics.jsonl row every task writes, at the current step (`ema_ratio` NaN when no filter acts).
-        Records the validation loss as the final and maybe best one, and starts the next throughput interval."""
-        self.final = val_loss
-        self.best = val_loss if math.isnan(self.best) else min(self.best, val_loss)
+        Records the validation loss as the final and maybe best one once training began (the step-0 evaluation
+        reads the untrained model), and starts the next throughput interval."""
+        if self.step > 0:
+            self.final = val_loss
+            self.best = val_loss if math.isnan(self.best) else min(self.best, val_loss)
         interval = self.steady_time - self.mark_time
         row = {
             "epoch": self.tokens / n_train,
