@@ -204,6 +204,31 @@ def test_a_lora_run_that_dies_mid_way_resumes_to_the_metrics_of_an_uninterrupted
     assert numbers(run) == numbers(tmp_path / "direct")
 
 
+@pytest.mark.parametrize("changes", [dict(lora_rank=2), dict(lora_rank=2, train_only="norms"),
+                                     dict(train_only="in,out")], ids=["lora", "lora+norms", "train-only"])
+def test_muon_trains_the_matrices_a_fine_tune_trains_and_adamw_the_rest(pretrained, tmp_path, changes):
+    summary = train(fine_tune(pretrained, tmp_path, optimizer="muon", **changes), tmp_path / "ft", progress=False)
+    assert summary["status"] == "completed", summary["error"]
+    assert summary["final_val_loss"] < read_run(pretrained).summary["final_val_loss"]
+    state = load_checkpoint(latest_checkpoint(tmp_path / "ft"))["optimizer"]
+    muon_names = [n for g in state["muon"]["param_groups"] for n in g["names"]]
+    adamw_names = [n for g in (state["adamw"] or {}).get("param_groups", []) for n in g["names"]]
+    matrices = (".lora_A", ".lora_B") if changes.get("lora_rank") else (".expand", ".project")
+    assert muon_names and all(n.endswith(matrices) for n in muon_names)
+    assert all("norm" in n for n in adamw_names) and bool(adamw_names) == ("norms" in changes.get("train_only", ""))
+
+
+def test_muon_with_nothing_for_muon_to_train_is_refused_before_any_work_in_one_line(pretrained, tmp_path, capsys):
+    from tiny_runs import run_main
+
+    with pytest.raises(ConfigError, match="--optimizer muon.*--train-only position,head"):
+        RunConfig(init_from="x", optimizer="muon", train_only="position,head")
+    code, _, err = run_main(["--init-from", str(pretrained), "--optimizer", "muon", "--train-only", "head",
+                             "--out", str(tmp_path / "out"), "-q"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--optimizer muon" in err and "--train-only" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_init_from_takes_the_runs_architecture_and_refuses_another_in_one_line(pretrained, tmp_path, capsys):
     from hlb_gpt.cli import main
 
