@@ -335,6 +335,9 @@ class ModularArithmetic:
     def build_model(self) -> nn.Module:
         return ModularTransformer(ModularConfig(depth=self.cfg.depth, width=self.cfg.width)).to(self.device)
 
+    def begin(self, model: nn.Module, run_dir: Any, resumed: bool) -> None:
+        pass  # the model starts from its initialisation or its checkpoint
+
     def build_optimizer(self, named_params: list[tuple[str, nn.Parameter]]):
         optimizer = make_modular_optimizer([p for _, p in named_params], self.cfg.lr, self.cfg.weight_decay,
                                            self.device)
