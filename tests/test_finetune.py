@@ -396,3 +396,20 @@ def test_a_fine_tune_sweep_starts_every_run_from_one_base_checkpoint_while_the_b
     shutil.copytree(pretrained, other)
     code, _, err = run_main([*args[:-1], str(out), "--init-from", str(other)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "start from" in err
+
+
+def test_two_workers_pinning_one_sweep_at_once_agree_on_the_pin_written_first(pretrained, tmp_path, monkeypatch):
+    import os
+
+    base, _, _ = own_base(pretrained, tmp_path)
+    real_link = os.link
+
+    def another_worker_pins_first(src, dst):
+        monkeypatch.setattr(finetune.os, "link", real_link)
+        base_moves_on(base)  # the other worker read the base after it moved on
+        assert finetune.pin_base(tmp_path / "sweep", base).step == 41
+        real_link(src, dst)
+
+    monkeypatch.setattr(finetune.os, "link", another_worker_pins_first)
+    assert finetune.pin_base(tmp_path / "sweep", base).step == 41
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == [finetune.PINNED]  # no temporary file left
