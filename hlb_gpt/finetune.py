@@ -253,6 +253,9 @@ def pin_base(sweep_dir: Path | str, init_from: Path | str) -> Base:
             os.link(tmp, path)
         except FileExistsError:
             pass  # another worker pinned first: its base is the sweep's
+        except OSError as exc:  # a full disk: no run starts from a base it could not keep
+            raise ConfigError(f"--init-from {init_from}: cannot pin the base in {path} "
+                              f"({exc.strerror or exc})") from None
         finally:
             tmp.unlink(missing_ok=True)
     pinned = read_pinned(path)[0]

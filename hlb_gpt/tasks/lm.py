@@ -23,8 +23,8 @@ from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer,
 from hlb_gpt.device import attention_for, resolve_precision
 from hlb_gpt.finetune import count_trainable, load_base, prepare_model
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
-from hlb_gpt.records import read_run
 from hlb_gpt.optim import make_muon, make_optimizer, make_scheduler, param_groups
+from hlb_gpt.records import read_run
 from hlb_gpt.tasks import Batch
 
 # hlb-gpt's sequence-length warmup: start short, double every SEQ_GROWTH_STEPS steps, same tokens per batch.
