@@ -146,13 +146,15 @@ def cli(ctx: click.Context, **flags: Any) -> None:
         raise ConfigError("two grid points would share a run folder; remove repeated values from the lists")
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
     check_writable(out)
-    from hlb_gpt.finetune import check_init
+    from hlb_gpt.finetune import check_init, pin_base
     from hlb_gpt.train import check_attention, check_memory
 
     for cfg in configs:
         check_init(cfg)
         check_attention(cfg)
         check_memory(cfg)
+    if base.init_from is not None:  # one base for every run of the sweep, in every worker: fixed before the first
+        pin_base(out, base.init_from)
     results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"], lock_timeout_s=flags["lock_timeout"])
     if os.environ.get("RANK", "0") != "0":
         return
@@ -353,14 +355,15 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
 
 
 def inherit_from_init(ctx: click.Context, flags: dict[str, Any]) -> dict[str, Any]:
-    """`--init-from RUN_DIR`: the flags, with the run's architecture, preset and --seq-len where none was given."""
+    """`--init-from RUN_DIR`: the flags, with the run's architecture, preset and --seq-len where none was given, and
+    the run as an absolute path (what config.json records: a resume from another folder finds the same run)."""
     from hlb_gpt.finetune import inherited_settings
 
     given = {name for name in flags
              if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
     inherited = {k: [v] if k in GRID_KEYS else v
                  for k, v in inherited_settings(flags["init_from"]).items() if k not in given}
-    return {**flags, **inherited}
+    return {**flags, **inherited, "init_from": str(Path(flags["init_from"]).resolve())}
 
 
 def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list[Any]]]:

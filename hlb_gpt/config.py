@@ -27,6 +27,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 ATTENTIONS = ("auto", "sdpa", "flex")
 LORA_TARGETS = ("in", "out", "gate", "head")  # see `finetune`: block input, output, gate matrices; the head
 TRAIN_ONLY = ("embed", "in", "out", "gate", "position", "norms", "head")
+MUON_MATRICES = ("in", "out", "gate")  # the --train-only components whose matrices Muon trains (see `optim`)
 
 
 class ConfigError(ValueError):
@@ -328,6 +329,11 @@ class RunConfig:
         if both:
             raise ConfigError(f"--train-only {','.join(sorted(both))} would train the matrices --lora-targets adapts; "
                               "choose one of them")
+        if self.optimizer == "muon" and self.lora_rank == 0 and self.train_only is not None \
+                and not set(_split(self.train_only)) & set(MUON_MATRICES):
+            raise ConfigError(f"--optimizer muon trains block matrices ({', '.join(MUON_MATRICES)}) or LoRA adapters, and "
+                              f"--train-only {self.train_only} trains none; add one of them, or --lora-rank, or drop "
+                              "--optimizer muon")
 
     @property
     def checkpoint_cadence(self) -> Cadence:

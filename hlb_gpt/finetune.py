@@ -1,14 +1,20 @@
 """Fine-tuning a trained run: start from its weights, then train low-rank adapters (LoRA) or a few components.
 
-`prepare_model` applies `--init-from`, `--train-only` and `--lora-rank` to a freshly built model, before the
-optimizer and the filter see its parameters. See docs/DESIGN.md, section 12.
+`prepare_model` applies `--train-only` and `--lora-rank` to a freshly built model, before the optimizer and the
+filter see its parameters; `load_base` then loads the `--init-from` base into it when the run starts afresh
+(never when it resumes: its checkpoints hold everything). The base is resolved once, before a sweep's first run,
+and pinned in the sweep folder (`pin_base`). See docs/DESIGN.md, section 12.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from hlb_gpt.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from hlb_gpt.config import LORA_TARGETS, TRAIN_ONLY, ConfigError, RunConfig
+from hlb_gpt.records import temporary_name
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +147,23 @@ def trainable_params(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------- --init-from
 
 
-@dataclass
-class InitWeights:
-    """A trained run's weights, as plain `model.GPT` state (adapters merged), and where they came from."""
+@dataclass(frozen=True)
+class Base:
+    """The checkpoint a fine-tune starts from, resolved once: the run it belongs to and the checkpoint file
+    (absolute paths), the checkpoint's step and the sha256 of its bytes. config.json records it (`record`)."""
 
-    run_dir: Path
-    config: dict[str, Any]  # the run's config.json
-    checkpoint: Path
+    run: str
+    checkpoint: str
     step: int
-    state: dict[str, Tensor]
+    sha256: str
+
+    def record(self) -> dict[str, Any]:
+        return {"init_checkpoint": self.checkpoint, "init_step": self.step, "init_sha256": self.sha256}
+
+
+# A fine-tune sweep's base, written into the sweep folder before its first run: every run of the sweep, in every
+# worker and whenever it starts, starts from these weights, however the base run moved on since.
+PINNED = "init-from.pt"
 
 
 def read_run_config(run_dir: Path | str) -> dict[str, Any]:
@@ -192,25 +207,85 @@ def check_init(cfg: RunConfig) -> None:
                           "(it was trained with --checkpoint-every 0, or has not checkpointed yet)")
 
 
-def load_init(run_dir: Path | str) -> InitWeights:
-    """The final weights of a run: its newest checkpoint (the final one, once the run completed), as plain
+def resolve_base(run_dir: Path | str) -> tuple[Base, dict[str, Any], dict[str, Tensor]]:
+    """The base of a fine-tune of `run_dir`: its newest checkpoint now (the final one, once the run completed),
+    read once (its sha256 is that of the bytes loaded), with the run's config and its weights as plain
     `model.GPT` state: wrapper prefixes stripped, the adapters of a fine-tuned run merged into its weights."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     config = read_run_config(run_dir)
     found = list_checkpoints(run_dir)
     if not found:
         raise ConfigError(f"--init-from {run_dir}: the run has no checkpoint to start from")
     try:
-        saved = load_checkpoint(found[-1])
+        data = found[-1].read_bytes()
+    except OSError as exc:  # pruned by the base's own training since it was listed
+        raise ConfigError(f"--init-from {run_dir}: cannot read {found[-1].name} ({exc.strerror or exc}); "
+                          "try again") from None
+    try:
+        saved = load_checkpoint(io.BytesIO(data))
     except CheckpointError as exc:
-        raise ConfigError(f"--init-from {run_dir}: {exc}") from None
-    step = int(saved["loop"]["step"])
+        raise ConfigError(f"--init-from {run_dir}: {found[-1].name}: {exc}") from None
+    base = Base(str(run_dir), str(found[-1]), int(saved["loop"]["step"]), hashlib.sha256(data).hexdigest())
     status = _status(run_dir)
     if status != "completed":
         logger.warning("--init-from %s: the run is %s; starting from its latest checkpoint, at step %d",
-                       run_dir, status or "unfinished", step)
+                       run_dir, status or "unfinished", base.step)
     state = merged_state_dict(saved["model"], config.get("lora_alpha", 0), config.get("lora_rank", 0))
-    return InitWeights(run_dir, config, found[-1], step, state)
+    return base, config, state
+
+
+def pin_base(sweep_dir: Path | str, init_from: Path | str) -> Base:
+    """The base every fine-tune of the sweep in `sweep_dir` starts from, fixed before its first run: the one
+    pinned there already (by another worker, or an earlier start of the sweep), or else `init_from`'s newest
+    checkpoint now, written there (`PINNED`) with its record and config. Two workers that pin at once agree:
+    the file appears whole and only once (a hard link, which never replaces), and the later one reads it."""
+    path = Path(sweep_dir) / PINNED
+    wanted = str(Path(init_from).resolve())
+    if not path.exists():
+        base, config, state = resolve_base(init_from)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_name(path)
+        try:
+            with open(tmp, "xb") as f:
+                torch.save({"base": dataclasses.asdict(base), "config": config, "model": state}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another worker pinned first: its base is the sweep's
+        except OSError as exc:  # a full disk: no run starts from a base it could not keep
+            raise ConfigError(f"--init-from {init_from}: cannot pin the base in {path} "
+                              f"({exc.strerror or exc})") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    pinned = read_pinned(path)[0]
+    if pinned.run != wanted:
+        raise ConfigError(f"--init-from {init_from}: the fine-tunes in {sweep_dir} start from {pinned.run} "
+                          f"(pinned in {path}); use another --out")
+    return pinned
+
+
+def read_pinned(path: Path) -> tuple[Base, dict[str, Any], dict[str, Tensor]]:
+    """A sweep's pinned base (`pin_base`): its record, the base run's config and its weights."""
+    try:
+        saved = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"{exc}; remove it to pin the base again") from None
+    return Base(**saved["base"]), saved["config"], saved["model"]
+
+
+def starting_weights(cfg: RunConfig, sweep_dir: Path) -> tuple[Base, dict[str, Tensor]]:
+    """What a fine-tune starting afresh starts from: its sweep's pinned base if it pinned this run's
+    --init-from, else the base run's newest checkpoint now."""
+    path = sweep_dir / PINNED
+    if path.exists():
+        base, config, state = read_pinned(path)
+        if base.run == str(Path(cfg.init_from).resolve()):
+            check_architecture(cfg, config, cfg.init_from)
+            return base, state
+    base, config, state = resolve_base(cfg.init_from)
+    check_architecture(cfg, config, cfg.init_from)
+    return base, state
 
 
 def _status(run_dir: Path) -> str | None:
@@ -245,22 +320,12 @@ def merged_state_dict(state: dict[str, Tensor], lora_alpha: float = 0, lora_rank
 # ----------------------------------------------------------------------------------------------- the run
 
 
-def prepare_model(model: nn.Module, cfg: RunConfig) -> dict[str, Any]:
-    """Apply --init-from, --train-only and --lora-* to a freshly built `model.GPT`, in that order, and return what
-    config.json records of it: the checkpoint the weights came from. The summary's memory record counts the
-    parameters that train (`trainable_params`)."""
+def prepare_model(model: nn.Module, cfg: RunConfig) -> None:
+    """Apply --train-only and --lora-* to a freshly built `model.GPT`, before the optimizer and the filter see its
+    parameters. Its weights are still the random initialisation: a fine-tune that starts afresh loads its base
+    into them afterwards (`load_base`), and one that resumes never reads its base again."""
     train_only = parse_names(cfg.train_only)
-    record: dict[str, Any] = {}
-    if cfg.init_from is not None:
-        check_init(cfg)
-        init = load_init(cfg.init_from)
-        try:
-            model.load_state_dict(init.state)
-        except RuntimeError as exc:  # shapes agree when the architecture does: a damaged or foreign checkpoint
-            raise ConfigError(f"--init-from {cfg.init_from}: its weights do not fit the model "
-                              f"({str(exc).splitlines()[0]})") from None
-        record.update(init_checkpoint=str(init.checkpoint), init_step=init.step)
-    elif cfg.lora_rank or train_only:
+    if cfg.init_from is None and (cfg.lora_rank or train_only):
         # Allowed, as an ablation (adapters on random features), but rarely what was meant.
         logger.warning("--lora-rank or --train-only without --init-from: the frozen weights are the random "
                        "initialisation")
@@ -268,10 +333,31 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> dict[str, Any]:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, parse_names(cfg.lora_targets), train_only)
     elif train_only:
         freeze_except(model, train_only)
-    if cfg.init_from is not None:
-        logger.info("fine-tuning %s from step %s: %s of %s parameters train", cfg.init_from, f"{init.step:,}",
-                    f"{trainable_params(model):,}", f"{sum(p.numel() for p in model.parameters()):,}")
-    return record
+
+
+def load_base(model: nn.Module, cfg: RunConfig, sweep_dir: Path) -> Base:
+    """Load the base of a fine-tune starting afresh (`starting_weights`) into its model, adapted or not: a plain
+    weight W goes where the model keeps it, `...parametrizations.<name>.original` for an adapted matrix. The
+    adapters keep their initialisation (B zero), so the model starts equal to the base."""
+    base, state = starting_weights(cfg, sweep_dir)
+    own = model.state_dict()
+    placed = {}
+    for key, value in state.items():
+        module, _, name = key.rpartition(".")
+        adapted = f"{module}.parametrizations.{name}.original" if module else f"parametrizations.{name}.original"
+        placed[adapted if adapted in own else key] = value
+    try:
+        missing, unexpected = model.load_state_dict(placed, strict=False)
+    except RuntimeError as exc:  # shapes agree when the architecture does: a damaged or foreign checkpoint
+        raise ConfigError(f"--init-from {cfg.init_from}: its weights do not fit the model "
+                          f"({str(exc).splitlines()[0]})") from None
+    missing = [k for k in missing if not k.endswith((".lora_A", ".lora_B"))]
+    if missing or unexpected:
+        raise ConfigError(f"--init-from {cfg.init_from}: its weights do not fit the model (missing "
+                          f"{', '.join(missing) or 'none'}; unexpected {', '.join(unexpected) or 'none'})")
+    logger.info("fine-tuning %s from step %s: %s of %s parameters train", base.run, f"{base.step:,}",
+                f"{trainable_params(model):,}", f"{sum(p.numel() for p in model.parameters()):,}")
+    return base
 
 
 def count_trainable(cfg: RunConfig) -> int:

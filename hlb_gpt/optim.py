@@ -193,34 +193,39 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Neither honours ``found_inf`` (torch's Muon has no skip on the device), so ``defaults`` has no
     ``fused``: the trainer checks for non-finite gradients on the host and skips the whole step.
+
+    `adamw` is None when every trainable parameter is a Muon matrix (a LoRA fine-tune: only adapters train);
+    its state is then None too.
     """
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.Optimizer) -> None:
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.Optimizer | None) -> None:
         self.muon, self.adamw = muon, adamw
+        self._inner = tuple(o for o in (muon, adamw) if o is not None)
         # The base class registers the inner optimizers' group dicts as they are (it adds no defaults).
-        super().__init__(muon.param_groups + adamw.param_groups, defaults={})
+        super().__init__([g for o in self._inner for g in o.param_groups], defaults={})
         self._share()
 
     def _share(self) -> None:
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
-        self.state = _States((self.muon, self.adamw))  # type: ignore[assignment]
+        self.param_groups = [g for o in self._inner for g in o.param_groups]
+        self.state = _States(self._inner)  # type: ignore[assignment]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         with torch.enable_grad():
             loss = closure() if closure is not None else None
-        self.muon.step()
-        self.adamw.step()
+        for optimizer in self._inner:
+            optimizer.step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+        return {"muon": self.muon.state_dict(), "adamw": None if self.adamw is None else self.adamw.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if set(state_dict) != {"muon", "adamw"}:
-            raise ValueError(f"not a Muon + AdamW optimizer state (keys {sorted(state_dict)})")
+        if set(state_dict) != {"muon", "adamw"} or (state_dict["adamw"] is None) != (self.adamw is None):
+            raise ValueError(f"not a Muon + AdamW optimizer state of these parameters (keys {sorted(state_dict)})")
         self.muon.load_state_dict(state_dict["muon"])
-        self.adamw.load_state_dict(state_dict["adamw"])
+        if self.adamw is not None:
+            self.adamw.load_state_dict(state_dict["adamw"])
         self._share()  # loading made new group dicts: the scheduler must write the lr into those
 
 
@@ -244,10 +249,10 @@ def make_muon(groups: list[dict], lr: float, momentum: float, device_type: str =
                                 "lr": lr, "momentum": momentum, "weight_decay": group["weight_decay"]})
         if rest:  # a matrix of more than 2 dims: Muon orthogonalises 2-D updates only
             adamw_groups.append({**group, "params": pick("params", rest), "names": pick("names", rest)})
-    if not muon_groups or not adamw_groups:
-        raise ValueError("--optimizer muon needs block matrices and other parameters")
+    if not muon_groups:  # `RunConfig` refuses the fine-tunes that train no matrix before any work
+        raise ValueError("--optimizer muon needs block matrices (or LoRA adapters) to train")
     return MuonAdamW(torch.optim.Muon(muon_groups, lr=lr, momentum=momentum),
-                     make_optimizer(adamw_groups, kind="adamw", device_type=device_type))
+                     make_optimizer(adamw_groups, kind="adamw", device_type=device_type) if adamw_groups else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ class Task(Protocol):
 
     The class is built as `Task(cfg, device, ddp, compile)`: it checks its settings and loads its data, and
     writes nothing (a ConfigError here leaves no run folder). The trainer then seeds torch with `cfg.seed` and
-    asks, in this order, for the model, the optimizer, and at every step a batch and its loss.
+    asks, in this order, for the model, the optimizer, `begin` (once its checkpoint, if any, is restored),
+    and at every step a batch and its loss.
     """
 
     n_train: int
@@ -93,6 +94,11 @@ class Task(Protocol):
 
     def build_model(self) -> nn.Module:
         """The model, on the device. Its trainable parameters (requires_grad) are the ones trained and filtered."""
+
+    def begin(self, model: nn.Module, run_dir: Path, resumed: bool) -> None:
+        """Called once it is known whether the run resumed from its checkpoint (`resumed`) or starts afresh,
+        before anything steps: a fresh fine-tune loads its base's weights into `model` here, so that a resumed
+        one never reads its base again."""
 
     def build_optimizer(self, named_params: list[tuple[str, nn.Parameter]]) -> tuple[Any, Any]:
         """(optimizer, lr scheduler) over the trainable parameters. The optimizer may honour `found_inf` to skip
@@ -340,9 +346,11 @@ class LoopState:
     def metrics_row(self, n_train: int, train_loss: float, val_loss: float, lr: float, grad_norm: float,
                     ema_ratio: float) -> dict[str, Any]:
         """The metrics.jsonl row every task writes, at the current step (`ema_ratio` NaN when no filter acts).
-        Records the validation loss as the final and maybe best one, and starts the next throughput interval."""
-        self.final = val_loss
-        self.best = val_loss if math.isnan(self.best) else min(self.best, val_loss)
+        Records the validation loss as the final and maybe best one once training began (the step-0 evaluation
+        reads the untrained model), and starts the next throughput interval."""
+        if self.step > 0:
+            self.final = val_loss
+            self.best = val_loss if math.isnan(self.best) else min(self.best, val_loss)
         interval = self.steady_time - self.mark_time
         row = {
             "epoch": self.tokens / n_train,
@@ -533,6 +541,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
     parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, task)
     loop, metrics, checkpoint = parts.start(resume)
+    task.begin(model, run_dir, resumed=checkpoint is not None)
     loop.to(device)
 
     net, no_sync = model, contextlib.nullcontext

@@ -818,3 +818,55 @@ def test_the_old_window_flag_of_compare_still_sets_the_span_with_a_one_line_note
     with pytest.raises(SystemExit) as exc:
         main(["compare", str(sweep), "--span", "all", "--window", "first:3"])
     assert exc.value.code == 2 and "give --span only" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- the evaluation before training
+
+
+def with_step_0(folder, val_loss, **columns):
+    """Prepend the evaluation before training (step 0, no training columns) to a hand-made run's metrics."""
+    row = {"epoch": 0.0, "step": 0, "tokens": 0, "train_loss": None, "val_loss": val_loss, "lr": 0.0,
+           "grad_norm": None, "ema_ratio": None, "time_s": 0.0, "tokens_per_s": None, **columns}
+    path = folder / "metrics.jsonl"
+    path.write_text(json.dumps(row) + "\n" + path.read_text())
+
+
+def test_a_run_with_only_the_evaluation_before_training_is_left_out_with_a_note(sweep):
+    for seed in SEEDS:  # every run of the sweep evaluated the untrained model too
+        for label in CURVES:
+            with_step_0(sweep / f"{FOLDER[label]}-s{seed}", 5.70)
+    # killed right after its step-0 row, as a sweep just started looks
+    write_run(sweep / "ema-a0.9-g0.1-s3", SETTINGS["ema α0.9 g0.1"][0], [], 3, status=None)
+    with_step_0(sweep / "ema-a0.9-g0.1-s3", 5.70)
+    runs, notes = runs_of(sweep)
+    assert len(runs) == 12
+    assert any("ema-a0.9-g0.1-s3" in n and "no evaluation after training began" in n for n in notes)
+    c = compare(runs, "final", "all", notes=notes)
+    assert c.group("ema α0.9 g0.1").n == 3 and c.group("ema α0.9 g0.1").test.n_pairs == 3
+
+
+def test_statistics_read_only_evaluations_after_training_began(sweep):
+    for seed in SEEDS:
+        for label in CURVES:
+            with_step_0(sweep / f"{FOLDER[label]}-s{seed}", 1.0)  # better than any trained value, and untrained
+    runs, _ = runs_of(sweep)
+    for metric in METRICS:
+        c = compare(runs, metric, "first:3")
+        for label in CURVES:
+            assert c.group(label).values == pytest.approx(list(expected_per_run(label, metric, "first:3")))
+
+
+def test_a_run_diverged_before_its_first_trained_evaluation_has_no_best_but_the_worst(sweep, tmp_path):
+    write_run(tmp_path / "div" / "ema-a0.99-g50-s0", dict(grokfast=True, alpha=0.99, gain=50.0), [], 0,
+              epochs=[], status="diverged")
+    with_step_0(tmp_path / "div" / "ema-a0.99-g50-s0", 5.6739)
+    runs, _ = runs_of(sweep, tmp_path / "div")
+    for resample in (None, 20):
+        assert compare(runs, "best", "all", resample=resample).group("ema α0.99 g50").values == [math.inf]
+
+
+def test_a_target_met_by_the_untrained_model_counts_from_the_first_trained_evaluation_that_meets_it(tmp_path):
+    folder = tmp_path / "g" / "baseline-s0"
+    write_accuracy_run(folder, {}, [0.005, 0.02, 0.03], 0, target_acc=0.01)
+    with_step_0(folder, 4.6, val_acc=0.011, train_acc=None)
+    assert compare(load_runs([tmp_path / "g"])[0], "steps_to_target", "all").group("baseline").values == [20.0]

@@ -1,12 +1,15 @@
 """Fine-tuning: --init-from a run's weights, LoRA adapters (--lora-*), component fine-tuning (--train-only)."""
 
+import hashlib
+import shutil
 import signal
 
 import pytest
 import torch
 
 from hlb_gpt import finetune
-from hlb_gpt.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from hlb_gpt import train as train_module
+from hlb_gpt.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.model import GPT, GPTConfig
 from hlb_gpt.optim import param_groups
@@ -14,6 +17,7 @@ from hlb_gpt.records import read_run
 from hlb_gpt.sweep import run_sweep
 from hlb_gpt.train import train
 from test_reliability import SMALL, hlb, numbers, start, tiny_run, wait_for
+from tiny_runs import run_main
 
 # The SMALL model: 1 block of width 32 (queries and keys 4 wide, GeGLU halves 64 wide), bytes (vocab 256).
 WIDTH, HIDDEN, QK, VOCAB = 32, 64, 4, 256
@@ -204,6 +208,29 @@ def test_a_lora_run_that_dies_mid_way_resumes_to_the_metrics_of_an_uninterrupted
     assert numbers(run) == numbers(tmp_path / "direct")
 
 
+@pytest.mark.parametrize("changes", [dict(lora_rank=2), dict(lora_rank=2, train_only="norms"),
+                                     dict(train_only="in,out")], ids=["lora", "lora+norms", "train-only"])
+def test_muon_trains_the_matrices_a_fine_tune_trains_and_adamw_the_rest(pretrained, tmp_path, changes):
+    summary = train(fine_tune(pretrained, tmp_path, optimizer="muon", **changes), tmp_path / "ft", progress=False)
+    assert summary["status"] == "completed", summary["error"]
+    assert summary["final_val_loss"] < read_run(pretrained).summary["final_val_loss"]
+    state = load_checkpoint(latest_checkpoint(tmp_path / "ft"))["optimizer"]
+    muon_names = [n for g in state["muon"]["param_groups"] for n in g["names"]]
+    adamw_names = [n for g in (state["adamw"] or {}).get("param_groups", []) for n in g["names"]]
+    matrices = (".lora_A", ".lora_B") if changes.get("lora_rank") else (".expand", ".project")
+    assert muon_names and all(n.endswith(matrices) for n in muon_names)
+    assert all("norm" in n for n in adamw_names) and bool(adamw_names) == ("norms" in changes.get("train_only", ""))
+
+
+def test_muon_with_nothing_for_muon_to_train_is_refused_before_any_work_in_one_line(pretrained, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--optimizer muon.*--train-only position,head"):
+        RunConfig(init_from="x", optimizer="muon", train_only="position,head")
+    code, _, err = run_main(["--init-from", str(pretrained), "--optimizer", "muon", "--train-only", "head",
+                             "--out", str(tmp_path / "out"), "-q"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--optimizer muon" in err and "--train-only" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_init_from_takes_the_runs_architecture_and_refuses_another_in_one_line(pretrained, tmp_path, capsys):
     from hlb_gpt.cli import main
 
@@ -270,3 +297,119 @@ def test_a_killed_lora_run_resumes_to_the_same_metrics(pretrained, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed at step" in rerun.stderr
     assert numbers(run) == numbers(tmp_path / "full" / "ema-a0.98-g2-s0")
+
+
+# ----------------------------------------------------------------------------------------------- the base, fixed once
+
+
+def own_base(pretrained, tmp_path):
+    """A copy of the pretrained run that this test may train on and delete; its checkpoint now and that one's sha."""
+    base = tmp_path / "base"
+    shutil.copytree(pretrained, base)
+    first = latest_checkpoint(base)
+    return base, first, hashlib.sha256(first.read_bytes()).hexdigest()
+
+
+def dies_at_step(monkeypatch, n):
+    """The next run is killed at its n-th step, leaving what a kill -9 leaves (no summary)."""
+    from hlb_gpt.records import RunWriter
+
+    real_step, calls = train_module.optimizer_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", step)
+    monkeypatch.setattr(RunWriter, "write_summary", lambda self, summary: None)
+
+
+def base_moves_on(base):
+    """The base run trains on: a later checkpoint with other weights, the oldest pruned as training does."""
+    saved = load_checkpoint(latest_checkpoint(base))
+    step = saved["loop"]["step"] + 10
+    saved["loop"]["step"], saved["model"] = step, {k: v + 0.01 for k, v in saved["model"].items()}
+    save_checkpoint(base, step, saved, keep=2)
+
+
+def test_a_fine_tune_resumed_after_its_base_moved_from_elsewhere_and_after_the_base_is_gone_keeps_its_base(
+        pretrained, tmp_path, monkeypatch, capsys):
+    base, first, sha = own_base(pretrained, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = [*SMALL, "--init-from", "base", "--lora-rank", "4", "--epochs", "0.002", "--evals-per-epoch", "20000",
+            "--checkpoint-every", "0.0005", "--data-cache", str(tmp_path / "cache")]
+    assert run_main([*args, "--out", "direct"], capsys)[0] == 0
+    run = tmp_path / "ft" / "baseline-s0"
+    with monkeypatch.context() as m:
+        dies_at_step(m, 8)
+        assert run_main([*args, "--out", "ft"], capsys)[0] == 130
+    assert read_run(run).summary is None and list_checkpoints(run)
+
+    base_config = RunConfig.from_dict(read_run(base).config)
+    assert train(base_config.replace(epochs=0.004), base, progress=False, resume=True)["steps"] > 31  # extended
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with monkeypatch.context() as m:
+        dies_at_step(m, 6)
+        code, _, err = run_main(["--resume", str(run), "-q"], capsys)
+        assert code == 130, err
+    shutil.rmtree(base)
+    code, _, err = run_main(["--resume", str(run), "-q"], capsys)
+    assert code == 0, err
+
+    config = read_run(run).config
+    assert config["init_from"] == str(base.resolve())
+    assert (config["init_checkpoint"], config["init_step"], config["init_sha256"]) == (str(first), 31, sha)
+    assert numbers(run) == numbers(tmp_path / "direct" / "baseline-s0")
+
+
+def test_a_fine_tune_sweep_starts_every_run_from_one_base_checkpoint_while_the_base_moves_on(pretrained, tmp_path,
+                                                                                             monkeypatch, capsys):
+    from hlb_gpt.compare import compare, load_runs
+
+    base, first, sha = own_base(pretrained, tmp_path)
+    real_train, started = train_module.train, []
+
+    def base_moves_then_train(cfg, run_dir, **kwargs):
+        base_moves_on(base)
+        started.append(run_dir.name)
+        if len(started) == 2:
+            raise KeyboardInterrupt  # the sweep is stopped; the same command (or another worker) goes on later
+        return real_train(cfg, run_dir, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", base_moves_then_train)
+    out = tmp_path / "sweep"
+    args = [*SMALL, "--init-from", str(base), "--lora-rank", "2", "--seed", "0,1,2", "--max-steps", "3",
+            "--data-cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert run_main(args, capsys)[0] == 130
+    assert run_main(args, capsys)[0] == 0
+    assert first not in list_checkpoints(base)  # the base moved on 4 times and pruned the one the sweep started from
+    for seed in (0, 1, 2):
+        config = read_run(out / f"baseline-s{seed}").config
+        assert (config["init_checkpoint"], config["init_step"], config["init_sha256"]) == (str(first), 31, sha)
+    runs, _ = load_runs([out])
+    assert [g.n for g in compare(runs, "final", "all").groups] == [3]  # one configuration
+
+    other = tmp_path / "other"
+    shutil.copytree(pretrained, other)
+    code, _, err = run_main([*args[:-1], str(out), "--init-from", str(other)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "start from" in err
+
+
+def test_two_workers_pinning_one_sweep_at_once_agree_on_the_pin_written_first(pretrained, tmp_path, monkeypatch):
+    import os
+
+    base, _, _ = own_base(pretrained, tmp_path)
+    real_link = os.link
+
+    def another_worker_pins_first(src, dst):
+        monkeypatch.setattr(finetune.os, "link", real_link)
+        base_moves_on(base)  # the other worker read the base after it moved on
+        assert finetune.pin_base(tmp_path / "sweep", base).step == 41
+        real_link(src, dst)
+
+    monkeypatch.setattr(finetune.os, "link", another_worker_pins_first)
+    assert finetune.pin_base(tmp_path / "sweep", base).step == 41
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == [finetune.PINNED]  # no temporary file left

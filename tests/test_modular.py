@@ -140,7 +140,7 @@ def test_a_run_records_accuracy_with_every_standard_metric(tmp_path):
         assert row["ema_ratio"] is None  # no filter
     assert run.metrics[-1]["tokens"] == 2 * 4656 == run.summary["tokens"]
     assert run.metrics[-1]["epoch"] == 2.0
-    assert run.summary["best_val_acc"] == max(row["val_acc"] for row in run.metrics)
+    assert run.summary["best_val_acc"] == max(row["val_acc"] for row in run.metrics[1:])  # after training began
     assert run.summary["final_val_acc"] == run.metrics[-1]["val_acc"]
     assert run.config["task"] == "modular" and run.config["modular"]["steps_per_epoch"] == 10
 
@@ -159,7 +159,7 @@ def test_without_max_steps_the_run_lasts_epochs_times_ten_steps(tmp_path):
 def test_the_run_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path):
     cfg = small(max_steps=60)
     train(cfg, tmp_path / "free", progress=False)
-    accs = [(row["step"], row["val_acc"]) for row in read_run(tmp_path / "free").metrics]
+    accs = [(row["step"], row["val_acc"]) for row in read_run(tmp_path / "free").metrics[1:]]  # trained
     target = max(acc for _, acc in accs[:-1])
     assert target > 0
     expected = next(step for step, acc in accs if acc >= target)
@@ -168,6 +168,14 @@ def test_the_run_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path)
     assert summary["status"] == "completed"
     assert summary["steps_to_target"] == expected == summary["steps"] < 60
     assert read_run(tmp_path / "stopped").metrics[-1]["val_acc"] >= target
+
+
+def test_a_target_the_untrained_model_meets_is_reached_at_the_first_trained_evaluation_that_meets_it(tmp_path):
+    summary = train(small(max_steps=30, target_acc=0.001), tmp_path / "run", progress=False)
+    rows = read_run(tmp_path / "run").metrics
+    assert rows[0]["step"] == 0 and rows[0]["val_acc"] >= 0.001  # the untrained model already meets it
+    assert summary["steps_to_target"] == 10 == summary["steps"]  # and the run stops there, as it records
+    assert summary["best_val_acc"] == summary["final_val_acc"] == rows[1]["val_acc"]
 
 
 @pytest.mark.parametrize("kind", ["ema", "ma"])

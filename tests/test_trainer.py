@@ -98,6 +98,23 @@ def test_non_finite_gradients_for_too_many_steps_in_a_row_diverge_the_run(tmp_pa
 
 
 @pytest.mark.parametrize("task", TASKS)
+def test_a_run_that_diverges_before_its_first_trained_evaluation_has_no_best_or_final_value(tmp_path, token_cache,
+                                                                                             monkeypatch, task):
+    real_step = train_module.optimizer_step
+
+    def poisoned(forward, micro, params, *args, **kwargs):
+        return real_step(lambda x, y: forward(x, y) * float("nan"), micro, params, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", poisoned)
+    changes = dict(max_steps=40, max_bad_steps=5) if task == "modular" else dict(max_bad_steps=3, evals_per_epoch=1)
+    summary = train(small(task, token_cache, **changes), tmp_path / "run", progress=False)
+    run = read_run(tmp_path / "run")
+    assert summary["status"] == "diverged" and [row["step"] for row in run.metrics] == [0]  # only the untrained one
+    for key in ("best_val_loss", "final_val_loss", "best_val_acc", "final_val_acc"):
+        assert run.summary.get(key) is None, key  # not the untrained model's value
+
+
+@pytest.mark.parametrize("task", TASKS)
 def test_a_crash_leaves_a_failed_summary(tmp_path, token_cache, monkeypatch, task):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")

@@ -1,8 +1,9 @@
 """Run folders to runs, through `hlb_gpt.records` only, with a note on every run left out or cut short.
 
 A path is a run folder or a folder searched for them; the same run reached twice counts once. Unfinished,
-interrupted and failed runs with evaluations are kept, with a note on the epoch they reached; a run without
-evaluations is left out, unless it diverged (docs/DESIGN.md, section 11).
+interrupted and failed runs with evaluations after training began are kept, with a note on the epoch they
+reached; a run without one (none at all, or only the evaluation of the untrained model at step 0) is left out,
+unless it diverged (docs/DESIGN.md, section 11).
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def run_rows(run: Run) -> list[dict[str, Any]]:
     return sorted(by_step.values(), key=lambda r: r["epoch"])
 
 
+def after_training_began(row: dict[str, Any]) -> bool:
+    """Whether an evaluation read a trained model: not the one at step 0, before the first step. That one stays in
+    the curves and is left out of every statistic (rows recorded without a step count as trained)."""
+    return row.get("step") != 0
+
+
 def last_epoch(run: Run) -> float:
     """The furthest epoch the run reached, by its rows or its summary."""
     epochs = [r["epoch"] for r in run_rows(run)]
@@ -75,7 +82,7 @@ def last_epoch(run: Run) -> float:
 
 def _status(run: Run) -> tuple[bool, str | None]:
     """Whether to keep the run, and a note on anything but a completed run."""
-    name, rows = run_label(run), len(run.metrics)
+    name, rows = run_label(run), sum(1 for row in run_rows(run) if after_training_began(row))
     reached = last_epoch(run)
     planned = run.config.get("epochs")
     of = f" of {planned:g}" if isinstance(planned, (int, float)) else ""
@@ -85,7 +92,8 @@ def _status(run: Run) -> tuple[bool, str | None]:
         return True, f"{name}: diverged at epoch {reached:g}; it counts as the worst value (+inf loss) from there"
     if not rows:
         why = "no summary.json" if run.summary is None else f"{run.status}: {run.summary.get('error')}"
-        return False, f"{name}: no evaluations yet ({why}), skipped"
+        what = "no evaluation after training began" if run_rows(run) else "no evaluations yet"
+        return False, f"{name}: {what} ({why}), skipped"
     if run.summary is None:
         return True, (f"{name}: unfinished (no summary.json): included with its {rows} evaluations "
                       f"up to epoch {reached:g}{of}")

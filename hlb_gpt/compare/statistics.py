@@ -1,7 +1,8 @@
 """The numbers of `compare`: a run's statistic, and the paired test of a configuration against its baseline.
 
 A missing or non-finite value counts as the worst, and a diverged run gets the worst value where it stopped, so a
-run that blew up never looks good. A span's bounds are widened by one optimizer step, since an evaluation falls
+run that blew up never looks good. Only evaluations after training began count: the one at step 0 reads the
+untrained model (the curves keep it). A span's bounds are widened by one optimizer step, since an evaluation falls
 on the first step past its epoch. The paired test pairs runs by seed (docs/DESIGN.md, section 11).
 """
 
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from hlb_gpt.compare.loading import last_epoch, run_rows
+from hlb_gpt.compare.loading import after_training_began, last_epoch, run_rows
 from hlb_gpt.records import Run
 
 CONFIDENCE = 0.95
@@ -155,8 +156,8 @@ def lacks_column(run: Run, column: Column) -> bool:
 
 
 def run_series(run: Run, column: Column) -> Series:
-    # The evaluation before training has no training columns: nothing is missing there.
-    rows = [r for r in run_rows(run) if not (r.get("step") == 0 and r.get(column.name) is None)]
+    """The run's evaluations after training began: the untrained model's loss is no run's best or final value."""
+    rows = [r for r in run_rows(run) if after_training_began(r)]
     epochs = [float(r["epoch"]) for r in rows]
     values = [_value_or_worst(r.get(column.name), column) for r in rows]
     if run.status == "diverged" and not (values and math.isinf(values[-1])):
@@ -173,12 +174,12 @@ def _value_or_worst(value: Any, column: Column) -> float:
 
 
 def steps_to_target(run: Run) -> float | None:
-    """The step of the run's first evaluation with val_acc >= its --target-acc; +inf if none reached it (within
-    its budget, or before it diverged or stopped); None when the run has no target."""
+    """The step of the run's first evaluation after training began with val_acc >= its --target-acc; +inf if none
+    reached it (within its budget, or before it diverged or stopped); None when the run has no target."""
     target = run.config.get("target_acc")
     if not isinstance(target, (int, float)) or isinstance(target, bool):
         return None
-    for row in run_rows(run):
+    for row in filter(after_training_began, run_rows(run)):
         value, step = row.get(TARGET_COLUMN), row.get("step")
         if isinstance(value, (int, float)) and math.isfinite(value) and value >= target and isinstance(step, int):
             return float(step)

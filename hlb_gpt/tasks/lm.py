@@ -21,9 +21,10 @@ from hlb_gpt import distributed
 from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
 from hlb_gpt.device import attention_for, resolve_precision
-from hlb_gpt.finetune import count_trainable, prepare_model
+from hlb_gpt.finetune import count_trainable, load_base, prepare_model
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
 from hlb_gpt.optim import make_muon, make_optimizer, make_scheduler, param_groups
+from hlb_gpt.records import read_run
 from hlb_gpt.tasks import Batch
 
 # hlb-gpt's sequence-length warmup: start short, double every SEQ_GROWTH_STEPS steps, same tokens per batch.
@@ -168,14 +169,23 @@ class LanguageModel:
                                                                         cfg.eval_tokens or None))
         # Evaluation goes in chunks of the per-rank micro-batch, which training has shown to fit.
         self.eval_batch = cfg.batch_size // (cfg.grad_accum * ddp.world_size)
+        self.base: dict[str, Any] = {}  # a fine-tune's base (`finetune.Base.record`), once it is known
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         model = GPT(GPTConfig(vocab_size=pad_vocab(self.tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,
                               max_seq_len=cfg.seq_len, gate=cfg.gate, attention=self.attention)).to(self.device)
-        # --init-from, --lora-*, --train-only: before anything sees the parameters.
-        self.finetune = prepare_model(model, cfg)
+        prepare_model(model, cfg)  # --lora-*, --train-only: before anything sees the parameters
         return model
+
+    def begin(self, model: nn.Module, run_dir: Path, resumed: bool) -> None:
+        if self.cfg.init_from is None:
+            return
+        if not resumed:
+            self.base = load_base(model, self.cfg, run_dir.parent).record()
+        elif not self.base:  # a checkpoint written before checkpoints held the base: as config.json recorded it
+            recorded = read_run(run_dir).config
+            self.base = {k: recorded[k] for k in ("init_checkpoint", "init_step", "init_sha256") if k in recorded}
 
     def build_optimizer(self, named_params: list[tuple[str, nn.Parameter]]):
         return build_optimizer(self.cfg, named_params, self.device, compile=self.compile)
@@ -185,7 +195,7 @@ class LanguageModel:
                 f"{self.schedule.tokens_per_step:,} tokens")
 
     def record(self) -> dict[str, Any]:
-        return self.finetune  # the checkpoint the weights came from, with --init-from
+        return self.base  # the checkpoint the weights came from, with --init-from
 
     def batch(self, step: int) -> Batch:
         length, batch = self.schedule.length_at(step), self.schedule.batch_at(step)
@@ -206,7 +216,7 @@ class LanguageModel:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"base": self.base} if self.base else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.base = state.get("base", {})

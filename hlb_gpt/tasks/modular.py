@@ -287,6 +287,12 @@ def _count_params(depth: int, width: int) -> int:
         return ModularTransformer(ModularConfig(depth=depth, width=width)).num_params()
 
 
+def _trained(row: dict[str, Any]) -> bool:
+    """Whether the evaluation came after training began: the step-0 one (the untrained model) reaches no target
+    and is no best or final accuracy."""
+    return row["step"] > 0
+
+
 class ModularArithmetic:
     """The grokking benchmark: the `Task` the trainer runs for --task modular.
 
@@ -328,6 +334,9 @@ class ModularArithmetic:
 
     def build_model(self) -> nn.Module:
         return ModularTransformer(ModularConfig(depth=self.cfg.depth, width=self.cfg.width)).to(self.device)
+
+    def begin(self, model: nn.Module, run_dir: Any, resumed: bool) -> None:
+        pass  # the model starts from its initialisation or its checkpoint
 
     def build_optimizer(self, named_params: list[tuple[str, nn.Parameter]]):
         optimizer = make_modular_optimizer([p for _, p in named_params], self.cfg.lr, self.cfg.weight_decay,
@@ -374,11 +383,12 @@ class ModularArithmetic:
         return f"validation accuracy {row['val_acc']:.3f} >= {self.cfg.target_acc}"
 
     def _reached(self, row: dict[str, Any]) -> bool:
-        return self.cfg.target_acc is not None and row.get("val_acc", math.nan) >= self.cfg.target_acc
+        return (self.cfg.target_acc is not None and _trained(row)
+                and row.get("val_acc", math.nan) >= self.cfg.target_acc)
 
     def summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
         best = final = math.nan
-        for row in metrics:
+        for row in filter(_trained, metrics):
             if "val_acc" in row:
                 final = row["val_acc"]
                 best = final if math.isnan(best) else max(best, final)
