@@ -281,11 +281,13 @@ def sample_command(run_dir: Path, prompt: str, tokens: int, temperature: float, 
     from hlb_gpt.sample import check_sampling, sample_text
     from hlb_gpt.trained import load_trained
 
-    check_sampling(prompt, tokens, temperature, top_k)  # before the checkpoint is read
+    check_sampling(prompt, tokens, temperature, top_k, seed)  # before the checkpoint is read
     trained = load_trained(run_dir, checkpoint)
     model = trained.model.to(resolve_device(device))
+    text = sample_text(model, trained.tokenizer, prompt, tokens, temperature, top_k, seed)
+    # Said once the text exists, so that a model that cannot sample (a diverged run's) gives its one line alone.
     click.echo(f"{trained.checkpoint} (step {trained.step}, {_run_state(trained.status)})", err=True)
-    click.echo(sample_text(model, trained.tokenizer, prompt, tokens, temperature, top_k, seed))
+    click.echo(text)
 
 
 @cli.command("export")
