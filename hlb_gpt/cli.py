@@ -232,21 +232,31 @@ def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, spa
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     loaded, notes = cmp.load_runs(runs)
-    if not loaded:
-        raise click.UsageError(f"no run folders (with config.json) under {', '.join(map(str, runs))}")
+    if not loaded:  # the notes say why: no run folder, or none with an evaluation
+        shown = "; ".join(" ".join(note.split()) for note in notes[:3])
+        raise click.UsageError(f"nothing to compare: {shown}" + (f" (and {len(notes) - 3} more)" if len(notes) > 3
+                                                                 else ""))
     if parsed[0].kind != "steps_to_target" and all(cmp.lacks_column(run, parsed[2]) for run in loaded):
         raise click.UsageError(f"--column {parsed[2].name}: none of these runs records it ({cmp.COLUMN_OWNERS})")
     try:
         comparison = cmp.compare(loaded, *parsed, notes=notes, resample=resample)
-    except ValueError as exc:  # --resample with steps_to_target
+    except ValueError as exc:  # --resample with steps_to_target, or too many points
         raise click.UsageError(str(exc)) from None
+    if plot_dir is not None:
+        from hlb_gpt.plots import check_plot_dir
+
+        check_plot_dir(plot_dir)  # before the table: a refusal after it would read as a failed comparison
     click.echo(cmp.format_table(comparison, fmt))
     if fmt == "csv" and comparison.notes:
         click.echo(cmp.format_notes(comparison), err=True)
     if plot_dir is not None:
         from hlb_gpt.plots import plot
 
-        for path in plot(comparison, plot_dir, log_x=log_x, zoom=zoom):
+        try:
+            paths = plot(comparison, plot_dir, log_x=log_x, zoom=zoom)
+        except OSError as exc:  # the folder was writable a moment ago: a full disk
+            raise ConfigError(f"--plot {plot_dir}: cannot write the plots ({exc.strerror or exc})") from None
+        for path in paths:
             click.echo(f"wrote {path}", err=True)
 
 
