@@ -204,7 +204,8 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
               help="Plots: also draw the first K epochs on their own.")
 @click.option("--resample", type=click.IntRange(min=2), default=None, metavar="N",
               help="Interpolate every curve onto N evenly spaced epochs (0 to the longest run's last evaluation) "
-                   "before the statistic, so runs evaluated at different cadences compare fairly [off].")
+                   "before the statistic, so runs evaluated at different cadences compare fairly; N at most "
+                   "1,000,000 [off].")
 @click.pass_context
 def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, span: str, old_span: str | None,
                     column: str | None, fmt: str, plot_dir: Path | None, log_x: bool, zoom: float | None,
