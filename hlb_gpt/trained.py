@@ -47,6 +47,8 @@ def read_lm_run(run_dir: Path) -> Run:
         run = read_run(run_dir)
     except CorruptRecord as exc:
         raise ConfigError(str(exc)) from None
+    if not isinstance(run.config, dict):
+        raise ConfigError(f"{run_dir}/config.json is not a JSON object")
     task = run.config.get("task", "lm")
     if task != "lm":
         raise ConfigError(f"{run_dir} is a --task {task} run; only language-model runs (--task lm) hold text")
@@ -55,8 +57,9 @@ def read_lm_run(run_dir: Path) -> Run:
 
 def load_trained(run_dir: Path, checkpoint: Path | None = None) -> Trained:
     """The run's model with the weights of `checkpoint`, by default the run's latest (its final one once the run
-    completed). Every problem is a one-line ConfigError: no run, not a language model, no checkpoint, a damaged
-    checkpoint, or weights that do not fit the recorded architecture."""
+    completed). Every problem is a one-line ConfigError: no run, not a language model, no checkpoint, a file that
+    is not a checkpoint, a damaged checkpoint, another run's checkpoint, or weights that do not fit the recorded
+    architecture."""
     run_dir = Path(run_dir)
     run = read_lm_run(run_dir)
     config = run.config
@@ -89,8 +92,11 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None) -> Trained:
 def check_checkpoint_file(path: Path) -> None:
     """A one-line error for a file that is no checkpoint at all (a config.json given as --checkpoint): the
     checkpoints training writes are zip archives, as torch.save makes them."""
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ConfigError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if head and head != b"PK\x03\x04":  # an empty file is a truncated checkpoint, and load_checkpoint says so
         raise ConfigError(f"{path} is not a checkpoint (a run's checkpoints are the zip files "
                           "checkpoints/step-*.pt in its folder)")

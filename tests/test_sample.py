@@ -262,3 +262,26 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_line(bytes_run, capsy
     code, out, err = run_main(["sample", str(bytes_run), "--checkpoint", str(bytes_run / "config.json")], capsys)
     refused_in_one_line(code, out, err, "config.json is not a checkpoint")
     assert "Please file an issue" not in err and "WeightsUnpickler" not in err
+
+
+def test_a_config_that_is_json_but_not_an_object_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("[1, 2]")
+    code, out, err = run_main(["sample", str(tmp_path / "run")], capsys)
+    refused_in_one_line(code, out, err, "config.json is not a JSON object")
+
+
+def test_an_unreadable_checkpoint_is_refused_in_one_line(bytes_run, tmp_path, capsys, monkeypatch):
+    # Tests may run as root, whom no file mode stops: the refusal the system would give is simulated.
+    checkpoint = tmp_path / "step.pt"
+    shutil.copy(latest_checkpoint(bytes_run), checkpoint)
+    real_open = open
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == str(checkpoint):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    code, out, err = run_main(["sample", str(bytes_run), "--checkpoint", str(checkpoint)], capsys)
+    refused_in_one_line(code, out, err, f"cannot read checkpoint {checkpoint}: Permission denied")
