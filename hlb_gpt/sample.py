@@ -50,9 +50,10 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None, generator:
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     # Shifted so the largest is 0 before dividing: a tiny temperature then sends the others to -inf, never to
-    # inf - inf = NaN; in float64 so that no positive temperature rounds to 0. The softmax is the same.
-    logits = logits.double()
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    # inf - inf = NaN (the softmax is the same). A temperature below float32's smallest normal number would
+    # round to 0 in the division (0 / 0 = NaN); it samples as that number: greedy, but for exact ties.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
