@@ -109,7 +109,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        detail = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error" in line), "")
+        # torch's reason follows "WeightsUnpickler error:", on its line or the next; the rest is advice to users
+        # of torch.load, not to ours.
+        after = text.partition("WeightsUnpickler error:")[2]
+        detail = next((line.strip() for line in after.splitlines() if line.strip()), "")
         if "Unsupported global" in text:
             first = detail.split(". Please")[0] if detail else text.strip().splitlines()[0]
             raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data "

@@ -207,7 +207,8 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
               help="Plots: also draw the first K epochs on their own.")
 @click.option("--resample", type=click.IntRange(min=2), default=None, metavar="N",
               help="Interpolate every curve onto N evenly spaced epochs (0 to the longest run's last evaluation) "
-                   "before the statistic, so runs evaluated at different cadences compare fairly [off].")
+                   "before the statistic, so runs evaluated at different cadences compare fairly; N at most "
+                   "1,000,000 [off].")
 @click.pass_context
 def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, span: str, old_span: str | None,
                     column: str | None, fmt: str, plot_dir: Path | None, log_x: bool, zoom: float | None,
@@ -235,21 +236,31 @@ def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, spa
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     loaded, notes = cmp.load_runs(runs)
-    if not loaded:
-        raise click.UsageError(f"no run folders (with config.json) under {', '.join(map(str, runs))}")
+    if not loaded:  # the notes say why: no run folder, or none with an evaluation
+        shown = "; ".join(" ".join(note.split()) for note in notes[:3])
+        raise click.UsageError(f"nothing to compare: {shown}" + (f" (and {len(notes) - 3} more)" if len(notes) > 3
+                                                                 else ""))
     if parsed[0].kind != "steps_to_target" and all(cmp.lacks_column(run, parsed[2]) for run in loaded):
         raise click.UsageError(f"--column {parsed[2].name}: none of these runs records it ({cmp.COLUMN_OWNERS})")
     try:
         comparison = cmp.compare(loaded, *parsed, notes=notes, resample=resample)
-    except ValueError as exc:  # --resample with steps_to_target
+    except ValueError as exc:  # --resample with steps_to_target, or too many points
         raise click.UsageError(str(exc)) from None
+    if plot_dir is not None:
+        from hlb_gpt.plots import check_plot_dir
+
+        check_plot_dir(plot_dir)  # before the table: a refusal after it would read as a failed comparison
     click.echo(cmp.format_table(comparison, fmt))
     if fmt == "csv" and comparison.notes:
         click.echo(cmp.format_notes(comparison), err=True)
     if plot_dir is not None:
         from hlb_gpt.plots import plot
 
-        for path in plot(comparison, plot_dir, log_x=log_x, zoom=zoom):
+        try:
+            paths = plot(comparison, plot_dir, log_x=log_x, zoom=zoom)
+        except OSError as exc:  # the folder was writable a moment ago: a full disk
+            raise ConfigError(f"--plot {plot_dir}: cannot write the plots ({exc.strerror or exc})") from None
+        for path in paths:
             click.echo(f"wrote {path}", err=True)
 
 
@@ -284,11 +295,13 @@ def sample_command(run_dir: Path, prompt: str, tokens: int, temperature: float, 
     from hlb_gpt.sample import check_sampling, sample_text
     from hlb_gpt.trained import load_trained
 
-    check_sampling(prompt, tokens, temperature, top_k)  # before the checkpoint is read
+    check_sampling(prompt, tokens, temperature, top_k, seed)  # before the checkpoint is read
     trained = load_trained(run_dir, checkpoint)
     model = trained.model.to(resolve_device(device))
+    text = sample_text(model, trained.tokenizer, prompt, tokens, temperature, top_k, seed)
+    # Said once the text exists, so that a model that cannot sample (a diverged run's) gives its one line alone.
     click.echo(f"{trained.checkpoint} (step {trained.step}, {_run_state(trained.status)})", err=True)
-    click.echo(sample_text(model, trained.tokenizer, prompt, tokens, temperature, top_k, seed))
+    click.echo(text)
 
 
 @cli.command("export")

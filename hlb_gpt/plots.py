@@ -7,6 +7,7 @@ alpha (or MA window), the baseline black and thick. See docs/DESIGN.md, section 
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +16,7 @@ import numpy as np
 
 from hlb_gpt.compare import Column, Comparison, Group, PairedTest, run_rows, short_label
 from hlb_gpt.compare.statistics import CONFIDENCE
-from hlb_gpt.config import RunConfig
+from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.records import Run
 
 # Colour says the gain, line style the alpha (or MA window); baselines are black and thicker. When two
@@ -183,6 +184,23 @@ def _statistic_name(c: Comparison) -> str:
 def _series_label(g: Group) -> str:
     """A gain chart series: the configuration label without its gain."""
     return " ".join(filter(None, [short_label(g.config, gain=False), g.settings]))
+
+
+def check_plot_dir(out_dir: Path) -> None:
+    """Make the folder `--plot` names, and check that a file can be written in it; a one-line ConfigError if
+    not (a file in the way, no permission, a read-only disk)."""
+    out_dir = Path(out_dir)
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--plot {out_dir}: {probe} is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--plot {out_dir}: cannot write there ({exc.strerror or exc})") from None
 
 
 def plot(comparison: Comparison, out_dir: Path | str, log_x: bool = False, zoom: float | None = None) -> list[Path]:

@@ -19,6 +19,9 @@ same N epochs first gives every run that got that far the same points to choose 
 
 The epochs a statistic covers (`first:K`, `last:K`) and the metric are applied afterwards, to the grid points,
 with no one-step slack: grid points are exact epochs.
+
+N is at most `MAX_POINTS`: between two evaluations a curve is a straight line, so a finer grid tells a statistic
+nothing new, and each point costs memory (about 100 bytes per point while a curve is resampled).
 """
 
 from __future__ import annotations
@@ -29,10 +32,16 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
+MAX_POINTS = 1_000_000
+
+
 def epoch_grid(last_epochs: Iterable[float], n: int) -> np.ndarray:
     """N evenly spaced epochs from 0 to the largest of `last_epochs` (both ends included)."""
     if n < 2:
         raise ValueError(f"--resample needs N >= 2 points (got {n})")
+    if n > MAX_POINTS:
+        raise ValueError(f"--resample N must be at most {MAX_POINTS:,} points (got {n:,}): curves are straight "
+                         "between evaluations, so more points add nothing but memory")
     return np.linspace(0.0, max(last_epochs, default=0.0), n)
 
 
@@ -51,26 +60,31 @@ def resample_curve(epochs: Sequence, values: Sequence, grid: np.ndarray, worst: 
     if np.any(np.diff(epochs) < 0):
         raise ValueError("a curve's epochs must be ascending")
     reached = grid if diverged else grid[grid <= epochs[-1]]
-    return reached, np.array([_value_at(x, epochs, values, worst) for x in reached], dtype=float)
+    out = np.empty(reached.size)
+    good = np.where(np.isfinite(values), values, worst)
+    for start in range(0, reached.size, _BLOCK):  # in blocks: their temporaries stay small and in cache
+        out[start:start + _BLOCK] = _values_at(reached[start:start + _BLOCK], epochs, values, good, worst)
+    return reached, out
 
 
-def _value_at(x: float, epochs: np.ndarray, values: np.ndarray, worst: float) -> float:
-    # The first evaluation at or after x. Of equal epochs the first wins: compare puts a diverged run's
+_BLOCK = 1 << 16
+
+
+def _values_at(x: np.ndarray, epochs: np.ndarray, values: np.ndarray, good: np.ndarray, worst: float) -> np.ndarray:
+    """The rules of the module at every point of `x` at once (`epochs` ascending, at least one; `good` the
+    values with bad ones replaced by `worst`)."""
+    n = len(epochs)
+    # The first evaluation at or after each point. Of equal epochs the first wins: compare puts a diverged run's
     # worst-value row at the epoch it stopped, which may be that of its last evaluation, and the evaluation was
     # taken before it stopped.
-    right = int(np.searchsorted(epochs, x, side="left"))
-    if right < len(epochs) and epochs[right] == x:
-        return _good_or(values[right], worst)
-    if right == 0:  # before the first evaluation: its value, held
-        return _good_or(values[0], worst)
-    if right == len(epochs):  # past the last evaluation: only a diverged run gets here
-        return worst
-    a, b = values[right - 1], values[right]
-    if not (math.isfinite(a) and math.isfinite(b)):
-        return worst
-    t = (x - epochs[right - 1]) / (epochs[right] - epochs[right - 1])
-    return float(a + t * (b - a))
-
-
-def _good_or(value: float, worst: float) -> float:
-    return float(value) if math.isfinite(value) else worst
+    right = np.searchsorted(epochs, x, side="left")
+    at, before = np.minimum(right, n - 1), np.maximum(right - 1, 0)
+    a, b = values[before], values[at]
+    with np.errstate(all="ignore"):  # lanes with a bad value or outside the evaluations are replaced below
+        t = (x - epochs[before]) / (epochs[at] - epochs[before])
+        out = np.where(np.isfinite(a) & np.isfinite(b), a + t * (b - a), worst)
+    out[right == 0] = good[0]  # before the first evaluation: its value, held
+    out[right == n] = worst  # past the last evaluation: only a diverged run gets here
+    on = (right < n) & (epochs[at] == x)
+    out[on] = good[at[on]]  # exactly on an evaluation: its value
+    return out

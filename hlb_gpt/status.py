@@ -85,9 +85,11 @@ def run_state(run_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S, now: float | 
     if is_run_dir(run_dir):
         try:
             run = read_run(run_dir)
-            status = run.status or "unfinished"
-            if run.metrics:
-                epochs, val = run.metrics[-1].get("epoch"), run.metrics[-1].get("val_loss")
+            epochs, val = last_evaluation(run.metrics)
+            if run.summary is None or isinstance(run.summary, dict):
+                status = run.status or "unfinished"
+            else:
+                status, problem = "unreadable", "(summary.json is not an object)"
         except (OSError, ValueError) as exc:
             status, problem = "unreadable", f"({type(exc).__name__})"
     lock = read_lock(run_dir)
@@ -120,3 +122,17 @@ def format_status(states: list[RunState]) -> str:
     if states:
         total += ": " + ", ".join(f"{n} {state}" for state, n in counts.most_common())
     return "\n".join([header, *(s.line(width) for s in states), total])
+
+
+def last_evaluation(rows: list) -> tuple[float | None, float | None]:
+    """(epoch, val_loss) of the last metrics row, passing over lines that are JSON but not rows (as compare
+    does: a list, a string, an epoch that is not a number); a val_loss that is not a number is none."""
+    for row in reversed(rows):
+        if isinstance(row, dict) and _number(row.get("epoch")):
+            val = row.get("val_loss")
+            return float(row["epoch"]), float(val) if _number(val) else None
+    return None, None
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

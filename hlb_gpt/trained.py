@@ -8,12 +8,12 @@ adapt (`finetune.merged_state_dict`), so every run reads back as a plain `model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from hlb_gpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from hlb_gpt.config import ConfigError
+from hlb_gpt.config import MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, flag
 from hlb_gpt.data import Tokenizer, get_tokenizer
 from hlb_gpt.finetune import merged_state_dict
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
@@ -47,6 +47,8 @@ def read_lm_run(run_dir: Path) -> Run:
         run = read_run(run_dir)
     except CorruptRecord as exc:
         raise ConfigError(str(exc)) from None
+    if not isinstance(run.config, dict):
+        raise ConfigError(f"{run_dir}/config.json is not a JSON object")
     task = run.config.get("task", "lm")
     if task != "lm":
         raise ConfigError(f"{run_dir} is a --task {task} run; only language-model runs (--task lm) hold text")
@@ -55,8 +57,9 @@ def read_lm_run(run_dir: Path) -> Run:
 
 def load_trained(run_dir: Path, checkpoint: Path | None = None) -> Trained:
     """The run's model with the weights of `checkpoint`, by default the run's latest (its final one once the run
-    completed). Every problem is a one-line ConfigError: no run, not a language model, no checkpoint, a damaged
-    checkpoint, or weights that do not fit the recorded architecture."""
+    completed). Every problem is a one-line ConfigError: no run, not a language model, no checkpoint, a file that
+    is not a checkpoint, a damaged checkpoint, another run's checkpoint, or weights that do not fit the recorded
+    architecture."""
     run_dir = Path(run_dir)
     run = read_lm_run(run_dir)
     config = run.config
@@ -65,12 +68,14 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None) -> Trained:
         if checkpoint is None:
             raise ConfigError(f"{run_dir} has no checkpoint (it ran with --checkpoint-every 0, or stopped before "
                               "its first one)")
+    check_checkpoint_file(Path(checkpoint))
     try:
         state = load_checkpoint(Path(checkpoint))
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     if not isinstance(state, dict) or "model" not in state:
         raise ConfigError(f"{checkpoint} is not a training checkpoint (it has no model weights)")
+    check_belongs(state.get("config"), config, checkpoint, run_dir)
     tokenizer = get_tokenizer(config["tokenizer"])
     model = GPT(gpt_config(config, tokenizer))
     try:
@@ -82,3 +87,30 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None) -> Trained:
     loop = state.get("loop")
     step = loop.get("step") if isinstance(loop, dict) else None
     return Trained(model.eval(), tokenizer, config, Path(checkpoint), step, run.status)
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """A one-line error for a file that is no checkpoint at all (a config.json given as --checkpoint): the
+    checkpoints training writes are zip archives, as torch.save makes them."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ConfigError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if head and head != b"PK\x03\x04":  # an empty file is a truncated checkpoint, and load_checkpoint says so
+        raise ConfigError(f"{path} is not a checkpoint (a run's checkpoints are the zip files "
+                          "checkpoints/step-*.pt in its folder)")
+
+
+def check_belongs(saved: Any, config: dict[str, Any], checkpoint: Path, run_dir: Path) -> None:
+    """A one-line error unless the checkpoint was written by this run: its settings must be the run's, but for
+    those a resumed run may change (as `--resume` checks them). Otherwise the model would be another run's
+    weights under this run's name, and `export` would record this run's config with them."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{checkpoint} records no settings, so it cannot be checked against {run_dir}/config.json")
+    differ = [f"{flag(f.name)}: {saved.get(f.name, f.default)!r} vs {config.get(f.name, f.default)!r}"
+              for f in fields(RunConfig) if f.name not in MAY_CHANGE_ON_RESUME
+              and saved.get(f.name, f.default) != config.get(f.name, f.default)]
+    if differ:
+        raise ConfigError(f"{checkpoint} is not a checkpoint of {run_dir}: it was trained with other settings "
+                          f"(checkpoint vs run): {'; '.join(differ)}")

@@ -1,9 +1,13 @@
+import builtins
 import csv
+import errno
 import io
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,6 +367,20 @@ def test_a_filtered_muon_run_is_compared_with_the_unfiltered_muon_run_not_with_a
     assert filtered.test.mean_diff == pytest.approx(-0.05)
     assert result.group("baseline").test is None  # AdamW's baseline is not labelled with Muon's settings
 
+def test_a_muon_run_without_its_baseline_is_said_to_lack_the_unfiltered_muon_run(sweep, tmp_path):
+    for seed in SEEDS:
+        write_run(tmp_path / "muon" / f"muon-ema-a0.9-g0.1-s{seed}",
+                  dict(optimizer="muon", grokfast=True, alpha=0.9, gain=0.1), CURVES["baseline"][seed], seed)
+        write_run(tmp_path / "deep" / f"ema-a0.9-g0.1-d2-s{seed}", dict(grokfast=True, alpha=0.9, gain=0.1, depth=2),
+                  CURVES["ema α0.9 g0.1"][seed], seed)
+    notes = compare(runs_of(sweep, tmp_path / "muon", tmp_path / "deep")[0], "final", "all").notes
+    [muon] = [n for n in notes if n.startswith("no baseline") and "muon ema" in n]
+    assert muon.startswith("no baseline (the unfiltered Muon run with the same other settings) for muon ema")
+    assert "AdamW" not in muon
+    [adamw] = [n for n in notes if n.startswith("no baseline") and "depth=2" in n]
+    assert adamw.startswith("no baseline (the unfiltered AdamW run with the same other settings) for ema")
+
+
 def test_a_higher_is_better_column_ranks_and_sorts_the_other_way(tmp_path):
     accuracy = {"baseline": [[0.2, 0.5, 0.4], [0.3, 0.6, 0.5]],
                 "ema α0.98 g2": [[0.5, 0.9, 0.95], [0.6, 0.8, 0.9]]}
@@ -575,6 +593,33 @@ def test_every_setting_but_the_seed_and_the_bookkeeping_separates_configurations
         assert changed == (key not in same), key
 
 
+def compare_main(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", *map(str, args)])
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def refused_in_one_line(code, out, err):
+    assert "Traceback" not in err and code == 2 and out == "" and err.count("\n") == 1, err
+    return err
+
+
+def test_a_folder_whose_only_run_failed_before_any_evaluation_says_so_in_one_line(tmp_path, capsys):
+    write_run(tmp_path / "sweep" / "baseline-s0", {}, [], 0, status="failed")
+    summary = tmp_path / "sweep" / "baseline-s0" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "error": "RuntimeError: out of memory"}))
+    err = refused_in_one_line(*compare_main([tmp_path / "sweep"], capsys))
+    assert "no run folders" not in err
+    assert "nothing to compare: sweep/baseline-s0: no evaluations yet (failed: RuntimeError: out of memory)" in err
+
+
+def test_a_folder_without_runs_says_so_in_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    err = refused_in_one_line(*compare_main([tmp_path / "empty"], capsys))
+    assert f"nothing to compare: {tmp_path / 'empty'}: no run folders (with config.json) found" in err
+
+
 def test_a_folder_of_sweeps_is_searched_for_runs(sweep):
     runs, _ = runs_of(sweep.parent)
     assert len(runs) == 12
@@ -629,6 +674,44 @@ def test_plot_writes_valid_pngs_of_sensible_size(grid, tmp_path):
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_a_plot_folder_under_a_file_is_refused_in_one_line_before_the_table(sweep, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    err = refused_in_one_line(*compare_main([sweep, "--plot", tmp_path / "a-file" / "plots"], capsys))
+    assert f"--plot {tmp_path / 'a-file' / 'plots'}: {tmp_path / 'a-file'} is not a folder" in err
+
+
+def test_an_unwritable_plot_folder_is_refused_in_one_line_before_the_table(sweep, tmp_path, capsys, monkeypatch):
+    # Tests may run as root, whom no folder mode stops: the refusal the system would give is simulated.
+    plots = tmp_path / "plots"
+    mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self == plots:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    err = refused_in_one_line(*compare_main([sweep, "--plot", plots], capsys))
+    assert f"--plot {plots}: cannot write there (Permission denied)" in err
+
+
+def test_an_unwritable_existing_plot_folder_is_refused_in_one_line(sweep, tmp_path, capsys, monkeypatch):
+    plots = tmp_path / "plots"
+    plots.mkdir()
+
+    def refusing(real_open):
+        def refuse(path, *args, **kwargs):
+            if isinstance(path, (str, Path)) and Path(path).parent == plots:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+        return refuse
+
+    monkeypatch.setattr(os, "open", refusing(os.open))  # a file made by the os module
+    monkeypatch.setattr(builtins, "open", refusing(builtins.open))  # and one made by open(), as matplotlib does
+    err = refused_in_one_line(*compare_main([sweep, "--plot", plots], capsys))
+    assert f"--plot {plots}: cannot write there (Permission denied)" in err
 
 
 def test_curves_have_one_line_per_configuration_with_its_label(grid):

@@ -83,6 +83,25 @@ def test_a_modular_run_is_refused_in_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "is a --task modular run" in err
 
 
+def test_another_run_s_checkpoint_is_refused_in_one_line_and_nothing_is_written(run, tmp_path, capsys):
+    other = train_tiny(tmp_path / "other", tmp_path / "cache", gate="sigmoid", seed=3)  # same architecture
+    out = tmp_path / "m.safetensors"
+    code, stdout, err = run_main(["export", str(run), "--out", str(out), "--checkpoint",
+                                  str(latest_checkpoint(other))], capsys)
+    assert "Traceback" not in err and code == 2 and stdout == "" and err.count("\n") == 1, err
+    assert f"is not a checkpoint of {run}" in err and "--seed: 3 vs 0" in err
+    assert not out.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_line(run, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    code, stdout, err = run_main(["export", str(run), "--out", str(out), "--checkpoint", str(run / "config.json")],
+                                 capsys)
+    assert "Traceback" not in err and code == 2 and stdout == "" and err.count("\n") == 1, err
+    assert "config.json is not a checkpoint" in err and "Please file an issue" not in err
+    assert not out.exists()
+
+
 def test_tied_or_overlapping_tensors_are_written_as_separate_copies(tmp_path):
     # safetensors refuses tensors that share memory; tied weights and views of one buffer must still export.
     buffer = torch.arange(12.0)

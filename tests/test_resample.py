@@ -7,7 +7,7 @@ import pytest
 from hlb_gpt.cli import main
 from hlb_gpt.compare import compare, load_runs
 from hlb_gpt.config import RunConfig
-from hlb_gpt.resample import epoch_grid, resample_curve
+from hlb_gpt.resample import MAX_POINTS, epoch_grid, resample_curve
 
 INF = math.inf
 
@@ -87,6 +87,91 @@ def test_fewer_than_two_grid_points_are_refused(n):
 def test_epochs_out_of_order_are_refused():
     with pytest.raises(ValueError, match="ascending"):
         resample_curve([2.0, 1.0], [1.0, 2.0], epoch_grid([2.0], 3))
+
+
+# ----------------------------------------------------------------------------------------------- the rules, point by point
+
+
+def value_at(x, epochs, values, worst):
+    """The module's rules for one grid point, written as a loop over points would apply them: the reference the
+    vectorised `resample_curve` is held to."""
+    right = int(np.searchsorted(epochs, x, side="left"))  # the first evaluation at or after x
+    if right < len(epochs) and epochs[right] == x:  # on an evaluation (of equal epochs, the first)
+        return float(values[right]) if math.isfinite(values[right]) else worst
+    if right == 0:  # before the first evaluation: held
+        return float(values[0]) if math.isfinite(values[0]) else worst
+    if right == len(epochs):  # past the last evaluation: only a diverged run gets here
+        return worst
+    a, b = values[right - 1], values[right]
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return worst
+    t = (x - epochs[right - 1]) / (epochs[right] - epochs[right - 1])
+    return float(a + t * (b - a))
+
+
+def point_by_point(epochs, values, grid, worst=INF, diverged=False):
+    epochs, values, grid = (np.asarray(a, dtype=float) for a in (epochs, values, grid))
+    if epochs.size == 0:
+        return grid[:0], np.empty(0)
+    reached = grid if diverged else grid[grid <= epochs[-1]]
+    with np.errstate(all="ignore"):
+        return reached, np.array([value_at(x, epochs, values, worst) for x in reached], dtype=float)
+
+
+def random_curve(rng):
+    """Epochs ascending, some repeated, some on grid points; values with NaN, +-inf and huge numbers among them."""
+    n = int(rng.integers(1, 12))
+    on_grid = rng.integers(0, 40, n) / 8  # grid points of a 0..5 grid of 41 points
+    anywhere = rng.uniform(0, 6, n)
+    epochs = np.sort(np.where(rng.random(n) < 0.5, on_grid, anywhere))
+    if n > 2 and rng.random() < 0.3:
+        epochs[-1] = epochs[-2]  # a diverged run's worst-value row at its last evaluation's epoch
+    values = rng.normal(3.0, 1.0, n)
+    for bad in (math.nan, INF, -INF, 1e308, -1e308):
+        values[rng.random(n) < 0.1] = bad
+    return epochs, values
+
+
+def test_the_vectorised_curve_equals_the_rules_applied_point_by_point_on_random_curves():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        epochs, values = random_curve(rng)
+        grid = epoch_grid([5.0], 41) if trial % 2 else epoch_grid([rng.uniform(0.1, 7.0)], int(rng.integers(2, 200)))
+        for worst in (INF, -INF):
+            for diverged in (False, True):
+                expected = point_by_point(epochs, values, grid, worst, diverged)
+                got = resample_curve(epochs, values, grid, worst, diverged)
+                assert np.array_equal(got[0], expected[0]), (epochs, values)
+                assert np.array_equal(got[1], expected[1], equal_nan=True), (epochs, values, got[1], expected[1])
+
+
+@pytest.mark.parametrize("epochs, values", [
+    ([2.0, 3.0], [4.0, 3.0]),                      # points held before the first evaluation
+    ([0.0, 1.0], [4.0, 3.0]),                      # points left out after the last
+    ([1.0, 2.0, 3.0, 4.0], [3.0, INF, 2.0, 1.5]),  # a bad value widens to its neighbours
+    ([1.0, 2.0, 3.0, 4.0], [3.0, math.nan, 2.0, 1.5]),
+    ([1.0, 2.0, 2.5], [3.0, 2.0, INF]),            # diverged after its last evaluation
+    ([1.0, 2.0, 2.0], [3.0, 2.0, INF]),            # diverged at its last evaluation's epoch
+    ([1.0, 1.0, 1.0], [math.nan, 2.0, 3.0]),       # equal epochs: the first wins
+    ([2.5], [1.0]),                                # one evaluation
+    ([2.5], [math.nan]),
+    ([6.0, 7.0], [1.0, 2.0]),                      # every point before the first evaluation
+    ([0.0, 4.0], [math.nan, math.nan]),            # nothing good
+    ([], []),
+])
+@pytest.mark.parametrize("diverged", [False, True])
+@pytest.mark.parametrize("worst", [INF, -INF])
+def test_the_vectorised_curve_equals_the_rules_applied_point_by_point_on_edge_cases(epochs, values, diverged, worst):
+    grid = epoch_grid([4.0], 17)
+    expected = point_by_point(epochs, values, grid, worst, diverged)
+    got = resample_curve(epochs, values, grid, worst, diverged)
+    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1], equal_nan=True)
+
+
+def test_more_grid_points_than_the_bound_are_refused():
+    epoch_grid([1.0], MAX_POINTS)
+    with pytest.raises(ValueError, match=f"at most {MAX_POINTS:,}"):
+        epoch_grid([1.0], MAX_POINTS + 1)
 
 
 # ----------------------------------------------------------------------------------------------- through compare
@@ -183,3 +268,11 @@ def test_compare_command_refuses_a_bad_resample_in_one_line(cadences, capsys, ar
         main(["compare", str(cadences), *args])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err.strip().splitlines()[-1]
+
+
+def test_compare_command_refuses_more_points_than_the_bound_in_one_line(cadences, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(cadences), "--resample", "100000000"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == "" and "Traceback" not in err and err.count("\n") == 1, err
+    assert "--resample N must be at most 1,000,000 points (got 100,000,000)" in err

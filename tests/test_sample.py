@@ -1,4 +1,9 @@
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -164,3 +169,119 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_refused_in_one_line(bytes_run
     code, out, err = run_main(["sample", str(bytes_run), "--checkpoint", str(other)], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "does not fit the architecture" in err and "head.weight" in err
+
+
+# ------------------------------------------------------------------------------------------ refusals, one line each
+
+
+def refused_in_one_line(code, out, err, message):
+    assert "Traceback" not in err and code == 2 and out == "" and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def a_copy_with_weights(run, tmp_path, weight):
+    """The run's folder, copied, with every weight of its latest checkpoint set to `weight`, recorded as
+    diverged: what a run that blew up leaves behind."""
+    copy = tmp_path / "diverged"
+    shutil.copytree(run, copy)
+    checkpoint = latest_checkpoint(copy)
+    state = load_checkpoint(checkpoint)
+    state["model"] = {k: torch.full_like(v, weight) for k, v in state["model"].items()}
+    torch.save(state, checkpoint)
+    (copy / "summary.json").write_text(json.dumps({"status": "diverged", "error": "non-finite loss"}))
+    return copy
+
+
+@pytest.mark.parametrize("weight", [float("nan"), 3e38], ids=["nan-weights", "overflowing-weights"])
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_a_diverged_run_s_checkpoint_is_refused_in_one_line(bytes_run, tmp_path, capsys, weight, temperature):
+    diverged = a_copy_with_weights(bytes_run, tmp_path, weight)
+    code, out, err = run_main(["sample", str(diverged), "--tokens", "5", "--temperature", temperature], capsys)
+    refused_in_one_line(code, out, err, "scores for the next token are not finite")
+    assert "--checkpoint" in err  # names the way out: an earlier checkpoint
+
+
+def test_a_tiny_temperature_samples_what_temperature_0_picks(bytes_run, capsys):
+    args = ["sample", str(bytes_run), "--tokens", "30", "--seed", "1", "--temperature"]
+    greedy = run_main(args + ["0"], capsys)
+    for tiny in ("1e-45", "1e-300", "5e-324"):  # below float32's smallest number; the smallest double
+        code, out, err = run_main(args + [tiny], capsys)
+        assert code == 0 and "Traceback" not in err and out == greedy[1]
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(bytes_run, capsys):
+    prompt = b"The \xff".decode("utf-8", "surrogateescape")  # how Python passes the shell's $'The \xff'
+    code, out, err = run_main(["sample", str(bytes_run), "--prompt", prompt], capsys)
+    refused_in_one_line(code, out, err, "--prompt is not UTF-8 text")
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_by_the_installed_command(bytes_run):
+    # Through a real process: the shell's byte 0xff reaches argv as a lone surrogate.
+    args = [sys.executable, "-m", "hlb_gpt", "sample", str(bytes_run), "--prompt"]
+    result = subprocess.run([os.fsencode(a) for a in args] + [b"The \xff"], capture_output=True, timeout=120)
+    err = result.stderr.decode()
+    assert result.returncode == 2 and result.stdout == b"" and err.count("\n") == 1, err
+    assert "--prompt is not UTF-8 text" in err
+
+
+@pytest.mark.parametrize("seed, message", [
+    ("-1", "--seed must be in [0, 2**64 - 1] (got -1)"),
+    ("99999999999999999999", "--seed must be in [0, 2**64 - 1] (got 99999999999999999999)"),
+])
+def test_a_seed_outside_what_a_generator_takes_is_refused_in_one_line(bytes_run, capsys, seed, message):
+    code, out, err = run_main(["sample", str(bytes_run), "--seed", seed], capsys)
+    refused_in_one_line(code, out, err, message)
+
+
+def test_the_largest_seed_samples(bytes_run, capsys):
+    code, out, err = run_main(["sample", str(bytes_run), "--tokens", "5", "--seed", str(2**64 - 1)], capsys)
+    assert code == 0 and out, err
+
+
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory):
+    """A second run of the same architecture as `bytes_run`, with another seed and the EMA filter."""
+    root = tmp_path_factory.mktemp("other")
+    return train_tiny(root / "run", root / "cache", seed=1, grokfast=True, alpha=0.9, gain=0.1)
+
+
+def test_another_run_s_checkpoint_is_refused_in_one_line(bytes_run, other_run, capsys):
+    code, out, err = run_main(["sample", str(bytes_run), "--checkpoint", str(latest_checkpoint(other_run))], capsys)
+    refused_in_one_line(code, out, err, "is not a checkpoint of")
+    assert "--seed: 1 vs 0" in err and "--grokfast: True vs False" in err
+
+
+def test_a_checkpoint_of_the_run_copied_elsewhere_is_accepted(bytes_run, tmp_path, capsys):
+    copy = tmp_path / "backup.pt"
+    shutil.copy(latest_checkpoint(bytes_run), copy)
+    args = ["sample", str(bytes_run), "--tokens", "10", "--seed", "2"]
+    assert run_main(args + ["--checkpoint", str(copy)], capsys)[1] == run_main(args, capsys)[1]
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_line(bytes_run, capsys):
+    code, out, err = run_main(["sample", str(bytes_run), "--checkpoint", str(bytes_run / "config.json")], capsys)
+    refused_in_one_line(code, out, err, "config.json is not a checkpoint")
+    assert "Please file an issue" not in err and "WeightsUnpickler" not in err
+
+
+def test_a_config_that_is_json_but_not_an_object_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("[1, 2]")
+    code, out, err = run_main(["sample", str(tmp_path / "run")], capsys)
+    refused_in_one_line(code, out, err, "config.json is not a JSON object")
+
+
+def test_an_unreadable_checkpoint_is_refused_in_one_line(bytes_run, tmp_path, capsys, monkeypatch):
+    # Tests may run as root, whom no file mode stops: the refusal the system would give is simulated.
+    checkpoint = tmp_path / "step.pt"
+    shutil.copy(latest_checkpoint(bytes_run), checkpoint)
+    real_open = open
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == str(checkpoint):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    code, out, err = run_main(["sample", str(bytes_run), "--checkpoint", str(checkpoint)], capsys)
+    refused_in_one_line(code, out, err, f"cannot read checkpoint {checkpoint}: Permission denied")

@@ -111,7 +111,7 @@ def compare(runs: Sequence[Run], metric: Metric | str, span: Span | str, column:
         notes.append(f"{metric}: {len(short_spans)} run(s) have fewer than {metric.n} evaluations in window "
                      f"{span} (fewest {min(short_spans)}); their statistic is the mean of all they have")
 
-    missing = []
+    missing: dict[str, list[str]] = {}  # by the optimizer of the baseline they lack
     for key, g in groups.items():
         base_config = configurations.baseline_config(recorded[key])
         base = groups.get(configurations.key_of(base_config))
@@ -124,13 +124,13 @@ def compare(runs: Sequence[Run], metric: Metric | str, span: Span | str, column:
                 notes.append(f"{g.label}: no baseline with its data, device and precision ({'; '.join(elsewhere)}): "
                              "not paired")
             else:
-                missing.append(g.label)
+                missing.setdefault("Muon" if g.config.get("optimizer") == "muon" else "AdamW", []).append(g.label)
         elif not g.is_baseline:
             g.test = paired_test(per_seed(g.seeds, g.values), per_seed(base.seeds, base.values))
         _costs(g, base)
-    if missing:
-        notes.append("no baseline (the unfiltered AdamW run with the same other settings) for "
-                     f"{', '.join(missing)}: the baseline difference, memory share and step-time columns are n/a")
+    for optimizer, labels in missing.items():
+        notes.append(f"no baseline (the unfiltered {optimizer} run with the same other settings) for "
+                     f"{', '.join(labels)}: the baseline difference, memory share and step-time columns are n/a")
     notes += _environment_notes(list(groups.values()), sources)
 
     ordered = sorted(groups.values(), key=lambda g: _sort_key(g, lower_is_better))
