@@ -194,7 +194,7 @@ class RunConfig:
                                      "these besides the adapters.", parse=str)
     # hardware
     device: str = setting("auto", "auto: cuda, then mps, then cpu.", choices=DEVICES)
-    precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere.", choices=PRECISIONS)
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA GPUs with native bf16 (Ampere or newer), fp32 elsewhere.", choices=PRECISIONS)
     compile: bool | None = setting(None, "torch.compile the model, the filter and GrokAdamW's step.",
                                    note="on for CUDA", negatable=True)
     attention: str = setting("auto", "Attention kernel. sdpa: PyTorch's SDPA with the distance bias as a mask (any "
