@@ -7,6 +7,8 @@ the trainer keep compile time out of the steady step time (`Lap`).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,10 +22,43 @@ logger = logging.getLogger(__name__)
 
 BACKEND = "inductor"  # torch.compile's default; tests swap in a failing or a tracing-only backend
 
+# torch settings patched around every compiled call, by config module. Past the recompile limit dynamo would run
+# new shapes eagerly with a mere log line; failing instead makes it one warning and `compiled: false` in the
+# summary. The backward is compiled with the forward (not at the first backward), so that its errors surface
+# inside the fallback too. A key this torch lacks is left out; a `REQUIRED` one is refused up front
+# (`check_compile_support`): without it a backward compile error would escape the fallback and fail the run.
+PATCHES = {
+    "torch._dynamo.config": {"fail_on_recompile_limit_hit": True},
+    "torch._functorch.config": {"force_non_lazy_backward_lowering": True},
+}
+REQUIRED = ("force_non_lazy_backward_lowering",)
+
 
 def fresh_start() -> None:
     """Forget every compiled graph and guard failure of earlier runs in this process."""
     torch._dynamo.reset()
+
+
+def check_compile_support() -> None:
+    """Refuse (ConfigError, one line) to compile on a torch that lacks a setting the eager fallback needs."""
+    from hlb_gpt.config import ConfigError
+
+    for module, settings in PATCHES.items():
+        config = importlib.import_module(module)
+        for key in settings:
+            if key in REQUIRED and not hasattr(config, key):
+                raise ConfigError(f"--compile needs {module}.{key}, which torch {torch.__version__} lacks: "
+                                  "upgrade torch or use --no-compile")
+
+
+@contextlib.contextmanager
+def patched_settings():
+    """`PATCHES` applied, leaving out the keys this torch does not have."""
+    with contextlib.ExitStack() as stack:
+        for module, settings in PATCHES.items():
+            config = importlib.import_module(module)
+            stack.enter_context(config.patch(**{k: v for k, v in settings.items() if hasattr(config, k)}))
+        yield
 
 
 def graphs_compiled() -> int:
@@ -64,14 +99,8 @@ class FallbackCompiled:
                         if dim < arg.dim():
                             # "maybe": a size-1 dimension (a last eval chunk of one) stays specialised, no error
                             torch._dynamo.maybe_mark_dynamic(arg, dim)
-            from torch._dynamo import config as dynamo_config
-            from torch._functorch import config as aot_config
-
             try:
-                # Past the recompile limit dynamo would run new shapes eagerly with a mere log line; raising
-                # instead makes it one warning here and `compiled: false` in the summary.
-                with aot_config.patch(force_non_lazy_backward_lowering=True), \
-                        dynamo_config.patch(fail_on_recompile_limit_hit=True):
+                with patched_settings():
                     return self._compiled(*args, **kwargs)
             except Exception as exc:
                 if not is_compile_error(exc):

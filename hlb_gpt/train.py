@@ -30,7 +30,8 @@ import hlb_gpt
 from hlb_gpt import distributed
 from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, checkpoint_dir, list_checkpoints, load_checkpoint,
                                 rng_state, save_checkpoint, set_rng_state)
-from hlb_gpt.compiling import FallbackCompiled, Lap, compile_record, fresh_start, graphs_compiled
+from hlb_gpt.compiling import (FallbackCompiled, Lap, check_compile_support, compile_record, fresh_start,
+                               graphs_compiled)
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
                             resolve_device, synchronize)
@@ -163,8 +164,11 @@ def count_params(cfg: RunConfig) -> int:
 
 
 def compiles(cfg: RunConfig, device: torch.device) -> bool:
-    """Whether the run compiles its model: --compile, or by default on CUDA."""
-    return device.type == "cuda" if cfg.compile is None else cfg.compile
+    """Whether the run compiles its model: --compile, or by default on CUDA; ConfigError if this torch cannot."""
+    compile_ = device.type == "cuda" if cfg.compile is None else cfg.compile
+    if compile_:
+        check_compile_support()
+    return compile_
 
 
 def check_attention(cfg: RunConfig) -> None:

@@ -198,3 +198,42 @@ def test_a_compiled_width_sweep_compiles_every_run_a_few_times_over_the_sequence
         assert 1 <= s["compile_count"] <= 4, (name, s["compile_count"])
         assert s["steady_steps"] > 0 and math.isfinite(s["step_time_s"])
     assert "recompile_limit" not in res.stderr
+
+
+# -- what this torch supports ----------------------------------------------------------------------------------
+def test_a_compile_setting_this_torch_lacks_is_left_out_of_the_patch_instead_of_failing_the_run(monkeypatch):
+    # An older torch without one of the keys raised AttributeError outside the compile-error handling.
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    monkeypatch.setattr(compiling, "PATCHES", {**compiling.PATCHES,
+                                               "torch._dynamo.config": {"a_setting_no_torch_has": True,
+                                                                        "fail_on_recompile_limit_hit": True}})
+    torch._dynamo.reset()
+    double = compiling.FallbackCompiled(lambda x: 2 * x, "doubling")
+    assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0)) and double.error is None
+
+
+def test_compiling_on_a_torch_without_a_setting_the_fallback_needs_is_refused_in_one_line(tmp_path, monkeypatch):
+    from hlb_gpt.config import ConfigError
+    from hlb_gpt.train import check_attention, compiles
+
+    monkeypatch.setattr(compiling, "PATCHES", {**compiling.PATCHES,
+                                               "torch._functorch.config": {"a_setting_no_torch_has": True}})
+    monkeypatch.setattr(compiling, "REQUIRED", ("a_setting_no_torch_has",))
+    with pytest.raises(ConfigError) as exc:
+        check_attention(small(tmp_path, compile=True))
+    assert str(exc.value) == (f"--compile needs torch._functorch.config.a_setting_no_torch_has, which torch "
+                              f"{torch.__version__} lacks: upgrade torch or use --no-compile")
+    assert compiles(small(tmp_path, compile=False), torch.device("cpu")) is False  # an eager run is not refused
+    with pytest.raises(ConfigError, match="--no-compile"):
+        train(small(tmp_path, compile=True, max_steps=1), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_declared_torch_floor_has_everything_the_code_uses_and_no_cap():
+    # torch.optim.Muon (--optimizer muon) arrived in torch 2.9, FlexAttention in 2.5.
+    import re
+    from pathlib import Path
+
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    (requirement,) = re.findall(r'"(torch[^"]*)"', setup)
+    assert requirement == "torch>=2.9"

@@ -113,6 +113,12 @@ def attention(cfg: RunConfig, device: torch.device, compile: bool) -> str:
     return attention_for(cfg.attention, device, compile, cfg.width // GPTConfig.qk_div)
 
 
+def check_optimizer(cfg: RunConfig) -> None:
+    """Refuse an optimizer this torch does not have (ConfigError, one line)."""
+    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+
+
 @functools.lru_cache(maxsize=None)
 def _count_params(tokenizer: str, depth: int, width: int, seq_len: int, gate: str) -> int:
     with torch.device("meta"):
@@ -141,6 +147,7 @@ class LanguageModel:
     @staticmethod
     def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
         attention(cfg, device, compile)
+        check_optimizer(cfg)
 
     def __init__(self, cfg: RunConfig, device: torch.device, ddp: distributed.Dist, compile: bool) -> None:
         self.cfg, self.device, self.compile = cfg, device, compile
@@ -149,6 +156,7 @@ class LanguageModel:
             torch.backends.cudnn.allow_tf32 = True
         self.precision = resolve_precision(device, cfg.precision)
         self.attention = attention(cfg, device, compile)
+        check_optimizer(cfg)
         if cfg.batch_size % (cfg.grad_accum * ddp.world_size):
             raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum x ranks "
                               f"({cfg.grad_accum} x {ddp.world_size})")
