@@ -373,6 +373,14 @@ class LoopState:
             self.steady_steps += self.step - lap.step
             self.steady_tokens += self.tokens - lap.tokens
 
+    def add_evaluation(self, lap: Lap) -> None:
+        """Count an evaluation that compiled a graph (the one before training, the first at a new shape) as compile
+        time; other evaluations are not training time. Call it right after a sync (evaluations end with one)."""
+        seconds, compiled = lap.end()
+        if compiled:
+            self.train_time += seconds
+            self.compile_time += seconds
+
     def state_dict(self) -> dict[str, Any]:
         return {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
 
@@ -457,6 +465,11 @@ class Resumable:
         answer counts: it alone saves, and saving holds no collective."""
         seconds = self.cfg.checkpoint_cadence.seconds
         return seconds > 0 and checkpoint_clock() - self.saved_clock >= seconds
+
+    def gap_passed(self) -> bool:
+        """Whether an epoch checkpoint may be written: the cadence's least gap (the default cadence's, on a corpus
+        of a few steps an epoch) has passed since the last checkpoint or the (re)start."""
+        return checkpoint_clock() - self.saved_clock >= self.cfg.checkpoint_cadence.min_seconds
 
     def save(self, loop: LoopState, metrics: list[dict[str, Any]], reason: str, say: Callable[[str], Any]) -> None:
         """Checkpoint this step, unless it already is or --checkpoint-every is 0. A write that fails (a full disk)
@@ -573,7 +586,9 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         """Evaluate and write a metrics row; True when the task says the run ends here (on every rank). Without a
         step's `result` (the evaluation before training) the training columns are null: nothing has trained."""
         nonlocal last_val, last_columns
+        evaluating = Lap.begin(loop)
         columns = task.evaluate(eval_net, autocast) if ddp.is_main else {"val_loss": math.nan}
+        loop.add_evaluation(evaluating)
         val = last_val = columns.pop("val_loss")
         last_columns = columns
         ratio = math.nan if result is None or result.ema_ratio is None else result.ema_ratio.item()
@@ -640,7 +655,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                     loop.wall_time = time.perf_counter() - wall_start
                     if finished:
                         break
-                    if checkpoint_now or stopping or parts.time_due():
+                    if (checkpoint_now and parts.gap_passed()) or stopping or parts.time_due():
                         save("signal" if stopping else "periodic")
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -237,3 +238,19 @@ def test_the_declared_torch_floor_has_everything_the_code_uses_and_no_cap():
     setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
     (requirement,) = re.findall(r'"(torch[^"]*)"', setup)
     assert requirement == "torch>=2.9"
+
+
+def test_the_compile_time_of_the_evaluation_before_training_counts_in_compile_time(tmp_path, monkeypatch):
+    # The loop's laps read a clock that only compiling moves: 100 s a graph, whatever this machine's speed.
+    now = [0.0]
+
+    def slow_backend(gm, example_inputs):  # dynamo's tracing-only backend, taking 100 s to compile
+        now[0] += 100.0
+        return gm.forward
+
+    monkeypatch.setattr(compiling, "BACKEND", slow_backend)
+    monkeypatch.setattr(compiling, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    summary = train(small(tmp_path, compile=True, max_steps=1), tmp_path / "run", progress=False)
+    # The evaluation graph (compiled by the evaluation at step 0) and the training graph (step 1).
+    assert summary["compile_count"] == 2 and summary["compile_time_s"] == 200.0
+    assert summary["step_time_s"] is None and summary["train_time_s"] == 200.0
