@@ -82,23 +82,39 @@ class FallbackCompiled:
     limit counts as an error, where dynamo alone would quietly run the new shapes eagerly). The backward graph is
     compiled with the forward (not lazily at the first backward), so that its errors surface here too, before
     anything ran: the eager retry starts from untouched state. `dynamic_dims` are the dimensions of tensor
-    arguments marked dynamic on every call (those a tensor has), so that new sizes along them reuse one graph.
+    arguments marked dynamic on every call (those a tensor has), so that new sizes along them reuse one graph,
+    except where the size is the one `static_sizes` gives for that dimension: there it is marked static, so the
+    size a run keeps for good (the full sequence length, after a warm-up) gets a graph of its own, specialised.
+    `rebuild(error)`, if given, is asked first after a compile error: when it changes `fn` (a FlexAttention model
+    to SDPA) it returns what it changed, `fn` is compiled again, and `rebuilt` says why.
     """
 
-    def __init__(self, fn: Callable[..., Any], name: str, dynamic_dims: Sequence[int] = (), **options: Any) -> None:
+    def __init__(self, fn: Callable[..., Any], name: str, dynamic_dims: Sequence[int] = (),
+                 static_sizes: dict[int, int] | None = None, rebuild: Callable[[str], str | None] | None = None,
+                 **options: Any) -> None:
         self.fn, self.name = fn, name
         self.dynamic_dims = tuple(dynamic_dims)
+        self.static_sizes = dict(static_sizes or {})
+        self.rebuild = rebuild
         self.error: str | None = None
+        self.rebuilt: str | None = None
         self._compiled = torch.compile(fn, backend=BACKEND, **options)
+
+    def _mark(self, arg: Tensor) -> None:
+        for dim in self.dynamic_dims:
+            if dim >= arg.dim():
+                continue
+            if self.static_sizes.get(dim) == arg.shape[dim]:
+                torch._dynamo.mark_static(arg, dim)
+            else:
+                # "maybe": a size-1 dimension (a last eval chunk of one) stays specialised, no error
+                torch._dynamo.maybe_mark_dynamic(arg, dim)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.error is None:
             for arg in args:
                 if isinstance(arg, Tensor):
-                    for dim in self.dynamic_dims:
-                        if dim < arg.dim():
-                            # "maybe": a size-1 dimension (a last eval chunk of one) stays specialised, no error
-                            torch._dynamo.maybe_mark_dynamic(arg, dim)
+                    self._mark(arg)
             try:
                 with patched_settings():
                     return self._compiled(*args, **kwargs)
@@ -107,7 +123,14 @@ class FallbackCompiled:
                     raise
                 # The backend's own error is on the second line ("backend='inductor' raised:\nCppCompileError...").
                 lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-                self.error = f"{type(exc).__name__}: {' '.join(lines[:2])}"[:500]
+                error = f"{type(exc).__name__}: {' '.join(lines[:2])}"[:500]
+                change = self.rebuild(error) if self.rebuild is not None and self.rebuilt is None else None
+                if change is not None:
+                    self.rebuilt = error
+                    logger.warning("%s: torch.compile failed, compiling it again with %s (%s)", self.name, change,
+                                   error)
+                    return self(*args, **kwargs)
+                self.error = error
                 logger.warning("%s: torch.compile failed, running it eagerly from now on (%s)", self.name, self.error)
         return self.fn(*args, **kwargs)
 

@@ -181,7 +181,8 @@ class RunConfig:
     max_bad_steps: int = setting(10, "Consecutive non-finite steps before a run counts as diverged.")
     checkpoint_every: float | str | None = setting(  # epochs, or a time like "30m" (see `parse_cadence`)
         None, "Checkpoint interval: epochs (a number; 0: none) or wall time since the last checkpoint (30m, also 90s, "
-        "2h); interrupted runs resume from the latest.", note="1, at least 10 minutes apart; modular 100, an epoch there being 10 steps",
+        "2h); interrupted runs resume from the latest.",
+        note="1, at least 10 minutes apart; modular 100, an epoch there being 10 steps",
         parse=str)
     keep_checkpoints: int = setting(2, "Checkpoints kept per run.")
     # fine-tuning (see `finetune`): start from a run's weights; train adapters or some components only
@@ -199,7 +200,8 @@ class RunConfig:
                                      "these besides the adapters.", parse=str)
     # hardware
     device: str = setting("auto", "auto: cuda, then mps, then cpu.", choices=DEVICES)
-    precision: str = setting("auto", "auto: bf16 autocast on CUDA GPUs with native bf16 (Ampere or newer), fp32 elsewhere.", choices=PRECISIONS)
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA GPUs with native bf16 (Ampere or newer), fp32 "
+                             "elsewhere.", choices=PRECISIONS)
     compile: bool | None = setting(None, "torch.compile the model, the filter and GrokAdamW's step.",
                                    note="on for CUDA", negatable=True)
     attention: str = setting("auto", "Attention kernel. sdpa: PyTorch's SDPA with the distance bias as a mask (any "

@@ -70,6 +70,8 @@ class Task(Protocol):
     """The autocast precision the run trains with, resolved: "bf16" or "fp32"."""
     dynamic_dims: tuple[int, ...]
     """The input dimensions whose size varies between steps, so that one compiled graph serves them all."""
+    static_sizes: dict[int, int]
+    """Sizes of dynamic dimensions compiled static: the size a dimension keeps once it stops varying."""
     sampler: Any
     """The batch sampler, whose `state_dict()`/`load_state_dict()` a checkpoint holds."""
     data_source: str
@@ -200,6 +202,13 @@ def check_memory(cfg: RunConfig) -> None:
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer honours `optimizer.found_inf` itself (fused AdamW and GrokAdamW do)."""
     return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, GrokAdamW)
+
+
+def nonfinite_fallback(model: nn.Module, length: int, step: int) -> str | None:
+    """What the model changed after non-finite gradients at a step of sequences of `length` (a FlexAttention
+    model: SDPA below one block), or None: the step then counts towards divergence like any other."""
+    fallback = getattr(model, "nonfinite_fallback", None)
+    return fallback(length, step) if fallback is not None else None
 
 
 @dataclass
@@ -553,7 +562,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         wrapped = distributed.wrap(model, device)
         net, no_sync = wrapped, wrapped.no_sync
     if compile_model:
-        net = FallbackCompiled(net, "the model", dynamic_dims=task.dynamic_dims)
+        net = FallbackCompiled(net, "the model", dynamic_dims=task.dynamic_dims, static_sizes=task.static_sizes,
+                               rebuild=getattr(model, "compile_fallback", None))
     forward = functools.partial(task.loss, net)
     # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward.
     eval_net = net if not ddp.enabled else model
@@ -640,6 +650,10 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                 if evaluate_now or checkpoint_now or stopping or loop.step % REFRESH_STEPS == 0 or loop.step == 1:
                     synchronize(device)
                     loop.add_lap(lap)
+                    if result.found_inf.item() and (change := nonfinite_fallback(model, batch.x.shape[-1], loop.step)):
+                        say(f"{run_dir.name}: non-finite gradients at step {loop.step}: {change} from now on")
+                        loop.bad_run.zero_()  # the steps the fallback answers do not count towards divergence
+                        loop.diverged_at.fill_(-1)
                     if loop.diverged_at.item() >= 0:
                         raise Diverged(f"more than {cfg.max_bad_steps} consecutive steps with non-finite "
                                        f"gradients, from step {int(loop.diverged_at.item()) - cfg.max_bad_steps}")
@@ -670,6 +684,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
             **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory,
                           compile_record(compile_model, [net.error if compile_model else None,
                                                          grad_filter.compile_error], graphs_at_start)),
+            "attention_fallback": getattr(model, "attention_fallback", None),
             **task.summary(metrics),
         }
         if ddp.enabled and outcome.status != "failed":

@@ -254,3 +254,47 @@ def test_the_compile_time_of_the_evaluation_before_training_counts_in_compile_ti
     # The evaluation graph (compiled by the evaluation at step 0) and the training graph (step 1).
     assert summary["compile_count"] == 2 and summary["compile_time_s"] == 200.0
     assert summary["step_time_s"] is None and summary["train_time_s"] == 200.0
+
+
+@pytest.mark.slow
+def test_after_the_sequence_warm_up_the_full_length_is_compiled_static_and_nothing_recompiles(tmp_path, monkeypatch):
+    # --seq-len 64: 80 steps of 32 tokens, then 64 for good. The full length gets one specialised graph (no bounds
+    # checks); evaluation always has it.
+    from hlb_gpt import train as train_module
+
+    steps, graphs = [0], []
+    step = train_module.optimizer_step
+
+    def counted_step(*args, **kwargs):
+        steps[0] += 1
+        return step(*args, **kwargs)
+
+    def recording_backend(gm, example_inputs):  # dynamo's tracing-only backend, noting the token input's shape
+        tokens = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")
+                  if isinstance(node.meta.get("example_value"), torch.Tensor)
+                  and node.meta["example_value"].dtype == torch.long]
+        graphs.append((steps[0], torch.is_grad_enabled(), str(tokens[0].shape[1])))
+        return gm.forward
+
+    monkeypatch.setattr(train_module, "optimizer_step", counted_step)
+    monkeypatch.setattr(compiling, "BACKEND", recording_backend)
+    summary = train(small(tmp_path, compile=True, seq_len=64, batch_size=4, eval_tokens=2 * 64 + 1, max_steps=100,
+                          evals_per_epoch=1), tmp_path / "run", progress=False)
+    assert summary["status"] == "completed" and summary["compiled"] is True
+    # (steps taken, training?, length as the graph sees it): the evaluation before training, the warm-up's
+    # dynamic graph, then the full length's, and nothing after it (steps 82-100, the final evaluation).
+    assert graphs[0] == (0, False, "64") and graphs[1][:2] == (1, True) and not graphs[1][2].isdigit()
+    assert graphs[2:] == [(81, True, "64")]
+    assert summary["compile_count"] == 3
+
+
+def test_a_dynamic_dimension_at_its_static_size_gets_one_specialised_graph_of_its_own(monkeypatch):
+    # The full sequence length, which a run keeps after its warm-up: no bounds checks, kernels for that size.
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    torch._dynamo.reset()
+    before = graphs_compiled()
+    total = compiling.FallbackCompiled(lambda x: x.sum(1), "summing", dynamic_dims=(0, 1), static_sizes={1: 16})
+    for batch, length in [(4, 4), (2, 8), (4, 16), (2, 16), (3, 16), (4, 8)]:
+        torch.testing.assert_close(total(torch.ones(batch, length)), torch.full((batch,), float(length)))
+    assert total.error is None
+    assert graphs_compiled() - before == 2  # lengths 4 and 8 share one graph; 16 has its own, for every batch

@@ -171,6 +171,9 @@ class LanguageModel:
         self.data_source = data_source(cfg.dataset, cfg.data_dir)
         self.text_sha256: dict[str, str] | None = data.text_sha256
         self.schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
+        # The full length, which evaluation always has and training keeps after its warm-up: one specialised
+        # graph for the rest of the run (no bounds checks, kernels for that size) instead of the dynamic one.
+        self.static_sizes = {1: cfg.seq_len}
         self.sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
         self.eval_x, self.eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len,
                                                                         cfg.eval_tokens or None))
