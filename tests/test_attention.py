@@ -334,3 +334,30 @@ def test_flex_s_compiled_cuda_kernels_give_the_sdpa_model_s_loss_and_every_gradi
     assert agreement.nonfinite == ()  # NaN gradients of short bf16 compiled flex are reported upstream
     assert agreement.loss_error <= 1e-2 * agreement.sdpa_loss
     assert agreement.worst[1] < 5e-2, agreement.worst
+
+
+@pytest.mark.slow
+def test_a_compiled_flex_model_recompiles_to_sdpa_below_one_block_after_the_fallback(monkeypatch):
+    # The switch is a model attribute the compiled graph guards on: no stale flex graph serves short lengths.
+    from hlb_gpt import model as model_module
+
+    called = []
+    flex = model_module.flex_distance_attention
+    monkeypatch.setattr(model_module, "flex_distance_attention",
+                        lambda q, *args, **kwargs: called.append(q.shape[1]) or flex(q, *args, **kwargs))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, depth=2, width=128, max_seq_len=256, attention="flex"))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    idx = torch.randint(0, 96, (2, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        compiled(idx[:, :32])
+        assert len(called) == 2  # both blocks
+        model.nonfinite_fallback(32, step=1)
+        short, full = compiled(idx[:, :64]), compiled(idx)
+        assert len(called) == 4  # the full length still by flex, 64 by SDPA
+        expected = GPT(GPTConfig(vocab_size=96, depth=2, width=128, max_seq_len=256))
+        expected.load_state_dict(model.state_dict())
+        torch.testing.assert_close(short, expected(idx[:, :64]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(full, expected(idx), rtol=0, atol=1e-5)
+    torch._dynamo.reset()
