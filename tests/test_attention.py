@@ -228,7 +228,7 @@ def test_a_compiled_flex_model_builds_one_block_mask_per_forward_for_all_its_blo
     compiled = torch.compile(model, backend="eager")
     with torch.no_grad():
         compiled(torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(0)))
-    assert built == [64]  # traced once for the three blocks, not once per block
+    assert built == [64]  # once for the three blocks, not once per block
     torch._dynamo.reset()
 
 
