@@ -10,8 +10,9 @@ setup(
     packages=find_packages(include=["hlb_gpt", "hlb_gpt.*"]),
     package_data={"hlb_gpt": ["assets/*", "assets/*/*"]},
     install_requires=[
-        # A range 2.13.0 satisfies; an open range would pull a multi-GB CUDA build on CPU-only machines.
-        "torch>=2.4,<2.14",
+        # The oldest torch with everything the code uses (torch.optim.Muon: 2.9). No cap: on a machine without a
+        # GPU, install the CPU build first (README), or any torch requirement pulls the multi-GB CUDA build.
+        "torch>=2.9",
         "datasets>=2.14",
         "tiktoken>=0.5",
         "click>=8.1",

@@ -36,6 +36,9 @@ class ConfigError(ValueError):
 
 # `--checkpoint-every 30m`: seconds per unit of a time cadence.
 TIME_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+# Without --checkpoint-every, epoch checkpoints are at least this many seconds apart: an epoch of `mini` is 4.4
+# steps of the hlb preset, whose checkpoint (~0.9 GB, fsynced) would otherwise be written every 4-5 steps.
+DEFAULT_CHECKPOINT_GAP = 600.0
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,14 @@ class Cadence:
 
     epochs: float = 0.0
     seconds: float = 0.0
+    min_seconds: float = 0.0
+    """The least wall time between two epoch checkpoints (the default cadence's `DEFAULT_CHECKPOINT_GAP`)."""
 
     def __bool__(self) -> bool:
         return self.epochs > 0 or self.seconds > 0
 
     def to_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "min_seconds" or v}
 
 
 def parse_cadence(value: float | str) -> Cadence:
@@ -177,7 +182,8 @@ class RunConfig:
     max_bad_steps: int = setting(10, "Consecutive non-finite steps before a run counts as diverged.")
     checkpoint_every: float | str | None = setting(  # epochs, or a time like "30m" (see `parse_cadence`)
         None, "Checkpoint interval: epochs (a number; 0: none) or wall time since the last checkpoint (30m, also 90s, "
-        "2h); interrupted runs resume from the latest.", note="1; modular 100, an epoch there being 10 steps",
+        "2h); interrupted runs resume from the latest.",
+        note="1, at least 10 minutes apart; modular 100, an epoch there being 10 steps",
         parse=str)
     keep_checkpoints: int = setting(2, "Checkpoints kept per run.")
     # fine-tuning (see `finetune`): start from a run's weights; train adapters or some components only
@@ -195,7 +201,8 @@ class RunConfig:
                                      "these besides the adapters.", parse=str)
     # hardware
     device: str = setting("auto", "auto: cuda, then mps, then cpu.", choices=DEVICES)
-    precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere.", choices=PRECISIONS)
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA GPUs with native bf16 (Ampere or newer), fp32 "
+                             "elsewhere.", choices=PRECISIONS)
     compile: bool | None = setting(None, "torch.compile the model, the filter and GrokAdamW's step.",
                                    note="on for CUDA", negatable=True)
     attention: str = setting("auto", "Attention kernel. sdpa: PyTorch's SDPA with the distance bias as a mask (any "
@@ -213,8 +220,8 @@ class RunConfig:
             if f.metadata.get("choices"):
                 _choice(flag(f.name), getattr(self, f.name), f.metadata["choices"])
         preset = PRESETS[self.preset]
-        for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens", "weight_decay", "warmup_steps",
-                     "checkpoint_every"):
+        # checkpoint_every stays None unless given: the default cadence is the preset's, with a least gap.
+        for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens", "weight_decay", "warmup_steps"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
         if self.optimizer == "muon":
@@ -274,8 +281,9 @@ class RunConfig:
             raise ConfigError(f"--seed must be >= 0 (got {self.seed})")
         _positive("--max-bad-steps", self.max_bad_steps)
         # Recorded as given ("30m"), but epochs as a number whether the flag's text or a float said them.
-        cadence = parse_cadence(self.checkpoint_every)
-        self.checkpoint_every = str(self.checkpoint_every).strip().lower() if cadence.seconds else cadence.epochs
+        if self.checkpoint_every is not None:
+            cadence = parse_cadence(self.checkpoint_every)
+            self.checkpoint_every = str(self.checkpoint_every).strip().lower() if cadence.seconds else cadence.epochs
         _positive("--keep-checkpoints", self.keep_checkpoints)
         if self.max_steps is not None:
             _positive("--max-steps", self.max_steps)
@@ -337,7 +345,10 @@ class RunConfig:
 
     @property
     def checkpoint_cadence(self) -> Cadence:
-        """`checkpoint_every` parsed: epochs or seconds between checkpoints."""
+        """`checkpoint_every` parsed: epochs or seconds between checkpoints. Not given: the preset's epochs, at least
+        `DEFAULT_CHECKPOINT_GAP` seconds apart."""
+        if self.checkpoint_every is None:
+            return Cadence(epochs=PRESETS[self.preset].checkpoint_every, min_seconds=DEFAULT_CHECKPOINT_GAP)
         return parse_cadence(self.checkpoint_every)
 
     def differences(self, other: RunConfig, ignore: frozenset[str] = frozenset()) -> list[str]:

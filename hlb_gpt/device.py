@@ -5,7 +5,9 @@ holds in its memory. Nothing hard-codes a device: CUDA, then MPS, then the CPU, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import logging
 import os
 import platform
 import resource
@@ -18,6 +20,8 @@ from torch import Tensor, nn
 
 from hlb_gpt.config import ConfigError
 from hlb_gpt.grokfast import GradFilter
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,8 +39,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """What --precision means on this device: bf16 or fp32 (auto: bf16 on CUDA, fp32 elsewhere)."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+    """What --precision means on this device: bf16 or fp32 (auto: bf16 on a CUDA device with native bf16, that is
+    Ampere or newer; fp32 elsewhere). torch emulates bf16 on older cards, but Triton refuses it there, so a
+    compiled run would fall back to eager."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    _say_no_native_bf16(torch.cuda.get_device_name(device))
+    return "fp32"
+
+
+@functools.lru_cache(maxsize=None)
+def _say_no_native_bf16(name: str) -> None:
+    """Once per device name and process: a sweep resolves the precision for every run."""
+    logger.warning("%s has no native bf16: --precision auto trains in fp32 (--precision bf16 forces it)", name)
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ from torch import Tensor, nn
 from hlb_gpt.config import GATES
 
 ATTENTIONS = ("sdpa", "flex")
+# FlexAttention's block: its mask and kernels work in tiles of this many query and key positions.
+FLEX_BLOCK = 128
 # FlexAttention's CUDA kernels pick their tiles by the query width and round the value width up to a power of
 # two, so one 384-wide value head would carry 512-wide tiles; values are split into heads of at most this.
 MAX_VALUE_HEAD = 128
@@ -92,14 +95,16 @@ def value_heads(width: int) -> int:
     return next(n for n in range(1, width + 1) if width % n == 0 and width // n <= MAX_VALUE_HEAD)
 
 
-def flex_distance_attention(q: Tensor, k: Tensor, v: Tensor, position_bias: Tensor, heads: int | None = None) -> Tensor:
+def flex_distance_attention(q: Tensor, k: Tensor, v: Tensor, position_bias: Tensor, heads: int | None = None,
+                            block_mask: Any = None) -> Tensor:
     """Causal attention with the bias -softplus(m) * (i - j), by FlexAttention; equal to SDPA with
     `Block.attention_bias` as the mask. q, k (B, T, D) and v (B, T, C) -> (B, T, C).
 
     The bias is a float32 table by distance, read in the score_mod (where scores are float32 under bf16
     autocast too); the table is built from m by autograd outside, so m gets its gradient from the table's.
     v is split into `heads` heads (default `value_heads(C)`) sharing one query and key: every head's scores
-    are the same, and the output is their concatenation, which is exactly single-head attention.
+    are the same, and the output is their concatenation, which is exactly single-head attention. `block_mask` is
+    `causal_block_mask(T)`, built here unless the caller shares one between blocks.
     """
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -112,9 +117,11 @@ def flex_distance_attention(q: Tensor, k: Tensor, v: Tensor, position_bias: Tens
         # Masked entries of partial blocks are scored too: clamp so their lookup stays inside the table.
         return score + table[torch.clamp(q_idx - kv_idx, min=0)]
 
+    if block_mask is None:
+        block_mask = causal_block_mask(T, q.device)
     out = flex_attention(q.unsqueeze(1).expand(B, H, T, D), k.unsqueeze(1).expand(B, H, T, D),
                          v.view(B, T, H, C // H).transpose(1, 2),
-                         score_mod=score_mod, block_mask=causal_block_mask(T, q.device))  # (B, H, T, C // H)
+                         score_mod=score_mod, block_mask=block_mask)  # (B, H, T, C // H)
     return out.transpose(1, 2).reshape(B, T, C)
 
 
@@ -141,6 +148,7 @@ class Block(nn.Module):
         self.gate = nn.Parameter(torch.empty(config.width, config.width)) if config.gate != "none" else None
         self.gate_act = {"none": None, "relu": F.relu, "sigmoid": torch.sigmoid}[config.gate]
         self.flex = config.attention == "flex"
+        self.flex_from = 0  # the shortest length FlexAttention serves; SDPA shorter ones (`GPT.fall_back_to_sdpa`)
 
     def attention_bias(self, distance: Tensor) -> Tensor:
         """Additive mask from a (T, T) table of i - j: -softplus(m) * (i - j) on and below the diagonal, -inf above."""
@@ -149,21 +157,25 @@ class Block(nn.Module):
         # a zero gradient, where 0 * inf would make the gradient of m NaN.
         return bias.masked_fill(distance < 0, float("-inf"))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, distance: Tensor) -> Tensor:
-        """One head of causal attention with the distance bias: q, k (B, T, qk_dim), v (B, T, C) -> (B, T, C)."""
-        if self.flex:  # fixed at construction
-            return flex_distance_attention(q, k, v, self.position_bias)
+    def uses_flex(self, T: int) -> bool:
+        return self.flex and T >= self.flex_from
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, distance: Tensor, block_mask: Any = None) -> Tensor:
+        """One head of causal attention with the distance bias: q, k (B, T, qk_dim), v (B, T, C) -> (B, T, C).
+        `block_mask`: FlexAttention's causal mask for T, when the model shares one between its blocks."""
+        if self.uses_flex(q.shape[1]):  # changes only by a fallback: a compiled graph guards on it
+            return flex_distance_attention(q, k, v, self.position_bias, block_mask=block_mask)
         # The head axis is made explicit (B, 1, T, ·) because SDPA's fused kernels accept only 4-D
         # inputs; the mask follows q's dtype (bf16 under autocast) for the same reason.
         mask = self.attention_bias(distance).to(q.dtype)
         return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=mask).squeeze(1)
 
-    def forward(self, x: Tensor, distance: Tensor) -> Tensor:
+    def forward(self, x: Tensor, distance: Tensor, block_mask: Any = None) -> Tensor:
         h = self.norm(x)  # (B, T, C)
         q, k, a, b = F.linear(h, self.expand).split((self.qk_dim, self.qk_dim, self.hidden, self.hidden), dim=-1)
         u = a * F.gelu(b)  # (B, T, hidden)
         u_local, v = u.split((self.hidden - self.width, self.width), dim=-1)  # (B, T, hidden - C), (B, T, C)
-        att = self.attend(q, k, v, distance)  # (B, T, C)
+        att = self.attend(q, k, v, distance, block_mask)  # (B, T, C)
         y = F.linear(torch.cat([u_local, att], dim=-1), self.project)  # (B, T, C)
         if self.gate is not None:  # fixed at construction, so no branch in the compiled graph
             y = y * self.gate_act(F.linear(x, self.gate))
@@ -201,6 +213,7 @@ class GPT(nn.Module):
         # table exact whatever dtype the model is cast to; non-persistent keeps it out of state_dict.
         pos = torch.arange(config.max_seq_len, dtype=torch.int32)
         self.register_buffer("distance", pos[:, None] - pos[None, :], persistent=False)
+        self.attention_fallback: str | None = None  # why the model left FlexAttention, if it did
         self._init_weights()
 
     @torch.no_grad()
@@ -230,9 +243,11 @@ class GPT(nn.Module):
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.config.max_seq_len} (--seq-len)")
         distance = self.distance[:T, :T]  # (T, T)
+        # One causal block mask for every block: under torch.compile it is computed in the graph at each forward.
+        block_mask = causal_block_mask(T, idx.device) if any(b.uses_flex(T) for b in self.blocks) else None
         x = self.embed(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, distance)
+            x = block(x, distance, block_mask)
         logits = self.head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits
@@ -240,6 +255,32 @@ class GPT(nn.Module):
             return chunked_cross_entropy(logits.flatten(0, 1), targets.flatten())
         # In float32 even under bf16 autocast: log-softmax over 50k classes loses too much in bf16.
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def fall_back_to_sdpa(self, reason: str, below: int | None = None) -> str | None:
+        """Attend with SDPA instead of FlexAttention for sequences shorter than `below` tokens (every length when
+        None); record the change and `reason` in `attention_fallback`, and return the change, or None when flex
+        served none of those lengths. The weights are the same for both kernels, so nothing else changes."""
+        blocks = [b for b in self.blocks if b.flex and (below is None or b.flex_from < below)]
+        if not blocks:
+            return None
+        for block in blocks:
+            block.flex, block.flex_from = (False, 0) if below is None else (True, below)
+        change = "SDPA instead of FlexAttention" + (f" below {below} tokens" if below is not None else "")
+        self.attention_fallback = f"{change}: {reason}"
+        return change
+
+    def compile_fallback(self, error: str) -> str | None:
+        """After a compile error: the flex kernels are the likeliest cause, and eager flex the slowest attention
+        (it materialises every score), so SDPA replaces them and the model is compiled again."""
+        return self.fall_back_to_sdpa(f"torch.compile failed ({error})")
+
+    def nonfinite_fallback(self, T: int, step: int) -> str | None:
+        """After non-finite gradients at step `step` of length T: where flex attended a sequence shorter than one
+        of its blocks (short bf16 compiled FlexAttention has given NaN gradients upstream), SDPA takes every
+        length below a block. None when it did not apply: the step is then counted like any other."""
+        if T >= FLEX_BLOCK:
+            return None
+        return self.fall_back_to_sdpa(f"non-finite gradients at length {T}, step {step}", below=FLEX_BLOCK)
 
     def num_params(self) -> int:
         """All parameters, embedding and head included (they are separate matrices)."""

@@ -30,7 +30,8 @@ import hlb_gpt
 from hlb_gpt import distributed
 from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, checkpoint_dir, list_checkpoints, load_checkpoint,
                                 rng_state, save_checkpoint, set_rng_state)
-from hlb_gpt.compiling import FallbackCompiled, Lap, compile_record, fresh_start, graphs_compiled
+from hlb_gpt.compiling import (FallbackCompiled, Lap, check_compile_support, compile_record, fresh_start,
+                               graphs_compiled)
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
                             resolve_device, synchronize)
@@ -71,6 +72,8 @@ class Task(Protocol):
     """The autocast precision the run trains with, resolved: "bf16" or "fp32"."""
     dynamic_dims: tuple[int, ...]
     """The input dimensions whose size varies between steps, so that one compiled graph serves them all."""
+    static_sizes: dict[int, int]
+    """Sizes of dynamic dimensions compiled static: the size a dimension keeps once it stops varying."""
     sampler: Any
     """The batch sampler, whose `state_dict()`/`load_state_dict()` a checkpoint holds."""
     data_source: str
@@ -170,8 +173,11 @@ def count_params(cfg: RunConfig) -> int:
 
 
 def compiles(cfg: RunConfig, device: torch.device) -> bool:
-    """Whether the run compiles its model: --compile, or by default on CUDA."""
-    return device.type == "cuda" if cfg.compile is None else cfg.compile
+    """Whether the run compiles its model: --compile, or by default on CUDA; ConfigError if this torch cannot."""
+    compile_ = device.type == "cuda" if cfg.compile is None else cfg.compile
+    if compile_:
+        check_compile_support()
+    return compile_
 
 
 def check_attention(cfg: RunConfig) -> None:
@@ -203,6 +209,13 @@ def check_memory(cfg: RunConfig) -> None:
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer honours `optimizer.found_inf` itself (fused AdamW and GrokAdamW do)."""
     return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, GrokAdamW)
+
+
+def nonfinite_fallback(model: nn.Module, length: int, step: int) -> str | None:
+    """What the model changed after non-finite gradients at a step of sequences of `length` (a FlexAttention
+    model: SDPA below one block), or None: the step then counts towards divergence like any other."""
+    fallback = getattr(model, "nonfinite_fallback", None)
+    return fallback(length, step) if fallback is not None else None
 
 
 @dataclass
@@ -378,6 +391,14 @@ class LoopState:
             self.steady_steps += self.step - lap.step
             self.steady_tokens += self.tokens - lap.tokens
 
+    def add_evaluation(self, lap: Lap) -> None:
+        """Count an evaluation that compiled a graph (the one before training, the first at a new shape) as compile
+        time; other evaluations are not training time. Call it right after a sync (evaluations end with one)."""
+        seconds, compiled = lap.end()
+        if compiled:
+            self.train_time += seconds
+            self.compile_time += seconds
+
     def state_dict(self) -> dict[str, Any]:
         return {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
 
@@ -462,6 +483,11 @@ class Resumable:
         answer counts: it alone saves, and saving holds no collective."""
         seconds = self.cfg.checkpoint_cadence.seconds
         return seconds > 0 and checkpoint_clock() - self.saved_clock >= seconds
+
+    def gap_passed(self) -> bool:
+        """Whether an epoch checkpoint may be written: the cadence's least gap (the default cadence's, on a corpus
+        of a few steps an epoch) has passed since the last checkpoint or the (re)start."""
+        return checkpoint_clock() - self.saved_clock >= self.cfg.checkpoint_cadence.min_seconds
 
     def save(self, loop: LoopState, metrics: list[dict[str, Any]], reason: str, say: Callable[[str], Any]) -> None:
         """Checkpoint this step, unless it already is or --checkpoint-every is 0. A write that fails (a full disk)
@@ -549,7 +575,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         wrapped = distributed.wrap(model, device)
         net, no_sync = wrapped, wrapped.no_sync
     if compile_model:
-        net = FallbackCompiled(net, "the model", dynamic_dims=task.dynamic_dims)
+        net = FallbackCompiled(net, "the model", dynamic_dims=task.dynamic_dims, static_sizes=task.static_sizes,
+                               rebuild=getattr(model, "compile_fallback", None))
     forward = functools.partial(task.loss, net)
     # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward.
     eval_net = net if not ddp.enabled else model
@@ -583,7 +610,9 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         """Evaluate and write a metrics row; True when the task says the run ends here (on every rank). Without a
         step's `result` (the evaluation before training) the training columns are null: nothing has trained."""
         nonlocal last_val, last_columns
+        evaluating = Lap.begin(loop)
         columns = task.evaluate(eval_net, autocast) if ddp.is_main else {"val_loss": math.nan}
+        loop.add_evaluation(evaluating)
         val = last_val = columns.pop("val_loss")
         last_columns = columns
         ratio = math.nan if result is None or result.ema_ratio is None else result.ema_ratio.item()
@@ -637,6 +666,10 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                 if evaluate_now or checkpoint_now or stopping or loop.step % REFRESH_STEPS == 0 or loop.step == 1:
                     synchronize(device)
                     loop.add_lap(lap)
+                    if result.found_inf.item() and (change := nonfinite_fallback(model, batch.x.shape[-1], loop.step)):
+                        say(f"{run_dir.name}: non-finite gradients at step {loop.step}: {change} from now on")
+                        loop.bad_run.zero_()  # the steps the fallback answers do not count towards divergence
+                        loop.diverged_at.fill_(-1)
                     if loop.diverged_at.item() >= 0:
                         raise Diverged(f"more than {cfg.max_bad_steps} consecutive steps with non-finite "
                                        f"gradients, from step {int(loop.diverged_at.item()) - cfg.max_bad_steps}")
@@ -652,7 +685,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                     loop.wall_time = time.perf_counter() - wall_start
                     if finished:
                         break
-                    if checkpoint_now or stopping or parts.time_due():
+                    if (checkpoint_now and parts.gap_passed()) or stopping or parts.time_due():
                         save("signal" if stopping else "periodic")
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")
@@ -667,6 +700,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
             **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory,
                           compile_record(compile_model, [net.error if compile_model else None,
                                                          grad_filter.compile_error], graphs_at_start)),
+            "attention_fallback": getattr(model, "attention_fallback", None),
             **task.summary(metrics),
         }
         if ddp.enabled and outcome.status != "failed":

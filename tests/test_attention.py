@@ -3,6 +3,7 @@ with a causal block mask and the bias as a score_mod. torch 2.13 runs FlexAttent
 so forward equality is checked on CPU as the CUDA path will run it, and the backward through torch's own dense
 reference implementation (see `flex_backward_on_cpu`)."""
 
+import math
 import subprocess
 import sys
 import warnings
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hlb_gpt.attention_check import compare_attention
 from hlb_gpt.compare import group_key
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import attention_for, flex_available
@@ -205,3 +207,157 @@ def test_the_attention_benchmark_runs_on_cpu_and_prints_its_table():
     assert set(rows) == {(v, m) for v in ("sdpa", "flex", "flex-1head") for m in ("train", "eval")}, out
     assert "n/a: NotImplementedError" in rows["flex", "train"]  # no FlexAttention backward on CPU
     assert float(rows["flex", "eval"].split()[-2]) < 1e-5, out  # its output's max |difference| to SDPA's
+
+
+# --------------------------------------------------------------------------- one mask per forward, shared
+
+def test_a_compiled_flex_model_builds_one_block_mask_per_forward_for_all_its_blocks(monkeypatch):
+    import torch.nn.attention.flex_attention as fa
+
+    built = []
+    create = fa.create_block_mask
+
+    def counted(*args, **kwargs):
+        built.append(args[3])  # the query length
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(fa, "create_block_mask", counted)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, depth=3, width=128, max_seq_len=64, attention="flex"))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        compiled(torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(0)))
+    assert built == [64]  # once for the three blocks, not once per block
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- falling back to SDPA
+
+def pick_flex(monkeypatch):
+    """The lm task picks flex, as `--attention auto` does on CUDA under compile."""
+    from hlb_gpt.tasks import lm
+
+    monkeypatch.setattr(lm, "attention", lambda cfg, device, compile: "flex")
+
+
+def small_run(tmp_path, **changes):
+    return RunConfig(**{**dict(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=16, seq_len=64,
+                               batch_size=4, eval_tokens=2 * 64 + 1, checkpoint_every=0, device="cpu",
+                               data_cache=str(tmp_path / "cache")), **changes})
+
+
+def flex_failing_backend(gm, example_inputs):
+    """dynamo's tracing-only backend, failing as Inductor might on a graph that holds FlexAttention."""
+    if any("flex_attention" in str(node.target) for node in gm.graph.nodes):
+        raise RuntimeError("forced flex compile failure")
+    return gm.forward
+
+
+def test_a_flex_model_whose_compile_fails_is_compiled_again_with_sdpa_saying_so_once(tmp_path, monkeypatch, caplog):
+    # Not the same flex model eagerly, which materialises every score; the weights do not depend on the kernel.
+    import logging
+
+    from hlb_gpt import compiling
+    from hlb_gpt.train import train
+
+    cfg = small_run(tmp_path, compile=True, max_steps=3)
+    sdpa = train(cfg.replace(compile=False), tmp_path / "sdpa", progress=False)
+    pick_flex(monkeypatch)
+    monkeypatch.setattr(compiling, "BACKEND", flex_failing_backend)
+    with caplog.at_level(logging.WARNING, logger="hlb_gpt.compiling"):
+        summary = train(cfg, tmp_path / "flex", progress=False)
+    assert summary["status"] == "completed", summary["error"]
+    assert summary["compiled"] is True and summary["compile_error"] is None
+    assert summary["attention_fallback"].startswith("SDPA instead of FlexAttention: torch.compile failed (")
+    assert "forced flex compile failure" in summary["attention_fallback"]
+    warnings = [r.message for r in caplog.records if "torch.compile failed" in r.message]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "the model: torch.compile failed, compiling it again with SDPA instead of FlexAttention (")
+    assert summary["final_val_loss"] == pytest.approx(sdpa["final_val_loss"], rel=1e-5)
+    assert sdpa["attention_fallback"] is None
+
+
+def test_non_finite_gradients_of_flex_below_one_block_send_short_lengths_to_sdpa_instead_of_diverging(
+        tmp_path, monkeypatch, flex_backward_on_cpu):
+    # Upstream, short bf16 compiled FlexAttention has given NaN gradients: every step of the T = 32 phase would be
+    # skipped and the run end "diverged" at step 11. Here flex's gradients are made NaN; SDPA's are not.
+    from hlb_gpt import model as model_module
+    from hlb_gpt.train import train
+
+    flex = model_module.flex_distance_attention
+
+    def nan_gradients(*args, **kwargs):
+        out = flex(*args, **kwargs)
+        if out.requires_grad:
+            out.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+        return out
+
+    monkeypatch.setattr(model_module, "flex_distance_attention", nan_gradients)
+    pick_flex(monkeypatch)
+    cfg = small_run(tmp_path, compile=False, max_steps=25)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["status"] == "completed", summary["error"]
+    assert summary["attention_fallback"] == ("SDPA instead of FlexAttention below 128 tokens: non-finite gradients "
+                                             "at length 32, step 1")
+    assert math.isfinite(summary["final_val_loss"])
+
+
+def test_non_finite_gradients_at_a_length_flex_serves_in_whole_blocks_still_diverge():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, depth=2, width=128, max_seq_len=256, attention="flex"))
+    assert model.nonfinite_fallback(128, step=200) is None and model.attention_fallback is None
+    assert model.nonfinite_fallback(64, step=3) == "SDPA instead of FlexAttention below 128 tokens"
+    assert model.nonfinite_fallback(32, step=5) is None  # once: after that, SDPA's own NaNs count
+    assert all(b.uses_flex(128) and not b.uses_flex(127) for b in model.blocks)
+    sdpa = GPT(GPTConfig(vocab_size=96, depth=2, width=128, max_seq_len=256))
+    assert sdpa.nonfinite_fallback(32, step=1) is None and sdpa.compile_fallback("error") is None
+
+
+# --------------------------------------------------------------------------- the whole model, flex against SDPA
+
+@pytest.mark.parametrize("T", [32, 64, pytest.param(1024, marks=pytest.mark.slow)])
+def test_flex_s_dense_reference_gives_the_sdpa_model_s_loss_and_every_gradient_position_bias_included(T):
+    # The warm-up's lengths (below one 128-token block) and the hlb preset's; the hlb block's shapes (3 value heads).
+    agreement = compare_attention(T, "cpu", batch=1 if T > 128 else 2)
+    names = {name for name, _ in GPT(GPTConfig(vocab_size=512, depth=2, width=384, max_seq_len=T)).named_parameters()}
+    assert set(agreement.grad_errors) == names and {"blocks.0.position_bias", "blocks.1.position_bias"} <= names
+    assert agreement.nonfinite == ()
+    assert agreement.loss_error <= 1e-5 * agreement.sdpa_loss
+    assert agreement.worst[1] < 1e-4, agreement.worst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's kernels need a CUDA device")
+@pytest.mark.parametrize("T", [32, 64, 1024])
+def test_flex_s_compiled_cuda_kernels_give_the_sdpa_model_s_loss_and_every_gradient_in_bf16(T):
+    agreement = compare_attention(T, "cuda", precision="bf16", compiled=True, batch=8)
+    assert agreement.nonfinite == ()  # NaN gradients of short bf16 compiled flex are reported upstream
+    assert agreement.loss_error <= 1e-2 * agreement.sdpa_loss
+    assert agreement.worst[1] < 5e-2, agreement.worst
+
+
+@pytest.mark.slow
+def test_a_compiled_flex_model_recompiles_to_sdpa_below_one_block_after_the_fallback(monkeypatch):
+    # The switch is a model attribute the compiled graph guards on: no stale flex graph serves short lengths.
+    from hlb_gpt import model as model_module
+
+    called = []
+    flex = model_module.flex_distance_attention
+    monkeypatch.setattr(model_module, "flex_distance_attention",
+                        lambda q, *args, **kwargs: called.append(q.shape[1]) or flex(q, *args, **kwargs))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, depth=2, width=128, max_seq_len=256, attention="flex"))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    idx = torch.randint(0, 96, (2, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        compiled(idx[:, :32])
+        assert len(called) == 2  # both blocks
+        model.nonfinite_fallback(32, step=1)
+        short, full = compiled(idx[:, :64]), compiled(idx)
+        assert len(called) == 4  # the full length still by flex, 64 by SDPA
+        expected = GPT(GPTConfig(vocab_size=96, depth=2, width=128, max_seq_len=256))
+        expected.load_state_dict(model.state_dict())
+        torch.testing.assert_close(short, expected(idx[:, :64]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(full, expected(idx), rtol=0, atol=1e-5)
+    torch._dynamo.reset()

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -198,3 +199,102 @@ def test_a_compiled_width_sweep_compiles_every_run_a_few_times_over_the_sequence
         assert 1 <= s["compile_count"] <= 4, (name, s["compile_count"])
         assert s["steady_steps"] > 0 and math.isfinite(s["step_time_s"])
     assert "recompile_limit" not in res.stderr
+
+
+# -- what this torch supports ----------------------------------------------------------------------------------
+def test_a_compile_setting_this_torch_lacks_is_left_out_of_the_patch_instead_of_failing_the_run(monkeypatch):
+    # An older torch without one of the keys raised AttributeError outside the compile-error handling.
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    monkeypatch.setattr(compiling, "PATCHES", {**compiling.PATCHES,
+                                               "torch._dynamo.config": {"a_setting_no_torch_has": True,
+                                                                        "fail_on_recompile_limit_hit": True}})
+    torch._dynamo.reset()
+    double = compiling.FallbackCompiled(lambda x: 2 * x, "doubling")
+    assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0)) and double.error is None
+
+
+def test_compiling_on_a_torch_without_a_setting_the_fallback_needs_is_refused_in_one_line(tmp_path, monkeypatch):
+    from hlb_gpt.config import ConfigError
+    from hlb_gpt.train import check_attention, compiles
+
+    monkeypatch.setattr(compiling, "PATCHES", {**compiling.PATCHES,
+                                               "torch._functorch.config": {"a_setting_no_torch_has": True}})
+    monkeypatch.setattr(compiling, "REQUIRED", ("a_setting_no_torch_has",))
+    with pytest.raises(ConfigError) as exc:
+        check_attention(small(tmp_path, compile=True))
+    assert str(exc.value) == (f"--compile needs torch._functorch.config.a_setting_no_torch_has, which torch "
+                              f"{torch.__version__} lacks: upgrade torch or use --no-compile")
+    assert compiles(small(tmp_path, compile=False), torch.device("cpu")) is False  # an eager run is not refused
+    with pytest.raises(ConfigError, match="--no-compile"):
+        train(small(tmp_path, compile=True, max_steps=1), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_declared_torch_floor_has_everything_the_code_uses_and_no_cap():
+    # torch.optim.Muon (--optimizer muon) arrived in torch 2.9, FlexAttention in 2.5.
+    import re
+    from pathlib import Path
+
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    (requirement,) = re.findall(r'"(torch[^"]*)"', setup)
+    assert requirement == "torch>=2.9"
+
+
+def test_the_compile_time_of_the_evaluation_before_training_counts_in_compile_time(tmp_path, monkeypatch):
+    # The loop's laps read a clock that only compiling moves: 100 s a graph, whatever this machine's speed.
+    now = [0.0]
+
+    def slow_backend(gm, example_inputs):  # dynamo's tracing-only backend, taking 100 s to compile
+        now[0] += 100.0
+        return gm.forward
+
+    monkeypatch.setattr(compiling, "BACKEND", slow_backend)
+    monkeypatch.setattr(compiling, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    summary = train(small(tmp_path, compile=True, max_steps=1), tmp_path / "run", progress=False)
+    # The evaluation graph (compiled by the evaluation at step 0) and the training graph (step 1).
+    assert summary["compile_count"] == 2 and summary["compile_time_s"] == 200.0
+    assert summary["step_time_s"] is None and summary["train_time_s"] == 200.0
+
+
+@pytest.mark.slow
+def test_after_the_sequence_warm_up_the_full_length_is_compiled_static_and_nothing_recompiles(tmp_path, monkeypatch):
+    # --seq-len 64: 80 steps of 32 tokens, then 64 for good. The full length gets one specialised graph (no bounds
+    # checks); evaluation always has it.
+    from hlb_gpt import train as train_module
+
+    steps, graphs = [0], []
+    step = train_module.optimizer_step
+
+    def counted_step(*args, **kwargs):
+        steps[0] += 1
+        return step(*args, **kwargs)
+
+    def recording_backend(gm, example_inputs):  # dynamo's tracing-only backend, noting the token input's shape
+        tokens = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")
+                  if isinstance(node.meta.get("example_value"), torch.Tensor)
+                  and node.meta["example_value"].dtype == torch.long]
+        graphs.append((steps[0], torch.is_grad_enabled(), str(tokens[0].shape[1])))
+        return gm.forward
+
+    monkeypatch.setattr(train_module, "optimizer_step", counted_step)
+    monkeypatch.setattr(compiling, "BACKEND", recording_backend)
+    summary = train(small(tmp_path, compile=True, seq_len=64, batch_size=4, eval_tokens=2 * 64 + 1, max_steps=100,
+                          evals_per_epoch=1), tmp_path / "run", progress=False)
+    assert summary["status"] == "completed" and summary["compiled"] is True
+    # (steps taken, training?, length as the graph sees it): the evaluation before training, the warm-up's
+    # dynamic graph, then the full length's, and nothing after it (steps 82-100, the final evaluation).
+    assert graphs[0] == (0, False, "64") and graphs[1][:2] == (1, True) and not graphs[1][2].isdigit()
+    assert graphs[2:] == [(81, True, "64")]
+    assert summary["compile_count"] == 3
+
+
+def test_a_dynamic_dimension_at_its_static_size_gets_one_specialised_graph_of_its_own(monkeypatch):
+    # The full sequence length, which a run keeps after its warm-up: no bounds checks, kernels for that size.
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    torch._dynamo.reset()
+    before = graphs_compiled()
+    total = compiling.FallbackCompiled(lambda x: x.sum(1), "summing", dynamic_dims=(0, 1), static_sizes={1: 16})
+    for batch, length in [(4, 4), (2, 8), (4, 16), (2, 16), (3, 16), (4, 8)]:
+        torch.testing.assert_close(total(torch.ones(batch, length)), torch.full((batch,), float(length)))
+    assert total.error is None
+    assert graphs_compiled() - before == 2  # lengths 4 and 8 share one graph; 16 has its own, for every batch

@@ -73,7 +73,7 @@ def test_bookkeeping_is_one_list_that_resume_accepts_and_that_may_change_on_resu
 
 
 @pytest.mark.parametrize("given, recorded, cadence", [
-    (None, 1.0, Cadence(epochs=1.0)),
+    (None, None, Cadence(epochs=1.0, min_seconds=600.0)),  # the preset's, at least 10 minutes apart
     (2, 2.0, Cadence(epochs=2.0)),
     ("0.5", 0.5, Cadence(epochs=0.5)),
     ("0", 0.0, Cadence()),

@@ -57,3 +57,28 @@ def test_in_a_width_sweep_the_small_run_after_the_large_one_records_a_smaller_pe
     assert large["peak_kind"] == small["peak_kind"] == "vm_hwm_since_run_start"
     # The large run's training state alone exceeds the gap, so a process-lifetime peak could not pass this.
     assert small["peak_bytes"] < large["peak_bytes"] - large["training_state_bytes"] / 2
+
+
+# -- the precision --precision auto picks ------------------------------------------------------------------------
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_on_a_cuda_device_with_native_bf16(monkeypatch, caplog, native, expected):
+    # Triton rejects bf16 on pre-Ampere cards, whose bf16 torch only emulates: auto must not count emulation.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or native or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    dev._say_no_native_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="hlb_gpt.device"):
+        got = [dev.resolve_precision(torch.device("cuda"), "auto") for _ in range(3)]
+    assert got == [expected] * 3 and asked and set(asked) == {False}
+    lines = [r.message for r in caplog.records]
+    # One line in a process, however many runs of a sweep resolve it, naming the device and the way out.
+    assert lines == ([] if native else [
+        "Tesla V100-SXM2-16GB has no native bf16: --precision auto trains in fp32 (--precision bf16 forces it)"])
+
+
+def test_an_asked_precision_is_kept_and_auto_is_fp32_off_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert dev.resolve_precision(torch.device("cuda"), "bf16") == "bf16"
+    assert dev.resolve_precision(torch.device("cpu"), "auto") == "fp32"
+    assert dev.resolve_precision(torch.device("cpu"), "bf16") == "bf16"

@@ -212,9 +212,9 @@ def test_settings_without_meaning_for_the_task_are_rejected_when_the_config_is_b
 
 def test_checkpoints_default_to_every_100_epochs_here_and_every_epoch_for_lm():
     # An epoch is 10 steps here, and an MA checkpoint is 176 MB: one per epoch would dominate the run.
-    assert RunConfig(task="modular").checkpoint_every == 100
-    assert RunConfig(task="lm").checkpoint_every == 1
-    assert RunConfig(task="modular", checkpoint_every=0).checkpoint_every == 0
+    assert RunConfig(task="modular").checkpoint_cadence.epochs == 100
+    assert RunConfig(task="lm").checkpoint_cadence.epochs == 1
+    assert not RunConfig(task="modular", checkpoint_every=0).checkpoint_cadence
 
 
 # ----------------------------------------------------------------------------------------------- the claim

@@ -198,3 +198,18 @@ def test_torchrun_with_two_cpu_ranks_trains_muon_as_one_process_does(tmp_path):
     assert len(one) == len(run.metrics) >= 2
     for a, b in zip(one, run.metrics):  # the all-reduced mean rounds unlike one batch's; Muon works in bfloat16
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+
+
+def test_muon_on_a_torch_without_it_is_refused_in_one_line_before_the_run_starts(tmp_path, monkeypatch):
+    from hlb_gpt.train import check_attention
+
+    monkeypatch.delattr(torch.optim, "Muon")
+    cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=32, device="cpu", compile=False,
+                    data_cache=str(tmp_path / "cache"), optimizer="muon")
+    message = f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}"
+    with pytest.raises(ConfigError) as exc:
+        check_attention(cfg)
+    assert str(exc.value) == message
+    with pytest.raises(ConfigError, match="needs torch >= 2.9"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

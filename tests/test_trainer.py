@@ -6,7 +6,7 @@ import pytest
 from hlb_gpt import checkpoint, data
 from hlb_gpt import train as train_module
 from hlb_gpt.checkpoint import list_checkpoints, load_checkpoint
-from hlb_gpt.config import RunConfig
+from hlb_gpt.config import Cadence, RunConfig
 from hlb_gpt.records import read_run
 from hlb_gpt.train import train
 
@@ -211,3 +211,24 @@ def test_an_epoch_cadence_ignores_the_clock(tmp_path, token_cache, monkeypatch, 
     ticking_clock(monkeypatch, seconds_per_step=3600.0)
     train(small(task, token_cache, **changes, keep_checkpoints=10), tmp_path / "run", progress=False)
     assert checkpoint_steps(tmp_path / "run") == [40]  # the final one
+
+
+def test_without_checkpoint_every_a_tiny_corpus_checkpoints_at_most_every_ten_minutes_but_asked_every_epoch(
+        tmp_path, monkeypatch):
+    # The hlb preset on mini has 4.4 steps an epoch: a ~0.9 GB fsynced checkpoint at every epoch would be every
+    # 4-5 steps. Here an epoch is 4 steps of 128 tokens and a step takes a minute.
+    (tmp_path / "text").mkdir()
+    for split in ("wiki.train.raw", "wiki.valid.raw"):
+        (tmp_path / "text" / split).write_text("alpha beta gamma " * 30)  # 510 byte tokens
+    ticking_clock(monkeypatch, seconds_per_step=60.0)
+    cfg = RunConfig(data_dir=str(tmp_path / "text"), preset="tiny", tokenizer="bytes", depth=1, width=32, seq_len=32,
+                    batch_size=4, eval_tokens=64, epochs=100.0, max_steps=40, keep_checkpoints=100, device="cpu",
+                    data_cache=str(tmp_path / "cache"))
+    assert cfg.checkpoint_cadence == Cadence(epochs=1.0, min_seconds=600.0)
+    train(cfg, tmp_path / "default", progress=False)
+    saved = checkpoint_steps(tmp_path / "default")
+    assert saved[-1] == 40 and len(saved) >= 3  # the epoch checkpoints, then the final one
+    assert all(later - earlier >= 10 for earlier, later in zip([0] + saved[:-2], saved[:-1])), saved
+    train(cfg.replace(checkpoint_every=1.0), tmp_path / "asked", progress=False)
+    asked = checkpoint_steps(tmp_path / "asked")
+    assert len(asked) >= 9 and min(b - a for a, b in zip(asked, asked[1:])) <= 5, asked

@@ -114,6 +114,12 @@ def attention(cfg: RunConfig, device: torch.device, compile: bool) -> str:
     return attention_for(cfg.attention, device, compile, cfg.width // GPTConfig.qk_div)
 
 
+def check_optimizer(cfg: RunConfig) -> None:
+    """Refuse an optimizer this torch does not have (ConfigError, one line)."""
+    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+
+
 @functools.lru_cache(maxsize=None)
 def _count_params(tokenizer: str, depth: int, width: int, seq_len: int, gate: str) -> int:
     with torch.device("meta"):
@@ -142,6 +148,7 @@ class LanguageModel:
     @staticmethod
     def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
         attention(cfg, device, compile)
+        check_optimizer(cfg)
 
     def __init__(self, cfg: RunConfig, device: torch.device, ddp: distributed.Dist, compile: bool) -> None:
         self.cfg, self.device, self.compile = cfg, device, compile
@@ -150,6 +157,7 @@ class LanguageModel:
             torch.backends.cudnn.allow_tf32 = True
         self.precision = resolve_precision(device, cfg.precision)
         self.attention = attention(cfg, device, compile)
+        check_optimizer(cfg)
         if cfg.batch_size % (cfg.grad_accum * ddp.world_size):
             raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum x ranks "
                               f"({cfg.grad_accum} x {ddp.world_size})")
@@ -164,6 +172,9 @@ class LanguageModel:
         self.data_source = data_source(cfg.dataset, cfg.data_dir)
         self.text_sha256: dict[str, str] | None = data.text_sha256
         self.schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
+        # The full length, which evaluation always has and training keeps after its warm-up: one specialised
+        # graph for the rest of the run (no bounds checks, kernels for that size) instead of the dynamic one.
+        self.static_sizes = {1: cfg.seq_len}
         self.sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
         self.eval_x, self.eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len,
                                                                         cfg.eval_tokens or None))

@@ -302,6 +302,7 @@ class ModularArithmetic:
     """
 
     dynamic_dims = (0,)  # batches of 512, the epoch's remainder and the whole validation set: one graph
+    static_sizes: dict[int, int] = {}
     data_source = "generated"
     attention = None  # the model's own attention over 4 tokens: --attention does not apply
     text_sha256 = None
