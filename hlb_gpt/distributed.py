@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from hlb_gpt.config import ConfigError
+
 T = TypeVar("T")
 
 
@@ -24,6 +26,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 0  # ranks on this node, as torchrun says (0: not said)
 
     @property
     def enabled(self) -> bool:
@@ -36,16 +39,33 @@ class Dist:
 
 def from_env() -> Dist:
     return Dist(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
-                local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+                local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 0)))
+
+
+def rank_device(ctx: Dist, device: torch.device) -> torch.device:
+    """This rank's device, made the current one: under torchrun on CUDA, the GPU of its local rank.
+
+    More ranks on a node than it has GPUs is refused (ConfigError) on every rank before any touches a GPU, rather
+    than each surplus rank failing in `set_device` with a traceback while the others wait for it.
+    """
+    if not ctx.enabled or device.type != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    ranks = max(ctx.local_world_size, ctx.local_rank + 1)
+    if ranks > count:
+        raise ConfigError(f"torchrun started {ranks} ranks on this node but it has {count} CUDA device"
+                          f"{'s' if count != 1 else ''}: use --nproc_per_node={count} or fewer")
+    device = torch.device("cuda", ctx.local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 def init(ctx: Dist, device: torch.device) -> torch.device:
-    """Join the process group (once) and return this rank's device."""
+    """Join the process group (once) and return this rank's device (`rank_device`)."""
     if not ctx.enabled:
         return device
-    if device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(device)
+    device = rank_device(ctx, device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device

@@ -202,3 +202,95 @@ def test_ranks_on_nodes_without_a_shared_filesystem_follow_rank_0_s_disk(tmp_pat
     for a, b in zip(direct, resumed.metrics):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
     assert not (node1 / "sweep").exists() or not any((node1 / "sweep").iterdir())  # rank 1 writes nothing
+
+
+# --- rank 0 of two, without a process group --------------------------------------------------------------------
+
+
+class FakeDDP(torch.nn.Module):
+    """DDP's interface around a model, without its collectives."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def no_sync(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+@pytest.fixture
+def rank_0_of_two(monkeypatch):
+    """This process as rank 0 of two: every collective returns what it would with an identical second rank."""
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "init", lambda ctx, device: device)
+    monkeypatch.setattr(distributed, "wrap", lambda model, device: FakeDDP(model))
+    monkeypatch.setattr(distributed, "mean", lambda t, ctx: t)
+    monkeypatch.setattr(distributed, "gather_floats", lambda value, ctx, device: [value, value])
+    monkeypatch.setattr(distributed, "broadcast_flag", lambda flag, ctx, device: flag)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, ctx: obj)
+
+
+def test_under_ddp_rank_0_evaluates_through_a_compiled_wrapper_of_the_bare_model(tmp_path, monkeypatch, rank_0_of_two):
+    import hlb_gpt.tasks.lm as lm
+    from hlb_gpt import compiling
+    from hlb_gpt.config import RunConfig
+    from hlb_gpt.train import train
+
+    monkeypatch.setattr(compiling, "BACKEND", "eager")  # dynamo's wrapper, without a C++ compiler's minutes
+    evaluated_with, real_evaluate = [], lm.evaluate
+
+    def recording_evaluate(forward, *args):
+        evaluated_with.append(forward)
+        return real_evaluate(forward, *args)
+
+    monkeypatch.setattr(lm, "evaluate", recording_evaluate)
+    cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=32, seq_len=32, batch_size=4,
+                    eval_tokens=64, max_steps=2, compile=True, checkpoint_every=0, data_cache=str(tmp_path / "cache"))
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["status"] == "completed" and summary["compiled"]
+    assert len(evaluated_with) == 2  # at step 0 and at the end
+    for forward in evaluated_with:
+        assert isinstance(forward, compiling.FallbackCompiled)
+        assert isinstance(forward.fn, GPT)  # the bare model: not DDP's collective forward
+
+
+def ma_filter_with_a_large_ring():
+    from hlb_gpt.grokfast import MAFilter
+
+    weight = torch.nn.Parameter(torch.zeros(2**20))
+    grad_filter = MAFilter([("w", weight)], window=64, gain=1.0)
+    weight.grad = torch.randn(2**20)
+    grad_filter.step()  # the ring: 64 x 2**20 float32, 256 MiB
+    grad_filter.state[weight]["ring"].normal_()  # resident, as after 64 steps
+    return grad_filter
+
+
+def test_the_ddp_filter_checksum_needs_no_float64_copy_of_the_filter_state():
+    from hlb_gpt.device import PeakMemory
+    from hlb_gpt.train import filter_checksum
+
+    grad_filter = ma_filter_with_a_large_ring()
+    peak = PeakMemory.start(torch.device("cpu"))
+    assert peak.kind == "vm_hwm_since_run_start"  # Linux: the peak since the reset, not the process's
+    before = peak.read()
+    checksum = filter_checksum(grad_filter)
+    assert peak.read() - before < grad_filter.nbytes / 4  # a float64 copy of the ring alone: twice its size
+    state = grad_filter.state_dict()["state"]["w"]
+    expected = sum(t.double().abs().sum() + t.double().sum() for t in (state["ring"], state["sum"])).item()
+    assert checksum == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_ddp_filter_checksum_reads_the_device_once(monkeypatch):
+    from hlb_gpt.train import filter_checksum
+
+    grad_filter = ma_filter_with_a_large_ring()
+    reads, real_item = [], torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+    filter_checksum(grad_filter)
+    assert len(reads) == 1
