@@ -1,6 +1,6 @@
 """Calibrate the pre-flight memory estimate (`hlb_gpt.footprint`) against measured peaks of short CPU runs.
 
-    python bench/memory.py [--quick]
+    python bench/memory.py [--sizes 0,3]
 
 Each size trains 2 steps at full length (no warm-up) in a fresh process, so that the process's resident set
 before the run is its baseline; the run's own peak (`PeakMemory`, VmHWM on Linux) minus that baseline is what
@@ -26,6 +26,8 @@ SIZES = [  # tokenizer, depth, width, seq_len, batch, precision, compile
     ("bytes", 4, 256, 512, 32, "bf16", False),
     ("gpt2", 2, 128, 512, 8, "fp32", True),
     ("gpt2", 2, 128, 512, 8, "bf16", True),
+    ("bytes", 4, 256, 512, 32, "fp32", True),
+    ("bytes", 4, 256, 512, 32, "bf16", True),
 ]
 
 ONE = """
@@ -54,9 +56,9 @@ print(json.dumps({"measured": summary["memory"]["peak_bytes"] - base, "estimate"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Only the first three sizes.")
+    parser.add_argument("--sizes", default=None, help="Only these rows of SIZES, e.g. 0,3 [all].")
     args = parser.parse_args()
-    sizes = SIZES[:3] if args.quick else SIZES
+    sizes = SIZES if args.sizes is None else [SIZES[int(i)] for i in args.sizes.split(",")]
     print("| tokenizer | depth | width | seq | batch | precision | compiled | measured MiB | estimate MiB | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -130,6 +130,67 @@ def broadcast_object(obj: Any, ctx: Dist) -> Any:
     return box[0]
 
 
+def all_true(flag: bool, ctx: Dist, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (on one process: itself)."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor(int(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A tensor's place in the structure `broadcast_tensors` sends ahead of the tensors themselves."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def broadcast_tensors(obj: Any, ctx: Dist, device: torch.device) -> Any:
+    """Rank 0's nested state (dicts, lists and tuples of tensors and plain data) on every rank, its tensors sent one
+    at a time through `device` as raw bytes: no rank holds a pickled copy of the whole, nor the whole on `device`.
+    The other ranks get their tensors on the CPU, as `torch.load(map_location="cpu")` would give them."""
+    if not ctx.enabled:
+        return obj
+    tensors: list[Tensor] = []
+    skeleton = broadcast_object(_hollow(obj, tensors) if ctx.is_main else None, ctx)
+    if ctx.is_main:
+        for t in tensors:
+            if t.numel():
+                dist.broadcast(t.detach().contiguous().reshape(-1).view(torch.uint8).to(device), src=0)
+        return obj
+    return _fill(skeleton, device)
+
+
+def _hollow(obj: Any, tensors: list[Tensor]) -> Any:
+    """`obj` with each tensor replaced by its shape and dtype, the tensors appended to `tensors` in order."""
+    if isinstance(obj, Tensor):
+        tensors.append(obj)
+        return _Sent(tuple(obj.shape), obj.dtype)
+    if isinstance(obj, dict):
+        return {k: _hollow(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_hollow(v, tensors) for v in obj)
+    return obj
+
+
+def _fill(obj: Any, device: torch.device) -> Any:
+    """The inverse of `_hollow` on a receiving rank: each tensor received in order, in the order `_hollow` met them."""
+    if isinstance(obj, _Sent):
+        out = torch.empty(obj.shape, dtype=obj.dtype)
+        if out.numel():
+            received = torch.empty(out.numel() * out.element_size(), dtype=torch.uint8, device=device)
+            dist.broadcast(received, src=0)
+            out.reshape(-1).view(torch.uint8).copy_(received)
+        return out
+    if isinstance(obj, dict):
+        return {k: _fill(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fill(v, device) for v in obj)
+    return obj
+
+
 def on_rank0(fn: Callable[[], T], ctx: Dist) -> T:
     """`fn()` run by rank 0 alone, its result given to every rank: decisions read from rank 0's disk hold on every
     node, shared filesystem or not. An exception raised on rank 0 is raised on every rank, so none waits."""

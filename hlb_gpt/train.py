@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import platform
+import shutil
 import signal
 import threading
 import time
@@ -28,8 +29,8 @@ from tqdm.auto import tqdm
 
 import hlb_gpt
 from hlb_gpt import distributed, footprint
-from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, checkpoint_dir, list_checkpoints, load_checkpoint,
-                                rng_state, save_checkpoint, set_rng_state)
+from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, FileStamp, checkpoint_dir, list_checkpoints,
+                                load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from hlb_gpt.compiling import FallbackCompiled, Lap, compile_record, fresh_start, graphs_compiled
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
@@ -197,6 +198,30 @@ def check_memory(cfg: RunConfig) -> None:
     need = memory_estimate(cfg, device, ddp.world_size)
     if need.total > available:
         raise ConfigError(footprint.refusal(cfg, need, count_params(cfg), available, device))
+
+
+def check_disk(configs: list[RunConfig], run_dirs: list[Path]) -> None:
+    """Refuse, before any work, checkpoints that cannot fit on the disk of the runs' folders: each run keeps
+    --keep-checkpoints of them and writes the next beside them; an MA filter's ring makes each one large. The
+    runs' checkpoints already on disk count as free: they are replaced. Only rank 0 writes, so only it checks."""
+    if not distributed.from_env().is_main:
+        return
+    sizes = [footprint.checkpoint_bytes(cfg, count_params(cfg)) if cfg.checkpoint_cadence else 0 for cfg in configs]
+    need = sum(cfg.keep_checkpoints * size for cfg, size in zip(configs, sizes)) + max(sizes, default=0)
+    if not need:
+        return
+    probe = Path(run_dirs[0]).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free + sum(p.stat().st_size for d in run_dirs for p in list_checkpoints(d))
+    if need > free:
+        gib = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
+        runs = f" for each of {len(configs)} runs" if len(configs) > 1 else ""
+        raise ConfigError(
+            f"the checkpoints need about {gib(need)} of disk ({gib(max(sizes))} each: --keep-checkpoints "
+            f"{max(cfg.keep_checkpoints for cfg in configs)}{runs}, and one being written), more than the "
+            f"{gib(free)} free under {probe}; use --keep-checkpoints 1, fewer runs per --out, a smaller --window or "
+            f"--checkpoint-every 0 (no checkpoints)")
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -415,11 +440,23 @@ class Resumable:
         """(loop counters, metrics so far, checkpoint resumed from): a fresh start, or with `resume` the state of
         the run's latest checkpoint if it has one, after checking that it was trained with these settings."""
         self.saved_clock = checkpoint_clock()
-        # Rank 0 reads its disk and sends what it found: ranks on nodes without a shared filesystem agree.
-        checkpoint, saved = distributed.on_rank0(lambda: self._newest_intact() if resume else (None, None),
-                                                 distributed.from_env())
-        if checkpoint is None:
+        ctx, found = distributed.from_env(), {}
+
+        def newest() -> FileStamp | None:
+            path, found["state"] = self._newest_intact() if resume else (None, None)
+            return None if path is None else FileStamp.of(path)
+
+        # Rank 0 reads its disk and names what it found: ranks on nodes without a shared filesystem agree. Ranks
+        # that see the same file load it themselves; otherwise rank 0 sends it a tensor at a time. Never pickled
+        # whole: an MA filter's ring makes a checkpoint tens of GB.
+        stamp = distributed.on_rank0(newest, ctx)
+        if stamp is None:
             return LoopState(), [], None
+        checkpoint, saved = stamp.path, found.get("state")
+        if distributed.all_true(ctx.is_main or stamp.visible(), ctx, self.device):
+            saved = saved if ctx.is_main else load_checkpoint(checkpoint)
+        else:
+            saved = distributed.broadcast_tensors(saved, ctx, self.device)
         check_resumable(self.cfg, saved["config"], self.run_dir)
         before, now = saved.get("text_sha256"), self.task.text_sha256
         if before is not None and now is not None and before != now:

@@ -234,6 +234,7 @@ def rank_0_of_two(monkeypatch):
     monkeypatch.setattr(distributed, "gather_floats", lambda value, ctx, device: [value, value])
     monkeypatch.setattr(distributed, "broadcast_flag", lambda flag, ctx, device: flag)
     monkeypatch.setattr(distributed, "broadcast_object", lambda obj, ctx: obj)
+    monkeypatch.setattr(distributed, "all_true", lambda flag, ctx, device: flag)
 
 
 def test_under_ddp_rank_0_evaluates_through_a_compiled_wrapper_of_the_bare_model(tmp_path, monkeypatch, rank_0_of_two):
@@ -294,3 +295,40 @@ def test_the_ddp_filter_checksum_reads_the_device_once(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
     filter_checksum(grad_filter)
     assert len(reads) == 1
+
+
+def small_ma_run(tmp_path, **changes):
+    from hlb_gpt.config import RunConfig
+
+    return RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=32, seq_len=32, batch_size=4,
+                     eval_tokens=64, grokfast=True, filter="ma", window=50, data_cache=str(tmp_path / "cache"),
+                     **changes)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_on_resume_under_ddp_ranks_that_share_the_file_load_it_themselves(tmp_path, monkeypatch, rank_0_of_two, rank):
+    """Rank 0 names the checkpoint (a few hundred bytes, never the state pickled whole: an MA ring makes it tens of
+    GB); a rank that sees the same file loads it."""
+    import pickle
+
+    from hlb_gpt import train as train_module
+    from hlb_gpt.checkpoint import FileStamp, latest_checkpoint
+
+    run = tmp_path / "run"
+    train_module.train(small_ma_run(tmp_path, max_steps=2), run, progress=False)
+    checkpoint = latest_checkpoint(run)
+    assert checkpoint.stat().st_size > 500_000  # the ring: 50 copies of the parameters
+    sent, loaded, real_load = [], [], train_module.load_checkpoint
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    # What rank 0 sends, as rank 1 receives it: the file it found.
+    from_rank_0 = (FileStamp.of(checkpoint), None)
+    monkeypatch.setattr(distributed, "broadcast_object",
+                        lambda obj, ctx: sent.append(len(pickle.dumps(obj))) or (obj if rank == 0 else from_rank_0))
+    monkeypatch.setattr(distributed, "broadcast_flag", lambda flag, ctx, device: False)  # rank 0's: finite, go on
+    monkeypatch.setattr(train_module, "load_checkpoint", lambda path: loaded.append(path) or real_load(path))
+    monkeypatch.setattr(distributed, "broadcast_tensors", lambda *args: pytest.fail("the state was sent"))
+    summary = train_module.train(small_ma_run(tmp_path, max_steps=3), run, progress=False, resume=True)
+    assert summary["steps"] == 3
+    assert loaded == [checkpoint]  # each rank reads it once, itself
+    assert sent and max(sent) < 2_000

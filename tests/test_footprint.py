@@ -73,3 +73,72 @@ def test_more_torchrun_ranks_than_gpus_are_refused_in_one_line_on_every_rank(mon
         assert "--nproc_per_node=1" in err and "2 ranks" in err and "1 CUDA device" in err
         assert gpus.events == []  # refused before any rank touched a GPU
         assert not (tmp_path / "runs").exists()
+
+
+# --- memory --------------------------------------------------------------------------------------------------
+
+
+def test_an_ma_window_whose_ring_fits_but_not_beside_a_step_s_activations_is_refused_before_any_work(
+        monkeypatch, capsys, tmp_path):
+    cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", grokfast=True, filter="ma", window=100)
+    n = train_module.count_params(cfg)
+    # Room for the weights, gradients, AdamW's moments and the ring of 101 copies (all the check used to count),
+    # and 32 MiB more: a tiny model's step (16 x 256 tokens) needs several times that.
+    room = 16 * n + 101 * 4 * n + 32 * 2**20
+    monkeypatch.setattr(train_module, "available_memory", lambda device: room)
+    code, _, err = run_main(TINY + ["--grokfast", "--filter", "ma", "--window", "100", "--max-steps", "1",
+                                    "--eval-tokens", "257", "--out", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("Error: ") and "--window" in err and "activations" in err
+    assert not (tmp_path / "runs").exists()
+    need = train_module.memory_estimate(cfg, torch.device("cpu"))
+    assert need.activations + need.logits > 64 * 2**20
+
+
+# --- disk ----------------------------------------------------------------------------------------------------
+
+
+class Usage:
+    def __init__(self, free):
+        self.total, self.used, self.free = 10 * free, 9 * free, free
+
+
+def test_checkpoints_that_cannot_fit_on_the_run_s_disk_are_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", grokfast=True, filter="ma", window=100)
+    one = 101 * 4 * train_module.count_params(cfg)  # a checkpoint holds at least the ring and its sum
+    monkeypatch.setattr("shutil.disk_usage", lambda path: Usage(2 * one))  # not 2 kept + 1 being written
+    code, _, err = run_main(TINY + ["--grokfast", "--filter", "ma", "--window", "100", "--max-steps", "1",
+                                    "--eval-tokens", "257", "--out", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "--keep-checkpoints 1" in err and "--checkpoint-every 0" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_s_checkpoints_are_counted_for_every_run_and_those_already_on_disk_as_free(monkeypatch, tmp_path):
+    from hlb_gpt import footprint
+
+    cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", grokfast=True, filter="ma", window=20)
+    one = footprint.checkpoint_bytes(cfg, train_module.count_params(cfg))
+    runs = [tmp_path / f"run{i}" for i in range(3)]
+    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda path: Usage(5 * one))
+    train_module.check_disk([cfg], runs[:1])  # 2 kept + 1 being written
+    with pytest.raises(train_module.ConfigError, match="for each of 3 runs"):
+        train_module.check_disk([cfg] * 3, runs)  # 3 x 2 kept + 1
+    (runs[0] / "checkpoints").mkdir(parents=True)
+    for step in (1, 2):  # a run done already: its files are on the disk the check reads
+        (runs[0] / "checkpoints" / f"step-{step:09d}.pt").write_bytes(b"\0" * one)
+    train_module.check_disk([cfg] * 3, runs)
+    train_module.check_disk([cfg.replace(checkpoint_every=0)] * 3, runs)  # no checkpoints, nothing to fit
+
+
+def test_the_checkpoint_size_estimate_is_the_written_file_s_size_within_a_few_percent(tmp_path):
+    from hlb_gpt import footprint
+    from hlb_gpt.checkpoint import latest_checkpoint
+
+    for changes in ({"grokfast": True, "filter": "ma", "window": 30}, {"grokfast": True}, {}):
+        cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=2, width=64, seq_len=32,
+                        batch_size=4, eval_tokens=64, max_steps=1, data_cache=str(tmp_path / "cache"), **changes)
+        run = tmp_path / str(len(changes))
+        train_module.train(cfg, run, progress=False)
+        written = latest_checkpoint(run).stat().st_size
+        assert footprint.checkpoint_bytes(cfg, train_module.count_params(cfg)) == pytest.approx(written, rel=0.05)
