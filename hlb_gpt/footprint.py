@@ -13,9 +13,13 @@ from typing import Any
 from hlb_gpt.config import RunConfig
 
 # Bytes per (token x block x width) and per (token x vocabulary entry) that one micro-batch's forward and
-# backward hold at their peak, by (precision, compiled); fitted by bench/memory.py (DESIGN.md, section 9).
-BLOCK_BYTES = {("fp32", False): 64, ("bf16", False): 48, ("fp32", True): 40, ("bf16", True): 32}
-LOGIT_BYTES = {("fp32", False): 12, ("bf16", False): 14, ("fp32", True): 8, ("bf16", True): 10}
+# backward hold at their peak, by (precision, compiled), fitted by bench/memory.py to CPU runs (DESIGN.md,
+# section 9). Eagerly the head holds the logits, their float32 log-softmax and its gradient (12 bytes);
+# compiled, one copy of the logits in the autocast dtype.
+BLOCK_BYTES = {("fp32", False): 72, ("bf16", False): 58, ("fp32", True): 52, ("bf16", True): 40}
+LOGIT_BYTES = {("fp32", False): 12, ("bf16", False): 12, ("fp32", True): 4, ("bf16", True): 2}
+# What a run holds besides: its data and evaluation windows, kernels' workspaces, the allocator's slack.
+OVERHEAD_BYTES = 100 * 2**20
 STATE_BYTES = 16  # per trained parameter: weights, gradients and AdamW's two moments, in float32
 
 
@@ -27,10 +31,11 @@ class Footprint:
     filter_state: int  # the Grokfast filter's buffers (the MA ring: allocated at the first step)
     activations: int  # what the blocks keep for the backward of one micro-batch
     logits: int  # the logits, their float32 log-softmax and its gradient
+    overhead: int = OVERHEAD_BYTES
 
     @property
     def total(self) -> int:
-        return self.training_state + self.filter_state + self.activations + self.logits
+        return self.training_state + self.filter_state + self.activations + self.logits + self.overhead
 
     def parts(self) -> dict[str, int]:
         return asdict(self)

@@ -19,6 +19,7 @@ from hlb_gpt import distributed
 from hlb_gpt.model import GPT, GPTConfig
 
 FAILING_RANK = Path(__file__).with_name("failing_rank.py")
+PRETEND_CUDA = Path(__file__).with_name("pretend_cuda.py")
 
 
 @pytest.fixture
@@ -332,3 +333,58 @@ def test_on_resume_under_ddp_ranks_that_share_the_file_load_it_themselves(tmp_pa
     assert summary["steps"] == 3
     assert loaded == [checkpoint]  # each rank reads it once, itself
     assert sent and max(sent) < 2_000
+
+
+@pytest.mark.slow
+def test_torchrun_with_more_ranks_than_gpus_is_refused_in_one_line_not_a_traceback(tmp_path):
+    """Two ranks on a node that (pretends it) has one GPU. torchrun itself then reports the failed ranks in its own
+    words; what the ranks print is the one line, and no rank reaches a GPU call."""
+    if shutil.which("torchrun") is None:
+        pytest.fail("torchrun is not on PATH")
+    args = ["--dataset", "mini", "--preset", "tiny", "--tokenizer", "bytes", "--device", "cuda",
+            "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "runs")]
+    job = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(PRETEND_CUDA), "1", "--", *args],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert job.returncode != 0
+    refusal = "Error: torchrun started 2 ranks on this node but it has 1 CUDA device: use --nproc_per_node=1 or fewer"
+    assert refusal in job.stderr.splitlines()
+    assert "hlb_gpt" not in job.stderr.replace(str(PRETEND_CUDA), "")  # no frame of ours in any traceback
+    assert not (tmp_path / "runs").exists()
+
+
+TENSORS_CODE = """
+import torch
+import torch.distributed as dist
+from hlb_gpt import distributed
+
+ctx = distributed.from_env()
+dist.init_process_group("gloo")
+state = {"w": torch.arange(6.0).reshape(2, 3).t(), "bf16": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+         "step": torch.tensor(7), "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 4),
+         "nested": [{"x": torch.ones(3, dtype=torch.float64)}, ("plain", 3, None)], "lr": 0.1}
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+got = distributed.broadcast_tensors(state if ctx.is_main else None, ctx, torch.device("cpu"))
+print("same" if same(state, got) else f"differs: {got}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_state_sent_a_tensor_at_a_time_arrives_whole_with_every_dtype_and_shape():
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", TENSORS_CODE], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in ranks]
+    for p, (out, err) in zip(ranks, outputs):
+        assert p.returncode == 0, err
+        assert out.splitlines() == ["same"]

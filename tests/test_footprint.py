@@ -142,3 +142,41 @@ def test_the_checkpoint_size_estimate_is_the_written_file_s_size_within_a_few_pe
         train_module.train(cfg, run, progress=False)
         written = latest_checkpoint(run).stat().st_size
         assert footprint.checkpoint_bytes(cfg, train_module.count_params(cfg)) == pytest.approx(written, rel=0.05)
+
+
+PEAK_CODE = """
+import json, sys
+from pathlib import Path
+from hlb_gpt.config import RunConfig
+from hlb_gpt.device import _high_water_mark, _reset_high_water_mark
+from hlb_gpt.train import memory_estimate, train
+import torch
+
+tokenizer, depth, width, seq_len, batch, out = json.loads(sys.argv[1])
+cfg = RunConfig(dataset="mini", preset="tiny", tokenizer=tokenizer, depth=depth, width=width, seq_len=seq_len,
+                batch_size=batch, seq_warmup=False, max_steps=2, eval_tokens=seq_len + 1, eval_at_start=False,
+                checkpoint_every=0, data_cache=str(Path(out) / "cache"))
+_reset_high_water_mark()
+before = _high_water_mark()
+summary = train(cfg, Path(out) / "run", progress=False)
+print(json.dumps([summary["memory"]["peak_bytes"] - before, memory_estimate(cfg, torch.device("cpu")).total]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [("gpt2", 2, 128, 256, 8), ("bytes", 4, 256, 512, 32)], ids=["logits", "blocks"])
+def test_the_memory_estimate_is_within_a_quarter_of_a_cpu_run_s_measured_peak(tmp_path, size):
+    """A run whose peak is mostly logits (the gpt2 vocabulary), and one whose peak is mostly the blocks'
+    activations; each in a fresh process, so that its resident set before the run is the baseline."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", PEAK_CODE, json.dumps([*size, str(tmp_path)])], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    measured, estimated = json.loads(done.stdout.splitlines()[-1])
+    assert measured > 2**30  # the run's own allocations dominate its process's baseline
+    assert 0.8 < estimated / measured < 1.25
