@@ -62,9 +62,9 @@ def main() -> None:
     print("| tokenizer | depth | width | seq | batch | precision | compiled | measured MiB | estimate MiB | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for size in sizes:
-            done = subprocess.run([sys.executable, "-c", ONE, json.dumps([*size, f"{tmp}/cache", f"{tmp}/{len(size)}"])],
-                                  capture_output=True, text=True)
+        for i, size in enumerate(sizes):
+            where = json.dumps([*size, f"{tmp}/cache", f"{tmp}/{i}"])
+            done = subprocess.run([sys.executable, "-c", ONE, where], capture_output=True, text=True)
             if done.returncode:
                 sys.exit(done.stderr)
             row = json.loads(done.stdout.splitlines()[-1])
