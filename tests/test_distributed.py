@@ -274,15 +274,20 @@ def ma_filter_with_a_large_ring():
 
 
 def test_the_ddp_filter_checksum_needs_no_float64_copy_of_the_filter_state():
+    import ctypes
+
     from hlb_gpt.device import PeakMemory
     from hlb_gpt.train import filter_checksum
 
+    # Buffers above 1 MiB mapped and unmapped at once: glibc would otherwise keep freed ones in its heap, and the
+    # resident set would measure the allocator's fragmentation rather than what the checksum holds at a time.
+    assert ctypes.CDLL("libc.so.6").mallopt(-3, 2**20) == 1  # M_MMAP_THRESHOLD
     grad_filter = ma_filter_with_a_large_ring()
     peak = PeakMemory.start(torch.device("cpu"))
     assert peak.kind == "vm_hwm_since_run_start"  # Linux: the peak since the reset, not the process's
     before = peak.read()
     checksum = filter_checksum(grad_filter)
-    assert peak.read() - before < grad_filter.nbytes / 4  # a float64 copy of the ring alone: twice its size
+    assert peak.read() - before < grad_filter.nbytes / 2  # a float64 copy of the ring alone: twice its size
     state = grad_filter.state_dict()["state"]["w"]
     expected = sum(t.double().abs().sum() + t.double().sum() for t in (state["ring"], state["sum"])).item()
     assert checksum == pytest.approx(expected, rel=1e-12)
