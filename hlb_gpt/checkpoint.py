@@ -10,6 +10,7 @@ import os
 import pickle
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,28 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """A file as one process sees it: another process (a rank on another node) that sees the same path, size and
+    modification time reads the same checkpoint, so it may load it itself rather than be sent it."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp:
+        st = Path(path).stat()
+        return cls(Path(path), st.st_size, st.st_mtime_ns)
+
+    def visible(self) -> bool:
+        """Whether this process sees the same file."""
+        try:
+            return FileStamp.of(self.path) == self
+        except OSError:
+            return False
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:

@@ -147,12 +147,13 @@ def cli(ctx: click.Context, **flags: Any) -> None:
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
     check_writable(out)
     from hlb_gpt.finetune import check_init, pin_base
-    from hlb_gpt.train import check_attention, check_memory
+    from hlb_gpt.train import check_attention, check_disk, check_memory
 
     for cfg in configs:
         check_init(cfg)
         check_attention(cfg)
         check_memory(cfg)
+    check_disk(configs, [out / run_folder_name(c, vary) for c in configs])
     if base.init_from is not None:  # one base for every run of the sweep, in every worker: fixed before the first
         pin_base(out, base.init_from)
     results = run_sweep(configs, out, vary=vary, progress=not flags["quiet"], lock_timeout_s=flags["lock_timeout"])
@@ -354,9 +355,10 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
                     run_dir)
     cfg = recorded.replace(**changes)
     check_length(cfg, run_dir)
-    from hlb_gpt.train import check_memory, train
+    from hlb_gpt.train import check_disk, check_memory, train
 
     check_memory(cfg)
+    check_disk([cfg], [run_dir])
     lock = try_claim(run_dir, flags["lock_timeout"])
     if lock is None:
         raise ConfigError(f"--resume {run_dir}: the run is being trained by {read_lock(run_dir).owner}")

@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import platform
+import shutil
 import signal
 import threading
 import time
@@ -27,14 +28,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import hlb_gpt
-from hlb_gpt import distributed
-from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, checkpoint_dir, list_checkpoints, load_checkpoint,
-                                rng_state, save_checkpoint, set_rng_state)
+from hlb_gpt import distributed, footprint
+from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, FileStamp, checkpoint_dir, list_checkpoints,
+                                load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from hlb_gpt.compiling import (FallbackCompiled, Lap, check_compile_support, compile_record, fresh_start,
                                graphs_compiled)
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
-                            resolve_device, synchronize)
+                            resolve_device, resolve_precision, synchronize)
 from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
 from hlb_gpt.locks import RunLock
 from hlb_gpt.optim import GrokAdamW
@@ -90,6 +91,10 @@ class Task(Protocol):
     def count_params(cfg: RunConfig) -> int:
         """How many parameters the run trains (and filters), without building the model in memory: all of them,
         unless fine-tuning freezes some."""
+
+    @staticmethod
+    def vocab_size(cfg: RunConfig) -> int:
+        """The classes the model's head scores (its logits per token), for the memory estimate."""
 
     @staticmethod
     def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
@@ -186,24 +191,50 @@ def check_attention(cfg: RunConfig) -> None:
     task_type(cfg).check(cfg, device, compiles(cfg, device))
 
 
+def memory_estimate(cfg: RunConfig, device: torch.device, world_size: int = 1) -> footprint.Footprint:
+    """The memory one rank of a run of `cfg` holds at its peak step on `device`, from the config alone."""
+    return footprint.estimate(cfg, count_params(cfg), task_type(cfg).vocab_size(cfg),
+                              resolve_precision(device, cfg.precision), compiles(cfg, device), world_size)
+
+
 def check_memory(cfg: RunConfig) -> None:
-    """Refuse, before any work, a Grokfast filter whose state cannot fit in the device's memory: the MA filter
-    allocates its (window + 1) copies of the parameters only at the first step, long after the run started."""
-    if not cfg.grokfast:
-        return
-    n_params = count_params(cfg)
-    copies = cfg.window + 1 if cfg.filter == "ma" else 1  # MA: the ring of `window` gradients and their sum
-    value_bytes = 2 if cfg.filter_dtype == "bfloat16" else 4  # "param": the model's float32 parameters
-    filter_bytes = copies * n_params * value_bytes
-    training_bytes = 4 * n_params * 4  # weights, gradients and AdamW's two moments, in float32
-    device = resolve_device(cfg.device)
+    """Refuse, before any work, a run whose peak step cannot fit in its device's memory: the MA filter allocates
+    its (window + 1) copies of the parameters only at the first step, after the activations of that step.
+
+    Under torchrun each rank checks its own device, made current first (`distributed.rank_device`, which also
+    refuses more ranks than GPUs), so no rank reads another's memory or starts a context on GPU 0."""
+    ddp = distributed.from_env()
+    device = distributed.rank_device(ddp, resolve_device(cfg.device))
     available = available_memory(device)
-    if available is not None and filter_bytes + training_bytes > available:
-        what = f"{copies:,} copies" if copies > 1 else "one copy"
+    if available is None:
+        return
+    need = memory_estimate(cfg, device, ddp.world_size)
+    if need.total > available:
+        raise ConfigError(footprint.refusal(cfg, need, count_params(cfg), available, device))
+
+
+def check_disk(configs: list[RunConfig], run_dirs: list[Path]) -> None:
+    """Refuse, before any work, checkpoints that cannot fit on the disk of the runs' folders: each run keeps
+    --keep-checkpoints of them and writes the next beside them; an MA filter's ring makes each one large. The
+    runs' checkpoints already on disk count as free: they are replaced. Only rank 0 writes, so only it checks."""
+    if not distributed.from_env().is_main:
+        return
+    sizes = [footprint.checkpoint_bytes(cfg, count_params(cfg)) if cfg.checkpoint_cadence else 0 for cfg in configs]
+    need = sum(cfg.keep_checkpoints * size for cfg, size in zip(configs, sizes)) + max(sizes, default=0)
+    if not need:
+        return
+    probe = Path(run_dirs[0]).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free + sum(p.stat().st_size for d in run_dirs for p in list_checkpoints(d))
+    if need > free:
+        gib = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
+        runs = f" for each of {len(configs)} runs" if len(configs) > 1 else ""
         raise ConfigError(
-            f"the {cfg.filter.upper()} filter's state needs about {filter_bytes / 2**30:,.1f} GiB ({what} of "
-            f"{n_params:,} parameters in {cfg.filter_dtype}), more than the {available / 2**30:,.1f} GiB of {device} "
-            f"memory; use a smaller --window or --filter-dtype bfloat16")
+            f"the checkpoints need about {gib(need)} of disk ({gib(max(sizes))} each: --keep-checkpoints "
+            f"{max(cfg.keep_checkpoints for cfg in configs)}{runs}, and one being written), more than the "
+            f"{gib(free)} free under {probe}; use --keep-checkpoints 1, fewer runs per --out, a smaller --window or "
+            f"--checkpoint-every 0 (no checkpoints)")
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -439,11 +470,23 @@ class Resumable:
         """(loop counters, metrics so far, checkpoint resumed from): a fresh start, or with `resume` the state of
         the run's latest checkpoint if it has one, after checking that it was trained with these settings."""
         self.saved_clock = checkpoint_clock()
-        # Rank 0 reads its disk and sends what it found: ranks on nodes without a shared filesystem agree.
-        checkpoint, saved = distributed.on_rank0(lambda: self._newest_intact() if resume else (None, None),
-                                                 distributed.from_env())
-        if checkpoint is None:
+        ctx, found = distributed.from_env(), {}
+
+        def newest() -> FileStamp | None:
+            path, found["state"] = self._newest_intact() if resume else (None, None)
+            return None if path is None else FileStamp.of(path)
+
+        # Rank 0 reads its disk and names what it found: ranks on nodes without a shared filesystem agree. Ranks
+        # that see the same file load it themselves; otherwise rank 0 sends it a tensor at a time. Never pickled
+        # whole: an MA filter's ring makes a checkpoint tens of GB.
+        stamp = distributed.on_rank0(newest, ctx)
+        if stamp is None:
             return LoopState(), [], None
+        checkpoint, saved = stamp.path, found.get("state")
+        if distributed.all_true(ctx.is_main or stamp.visible(), ctx, self.device):
+            saved = saved if ctx.is_main else load_checkpoint(checkpoint)
+        else:
+            saved = distributed.broadcast_tensors(saved, ctx, self.device)
         check_resumable(self.cfg, saved["config"], self.run_dir)
         before, now = saved.get("text_sha256"), self.task.text_sha256
         if before is not None and now is not None and before != now:
@@ -578,8 +621,11 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         net = FallbackCompiled(net, "the model", dynamic_dims=task.dynamic_dims, static_sizes=task.static_sizes,
                                rebuild=getattr(model, "compile_fallback", None))
     forward = functools.partial(task.loss, net)
-    # Rank 0 evaluates alone, so evaluation must not go through DDP's collective forward.
-    eval_net = net if not ddp.enabled else model
+    eval_net = net
+    if ddp.enabled:  # rank 0 evaluates alone: not through DDP's collective forward, but compiled all the same
+        eval_net = (FallbackCompiled(model, "the evaluation model", dynamic_dims=task.dynamic_dims,
+                                     static_sizes=task.static_sizes, rebuild=getattr(model, "compile_fallback", None))
+                    if compile_model else model)
 
     total_steps = task.planned_steps(cfg, n_train)
     tokens_per_eval = n_train / cfg.evals_per_epoch
@@ -699,7 +745,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         summary = {
             **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory,
                           compile_record(compile_model, [net.error if compile_model else None,
-                                                         grad_filter.compile_error], graphs_at_start)),
+                                                         grad_filter.compile_error, getattr(eval_net, "error", None)],
+                                         graphs_at_start)),
             "attention_fallback": getattr(model, "attention_fallback", None),
             **task.summary(metrics),
         }
@@ -742,14 +789,22 @@ def run_summary(status: str, error: str | None, loop: LoopState, n_train: int, w
     }
 
 
+# Elements per slice of the checksum's float64 sums: 32 MiB of temporaries whatever the state's size.
+CHECKSUM_SLICE = 2**22
+
+
 def filter_checksum(grad_filter: GradFilter) -> float:
-    """A number that differs when filter states differ: all-reduce makes it equal on every rank."""
-    total = 0.0
+    """A number that differs when filter states differ: all-reduce makes it equal on every rank.
+
+    Summed in float64 a slice at a time (a float64 copy of the MA ring would double the largest state at the end
+    of the run), on the device, and read back once."""
+    sums = []
     for st in grad_filter.state_dict().get("state", {}).values():
         for value in st.values():
             if isinstance(value, Tensor) and value.is_floating_point():
-                total += value.double().abs().sum().item() + value.double().sum().item()
-    return total
+                for part in value.detach().reshape(-1).split(CHECKSUM_SLICE):
+                    sums.append(part.abs().sum(dtype=torch.float64) + part.sum(dtype=torch.float64))
+    return torch.stack(sums).sum().item() if sums else 0.0
 
 
 def _postfix(epoch: float, train_loss: float, val_loss: float, columns: dict[str, float]) -> str:

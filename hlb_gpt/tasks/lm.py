@@ -146,6 +146,10 @@ class LanguageModel:
         return _count_params(cfg.tokenizer, cfg.depth, cfg.width, cfg.seq_len, cfg.gate)
 
     @staticmethod
+    def vocab_size(cfg: RunConfig) -> int:
+        return pad_vocab(get_tokenizer(cfg.tokenizer).n_vocab)
+
+    @staticmethod
     def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
         attention(cfg, device, compile)
         check_optimizer(cfg)

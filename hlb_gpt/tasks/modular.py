@@ -316,6 +316,10 @@ class ModularArithmetic:
         return _count_params(cfg.depth, cfg.width)
 
     @staticmethod
+    def vocab_size(cfg: RunConfig) -> int:
+        return ModularConfig.vocab_size
+
+    @staticmethod
     def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
         pass
 
