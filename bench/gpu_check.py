@@ -143,10 +143,9 @@ def attention_agreement(T: int, batch: int, width: int, device: torch.device, gr
             block.position_bias.fill_(0.5)
         fn = torch.compile(block.attend, dynamic=False) if compile_ else block.attend
         q, k, v = (t.detach().clone().requires_grad_(grads) for t in inputs)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-
         def call():
-            with autocast, torch.set_grad_enabled(grads):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16), \
+                    torch.set_grad_enabled(grads):
                 out = fn(q, k, v, distance)
                 if grads:
                     out.backward(grad_out)
@@ -176,7 +175,9 @@ def attention_agreement(T: int, batch: int, width: int, device: torch.device, gr
 def check_attention(plan: Plan, T: int) -> Row:
     cuda = plan.cuda
     dtype = torch.bfloat16 if cuda else torch.float32
-    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4  # bf16 rounds at 2**-8; fp32 only sums differently
+    # Relative to the largest SDPA value. bf16 rounds at 2**-8 and the position bias's gradient sums T x T terms
+    # rounded differently by the two kernels; the check is for NaN and for a wrong bias, not for the last bits.
+    tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
     r = attention_agreement(T, plan.attention_batch, plan.attention_width, plan.device, grads=cuda,
                             compile_=cuda, dtype=dtype)
     worst = max(r["out_rel"], r["grad_rel"] or 0.0)
@@ -195,15 +196,14 @@ FILTER_GRID: tuple[dict[str, Any], ...] = (
 
 
 def check_filter_grid(plan: Plan) -> Row:
-    failed, start = [], time.perf_counter()
+    failed = []
     for changes in FILTER_GRID:
         cfg = plan.grid_base.replace(**changes)
         name = run_folder_name(cfg)
         summary = _quiet_train(cfg, plan.work / "grid" / name)
         if summary["status"] != "completed" or not summary["compiled"]:
             failed.append(f"{name}: {summary['status']}, {summary['compile_error'] or summary['error']}"[:160])
-    numbers = {"runs": f"{len(FILTER_GRID) - len(failed)}/{len(FILTER_GRID)} compiled and completed",
-               "s": f"{time.perf_counter() - start:.0f}"}
+    numbers = {"runs": f"{len(FILTER_GRID) - len(failed)}/{len(FILTER_GRID)} compiled and completed"}
     return Row("filter grid (compiled)", not failed, numbers, "; ".join(failed))
 
 
