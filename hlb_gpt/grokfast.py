@@ -289,7 +289,8 @@ class EMAFilter(GradFilter):
                 sources = [torch.where(bad, mu, g.to(mu.dtype)) for g, mu in zip(grads, mus)]
             torch._foreach_lerp_(mus, sources, weight)
             torch._foreach_addcmul_(grads, mus, coeff)
-            torch._foreach_add_(steps, (~bad).long())
+            # `other=`: a positional 0-dim tensor binds to the Scalar overload, whose .item() is a host sync.
+            torch._foreach_add_(steps, other=(~bad).long())
 
     def _step_compiled(self, live: list[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
         for p, g in live:
@@ -414,7 +415,7 @@ class MAFilter(GradFilter):
                 if id(st) in due:
                     torch.where(bad, total, ring.sum(dim=0), out=total)
                 g.addcmul_(total, c)
-            torch._foreach_add_([st["step"] for _, st in group], ok)
+            torch._foreach_add_([st["step"] for _, st in group], other=ok)  # not the Scalar overload: no .item()
 
     def _step_compiled(self, live: list[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
         sts = self._ensure_state(live)

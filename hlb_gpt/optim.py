@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "GROUP_NAMES",
+    "GatedMuon",
     "GrokAdamW",
     "MuonAdamW",
     "PowerLawSchedule",
@@ -191,8 +192,9 @@ class MuonAdamW(torch.optim.Optimizer):
     both with the same multiplier, each from its own base lr. ``state`` holds both optimizers' state
     (memory accounting reads it), ``state_dict()`` both, under ``"muon"`` and ``"adamw"``.
 
-    Neither honours ``found_inf`` (torch's Muon has no skip on the device), so ``defaults`` has no
-    ``fused``: the trainer checks for non-finite gradients on the host and skips the whole step.
+    It honours ``found_inf`` (a 0-dim tensor, nonzero = skip the step) when its AdamW is fused, the only AdamW
+    that does, or absent: `GatedMuon` and fused AdamW then both skip a non-finite step on the device, with no host
+    sync (`skips_on_device`). With a foreach AdamW (a device without fused kernels) the trainer checks on the host.
 
     `adamw` is None when every trainable parameter is a Muon matrix (a LoRA fine-tune: only adapters train);
     its state is then None too.
@@ -205,6 +207,10 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__([g for o in self._inner for g in o.param_groups], defaults={})
         self._share()
 
+    @property
+    def skips_on_device(self) -> bool:
+        return isinstance(self.muon, GatedMuon) and (self.adamw is None or bool(self.adamw.defaults.get("fused")))
+
     def _share(self) -> None:
         self.param_groups = [g for o in self._inner for g in o.param_groups]
         self.state = _States(self._inner)  # type: ignore[assignment]
@@ -213,7 +219,12 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         with torch.enable_grad():
             loss = closure() if closure is not None else None
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not self.skips_on_device:
+            raise RuntimeError("this Muon + AdamW cannot skip a step on the device (its AdamW is not fused): "
+                               "check for non-finite gradients before step() instead of setting found_inf")
         for optimizer in self._inner:
+            optimizer.found_inf = found_inf
             optimizer.step()
         return loss
 
@@ -251,8 +262,51 @@ def make_muon(groups: list[dict], lr: float, momentum: float, device_type: str =
             adamw_groups.append({**group, "params": pick("params", rest), "names": pick("names", rest)})
     if not muon_groups:  # `RunConfig` refuses the fine-tunes that train no matrix before any work
         raise ValueError("--optimizer muon needs block matrices (or LoRA adapters) to train")
-    return MuonAdamW(torch.optim.Muon(muon_groups, lr=lr, momentum=momentum),
+    return MuonAdamW(GatedMuon(muon_groups, lr=lr, momentum=momentum),
                      make_optimizer(adamw_groups, kind="adamw", device_type=device_type) if adamw_groups else None)
+
+
+class GatedMuon(torch.optim.Muon):
+    """`torch.optim.Muon` that honours ``found_inf`` as fused AdamW does: a 0-dim tensor, nonzero = skip the step.
+
+    torch's Muon has neither a fused path nor ``found_inf``. Here each matrix's new momentum and new weights are
+    computed as torch computes them, out of place, then selected against the old ones on the device
+    (``torch.where``): a skipped step leaves both bit for bit, and no value is read back to the host. Without
+    ``found_inf`` it is torch's own step; with ``found_inf = 0`` it gives the same bits.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return super().step(closure)
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch's own, so the bits agree
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        skip = _SkipFlag(found_inf)
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or p.is_complex():
+                    raise RuntimeError("Muon supports dense real parameters only")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf, grad, found = state["momentum_buffer"], p.grad, skip.found(p.device)
+                # torch.optim._muon._single_tensor_muon, out of place.
+                new_buf = buf.lerp(grad, 1 - momentum)
+                update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
+                update = _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                new_p = p.mul(1 - lr * group["weight_decay"])
+                new_p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+                buf.copy_(torch.where(found, buf, new_buf))
+                p.copy_(torch.where(found, p, new_p))
+        return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +494,8 @@ class GrokAdamW(torch.optim.Optimizer):
     from then on (`compile` turns False). `compile` is how the step runs, not what it computes: it is
     not a group setting and a checkpoint does not carry it.
     """
+
+    skips_on_device = True  # it honours `found_inf` (see above)
 
     def __init__(
         self,
@@ -747,7 +803,10 @@ def _foreach_update(
     torch._foreach_mul_(exp_avg_sqs, c.v_decay)
     torch._foreach_addcmul_(exp_avg_sqs, g_hat, g_hat, value=c.v_weight)
     del g_hat
-    torch._foreach_add_(steps, c.keep)
+    if isinstance(c.keep, Tensor):  # `other=`: a positional 0-dim tensor binds to the Scalar overload (.item())
+        torch._foreach_add_(steps, other=c.keep)
+    else:
+        torch._foreach_add_(steps, c.keep)
     t = torch._foreach_clamp_min(steps, 1.0)
     neg_step_size = torch._foreach_mul(t, c.log_beta1)
     torch._foreach_expm1_(neg_step_size)

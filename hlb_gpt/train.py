@@ -238,8 +238,9 @@ def check_disk(configs: list[RunConfig], run_dirs: list[Path]) -> None:
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer honours `optimizer.found_inf` itself (fused AdamW and GrokAdamW do)."""
-    return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, GrokAdamW)
+    """Whether the optimizer honours `optimizer.found_inf` itself: fused AdamW, and those that say so in a
+    `skips_on_device` attribute (GrokAdamW; Muon beside fused AdamW)."""
+    return bool(optimizer.defaults.get("fused") or getattr(optimizer, "skips_on_device", False))
 
 
 def nonfinite_fallback(model: nn.Module, length: int, step: int) -> str | None:

@@ -213,3 +213,96 @@ def test_muon_on_a_torch_without_it_is_refused_in_one_line_before_the_run_starts
     with pytest.raises(ConfigError, match="needs torch >= 2.9"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A non-finite step is skipped on the device, with no host sync
+
+
+def _snapshot(model, opt):
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {(which, i, k): v.clone() for which, inner in (("muon", opt.muon), ("adamw", opt.adamw))
+             for i, st in enumerate(inner.state.values()) for k, v in st.items()}
+    return params, state
+
+
+def _assert_equal_snapshots(a, b):
+    assert a[0].keys() == b[0].keys() and a[1].keys() == b[1].keys()
+    for part_a, part_b in zip(a, b):
+        for key in part_a:
+            assert torch.equal(part_a[key], part_b[key]), key
+
+
+def _grads(model, x, bad=False):
+    model(x, x).backward()
+    if bad:
+        next(iter(model.blocks[0].parameters())).grad[0, 0] = float("nan")
+
+
+def test_muon_beside_fused_adamw_declares_that_it_skips_on_the_device():
+    from hlb_gpt.train import skips_on_device
+
+    opt, _ = muon_adamw(tiny_model())
+    assert opt.adamw.defaults.get("fused")  # on the CPU too: torch has fused AdamW kernels for it
+    assert skips_on_device(opt)
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["mid-run", "first step"])
+def test_a_found_inf_step_leaves_params_and_both_states_bit_for_bit_and_later_steps_as_if_never_seen(first):
+    xs = batches(4)
+    model, twin = tiny_model(), tiny_model()
+    opt, sched = muon_adamw(model)
+    twin_opt, twin_sched = muon_adamw(twin)
+    good = xs[:1] if not first else []
+    for x in good:
+        for m, o in ((model, opt), (twin, twin_opt)):
+            _grads(m, x)
+            o.found_inf = torch.tensor(0.0)
+            o.step()
+            o.zero_grad(set_to_none=True)
+    before = _snapshot(model, opt)
+    _grads(model, xs[1], bad=True)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    after = _snapshot(model, opt)
+    if first:  # the state a first step creates is the state a fresh optimizer would create: zeros, step 0
+        assert all(not v.any() for v in after[1].values())
+        after = (after[0], {})
+    _assert_equal_snapshots(before, after)
+    sched.step()
+    twin_sched.step()  # the schedule steps on a skipped step too
+    for x in xs[2:]:
+        for m, o in ((model, opt), (twin, twin_opt)):
+            _grads(m, x)
+            o.found_inf = torch.tensor(0.0)
+            o.step()
+            o.zero_grad(set_to_none=True)
+    _assert_equal_snapshots(_snapshot(model, opt), _snapshot(twin, twin_opt))
+
+
+def test_found_inf_zero_steps_exactly_as_torchs_muon_and_adamw_without_it(combined_and_alone):
+    xs = batches(6)
+    model = tiny_model()
+    opt, sched = muon_adamw(model)
+    for x in xs:
+        _grads(model, x)
+        opt.found_inf = torch.tensor(0.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    _, alone, _ = combined_and_alone
+    for name, p in model.named_parameters():
+        assert torch.equal(p, alone[name]), name
+
+
+def test_muon_beside_a_foreach_adamw_leaves_the_skip_to_the_trainers_host_check():
+    from hlb_gpt.train import skips_on_device
+
+    model = tiny_model()
+    opt = make_muon(param_groups(model.named_parameters(), LR, WD), device_type="no-fused-kernels", **MUON)
+    assert not opt.adamw.defaults.get("fused") and not skips_on_device(opt)
+    _grads(model, batches(1)[0])
+    opt.found_inf = torch.tensor(0.0)
+    with pytest.raises(RuntimeError, match="its AdamW is not fused"):
+        opt.step()

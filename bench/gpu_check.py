@@ -1,0 +1,299 @@
+"""GPU smoke check: what a first GPU run needs to work, checked in a few minutes, offline, on the bundled `mini`.
+
+    python bench/gpu_check.py              # on one GPU: under 8 minutes; exits 1 if any check fails
+    python bench/gpu_check.py --device cpu # the same checks at laptop size (CI runs this)
+
+Each check is a small function returning one row of the table (name, ok, numbers):
+
+    default run       a short run of the default preset (hlb on CUDA, compiled, bf16, its attention) through the
+                      sequence warm-up to full length: tokens/s, step time, compile time, peak memory, MFU
+    attention T=32    FlexAttention against SDPA on one block: outputs and every gradient (position bias
+    attention T=1024  included) agree and are finite, and the time of each (CPU: forward only, eager -- torch
+                      has no FlexAttention backward there)
+    filter grid       10 compiled runs (none, EMA, MA settings): every one compiles and completes
+    torchrun refusal  torchrun with more ranks than GPUs is refused in one line naming --nproc_per_node
+                      (n/a on a CPU)
+
+On the CPU the same checks run at `tiny` size with the bytes tokenizer and a few steps; timings there say
+nothing about a GPU. A check that cannot apply on this device says "n/a" and does not fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hlb_gpt.config import RunConfig
+from hlb_gpt.data import get_tokenizer
+from hlb_gpt.device import resolve_device, synchronize
+from hlb_gpt.flops import flops_per_token, mfu, peak_flops
+from hlb_gpt.model import Block, GPTConfig, pad_vocab
+from hlb_gpt.sweep import run_folder_name
+from hlb_gpt.tasks.lm import BatchSchedule
+from hlb_gpt.train import train
+
+
+@dataclass
+class Row:
+    """One line of the table: `ok` is True, False (the check failed) or None (n/a on this device)."""
+
+    name: str
+    ok: bool | None
+    numbers: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The sizes of the checks on one device: the real ones on CUDA, small ones elsewhere."""
+
+    device: torch.device
+    work: Path
+    run: RunConfig  # the default run
+    grid_base: RunConfig  # the base of the filter grid (compiled)
+    attention_lengths: tuple[int, ...] = (32, 1024)
+    attention_batch: int = 8
+    attention_width: int = 384
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def make_plan(device: torch.device, work: Path) -> Plan:
+    """On CUDA: the default (hlb) preset for 420 steps, every length of the sequence warm-up and 20 steps at 1024;
+    the grid on `tiny` with the gpt2 tokenizer. Elsewhere: `tiny` with bytes, 4 x 64 tokens, a few steps."""
+    common = dict(dataset="mini", data_cache=str(work / "cache"), checkpoint_every=0, device=device.type)
+    if device.type == "cuda":
+        run = RunConfig(**common, max_steps=420, eval_tokens=16_384)
+        grid = RunConfig(**common, preset="tiny", compile=True, max_steps=30, seq_warmup=False, eval_tokens=16_384)
+        return Plan(device, work, run, grid)
+    small = dict(**common, preset="tiny", tokenizer="bytes", batch_size=4, seq_len=64, eval_tokens=1024)
+    run = RunConfig(**small, max_steps=6)
+    grid = RunConfig(**small, compile=True, max_steps=3, seq_warmup=False, eval_at_start=False)
+    return Plan(device, work, run, grid, attention_batch=1, attention_width=128)
+
+
+# ----------------------------------------------------------------------------------------------- the checks
+
+
+def _quiet_train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train(cfg, run_dir, progress=False)
+
+
+def mean_flops_per_token(cfg: RunConfig, model: GPTConfig, steps: int) -> float:
+    """FLOPs per token averaged over a run's steps: every step has the same tokens, the warm-up shorter lengths."""
+    schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
+    return sum(flops_per_token(model, schedule.length_at(s)) for s in range(steps)) / steps
+
+
+def check_default_run(plan: Plan) -> Row:
+    cfg = plan.run
+    summary = _quiet_train(cfg, plan.work / "default")
+    ok = summary["status"] == "completed" and math.isfinite(summary["final_val_loss"])
+    ok = ok and (summary["compiled"] or not plan.cuda)  # on CUDA the default compiles: an eager fallback fails
+    step_s = summary["step_time_s"]
+    numbers = {"steps": f"{summary['steps']}", "compile s": f"{summary['compile_time_s']:.1f}",
+               "peak": f"{summary['memory']['peak_bytes'] / 2**30:.2f} GiB",
+               "val loss": f"{summary['final_val_loss']:.3f}", "compiled": str(summary["compiled"])}
+    if step_s:
+        tokens_per_s = cfg.batch_size * cfg.seq_len / step_s  # every step has the same tokens (section 7)
+        numbers.update({"step ms": f"{1e3 * step_s:.1f}", "tokens/s": f"{tokens_per_s:,.0f}"})
+        model = GPTConfig(vocab_size=pad_vocab(get_tokenizer(cfg.tokenizer).n_vocab), depth=cfg.depth,
+                          width=cfg.width, max_seq_len=cfg.seq_len, gate=cfg.gate)
+        util = mfu(tokens_per_s, mean_flops_per_token(cfg, model, summary["steps"]), peak_flops(plan.device))
+        numbers["MFU"] = "-" if util is None else f"{100 * util:.1f}%"
+    else:
+        ok = False  # every interval compiled: the run measured nothing steady
+    note = "" if summary["error"] is None else summary["error"][:200]
+    return Row(f"default run ({cfg.preset}, {cfg.tokenizer})", ok, numbers, note)
+
+
+def attention_agreement(T: int, batch: int, width: int, device: torch.device, grads: bool, compile_: bool,
+                        dtype: torch.dtype, iters: int = 5) -> dict[str, Any]:
+    """FlexAttention against SDPA on one block's attention at length T: the largest output difference over the
+    largest SDPA output, the same for each gradient (q, k, v, position bias), whether all are finite, and ms per
+    call of each."""
+    gen = torch.Generator().manual_seed(0)
+    qk = width // GPTConfig.qk_div
+    make = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)  # noqa: E731
+    inputs = [make(batch, T, qk), make(batch, T, qk), make(batch, T, width)]
+    grad_out = make(batch, T, width)
+    pos = torch.arange(T, dtype=torch.int32, device=device)
+    distance = pos[:, None] - pos[None, :]
+    results = {}
+    for kind in ("sdpa", "flex"):
+        block = Block(GPTConfig(width=width, attention=kind)).to(device)
+        with torch.no_grad():
+            block.position_bias.fill_(0.5)
+        fn = torch.compile(block.attend, dynamic=False) if compile_ else block.attend
+        q, k, v = (t.detach().clone().requires_grad_(grads) for t in inputs)
+        def call():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16), \
+                    torch.set_grad_enabled(grads):
+                out = fn(q, k, v, distance)
+                if grads:
+                    out.backward(grad_out)
+            return out
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "flex_attention called without torch.compile": eager on purpose here
+            out = call()
+            tensors = [out.detach().float()]
+            if grads:
+                tensors += [t.grad.detach().float().clone() for t in (q, k, v, block.position_bias)]
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                for t in (q, k, v, block.position_bias):
+                    t.grad = None
+                call()
+            synchronize(device)
+        results[kind] = (tensors, 1e3 * (time.perf_counter() - start) / iters)
+    (ref, sdpa_ms), (got, flex_ms) = results["sdpa"], results["flex"]
+    rel = [((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, ref)]
+    finite = all(bool(torch.isfinite(t).all()) for t in got + ref)
+    return {"out_rel": rel[0], "grad_rel": max(rel[1:]) if grads else None, "finite": finite,
+            "sdpa_ms": sdpa_ms, "flex_ms": flex_ms}
+
+
+def check_attention(plan: Plan, T: int) -> Row:
+    cuda = plan.cuda
+    dtype = torch.bfloat16 if cuda else torch.float32
+    # Relative to the largest SDPA value. bf16 rounds at 2**-8 and the position bias's gradient sums T x T terms
+    # rounded differently by the two kernels; the check is for NaN and for a wrong bias, not for the last bits.
+    tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    r = attention_agreement(T, plan.attention_batch, plan.attention_width, plan.device, grads=cuda,
+                            compile_=cuda, dtype=dtype)
+    worst = max(r["out_rel"], r["grad_rel"] or 0.0)
+    numbers = {"out rel": f"{r['out_rel']:.1e}",
+               "grad rel": "n/a on CPU" if r["grad_rel"] is None else f"{r['grad_rel']:.1e}",
+               "sdpa ms": f"{r['sdpa_ms']:.2f}", "flex ms": f"{r['flex_ms']:.2f}"}
+    note = "" if r["finite"] else "non-finite values"
+    return Row(f"attention T={T}", r["finite"] and worst <= tolerance, numbers, note)
+
+
+FILTER_GRID: tuple[dict[str, Any], ...] = (
+    dict(grokfast=False),
+    *(dict(grokfast=True, filter="ema", alpha=a, gain=g) for a in (0.8, 0.9, 0.98) for g in (0.5, 2.0)),
+    *(dict(grokfast=True, filter="ma", window=w, gain=2.0) for w in (2, 8, 32)),
+)
+
+
+def check_filter_grid(plan: Plan) -> Row:
+    failed = []
+    for changes in FILTER_GRID:
+        cfg = plan.grid_base.replace(**changes)
+        name = run_folder_name(cfg)
+        summary = _quiet_train(cfg, plan.work / "grid" / name)
+        if summary["status"] != "completed" or not summary["compiled"]:
+            failed.append(f"{name}: {summary['status']}, {summary['compile_error'] or summary['error']}"[:160])
+    numbers = {"runs": f"{len(FILTER_GRID) - len(failed)}/{len(FILTER_GRID)} compiled and completed"}
+    return Row("filter grid (compiled)", not failed, numbers, "; ".join(failed))
+
+
+def torchrun_refusal(nproc: int, timeout: float = 180) -> subprocess.CompletedProcess:
+    """torchrun with `nproc` ranks of a one-step run: the hook the refusal check calls (a test may replace it)."""
+    args = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "hlb_gpt", "--dataset", "mini",
+            "--preset", "tiny", "--tokenizer", "bytes", "--max-steps", "1", "--checkpoint-every", "0",
+            "--out", tempfile.mkdtemp(prefix="gpu-check-torchrun-")]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def check_torchrun_refusal(plan: Plan) -> Row:
+    name = "torchrun refusal"
+    if not plan.cuda:
+        return Row(name, None, {"ranks": "n/a on CPU"}, "gloo runs any number of CPU ranks: nothing to refuse")
+    if shutil.which("torchrun") is None:
+        return Row(name, False, {}, "torchrun is not on PATH")
+    gpus = torch.cuda.device_count()
+    done = torchrun_refusal(gpus + 1)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    refused = (done.returncode == 2 and any("--nproc_per_node" in line and str(gpus) in line for line in lines)
+               and "Traceback" not in done.stderr)
+    note = "" if refused else f"exit {done.returncode}: {(lines[-1] if lines else '')[:200]}"
+    return Row(name, refused, {"ranks": f"{gpus + 1} on {gpus} GPU(s)", "exit": str(done.returncode)}, note)
+
+
+def checks(plan: Plan) -> list[tuple[str, Callable[[Plan], Row]]]:
+    """The checks in the order they run; extend by adding (name, function) pairs."""
+    return [
+        ("default run", check_default_run),
+        *((f"attention T={T}", lambda p, T=T: check_attention(p, T)) for T in plan.attention_lengths),
+        ("filter grid (compiled)", check_filter_grid),
+        ("torchrun refusal", check_torchrun_refusal),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- the table
+
+
+def run_checks(plan: Plan) -> list[Row]:
+    """Every check, each in turn; a check that raises is a failed row, and the others still run."""
+    rows = []
+    for name, check in checks(plan):
+        start = time.perf_counter()
+        try:
+            row = check(plan)
+        except Exception as exc:  # one broken check must not hide the others' results
+            row = Row(name, False, {}, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300])
+        row.numbers.setdefault("check s", f"{time.perf_counter() - start:.0f}")
+        rows.append(row)
+        print(f"  {row.name}: {_status(row.ok)}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _status(ok: bool | None) -> str:
+    return {True: "ok", False: "FAIL", None: "n/a"}[ok]
+
+
+def format_table(rows: list[Row]) -> str:
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'check':<{width}}  {'result':<6}  numbers"]
+    for r in rows:
+        numbers = ", ".join(f"{k} {v}" for k, v in r.numbers.items())
+        lines.append(f"{r.name:<{width}}  {_status(r.ok):<6}  {numbers}{f'  ({r.note})' if r.note else ''}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder [a temporary one]")
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # `mini` is bundled: nothing to download
+    work = args.keep or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    plan = make_plan(device, work)
+    name = torch.cuda.get_device_name(device) if plan.cuda else f"{torch.get_num_threads()} threads"
+    print(f"hlb-gpt GPU check: torch {torch.__version__}, {device} ({name})", flush=True)
+    start = time.perf_counter()
+    try:
+        rows = run_checks(plan)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(format_table(rows))
+    failed = [r.name for r in rows if r.ok is False]
+    print(f"{len(rows) - len(failed)}/{len(rows)} checks passed or n/a in {time.perf_counter() - start:.0f} s"
+          f"{'; failed: ' + ', '.join(failed) if failed else ''}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

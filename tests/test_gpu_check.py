@@ -1,0 +1,103 @@
+"""bench/gpu_check.py: the GPU smoke check, a list of named checks printed as one table, non-zero exit on any
+failure; on the CPU the same checks at tiny size (and the refusal check n/a)."""
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_a_failing_or_raising_check_fails_the_run_and_the_others_still_run(gpu_check, monkeypatch, capsys):
+    def broken(plan):
+        raise RuntimeError("Inductor could not compile\nmore detail")
+
+    monkeypatch.setattr(gpu_check, "checks", lambda plan: [
+        ("fine", lambda p: gpu_check.Row("fine", True, {"x": "1"})),
+        ("broken", broken),
+        ("n/a here", lambda p: gpu_check.Row("n/a here", None, {})),
+        ("wrong", lambda p: gpu_check.Row("wrong", False, {"rel": "0.5"}, "disagrees")),
+    ])
+    assert gpu_check.main(["--device", "cpu"]) == 1
+    table = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in table[2:6]}
+    assert table[1].split()[:3] == ["check", "result", "numbers"]
+    assert rows["fine"].split()[1] == "ok" and rows["n/a"].split()[2] == "n/a"
+    assert rows["broken"].split()[1] == "FAIL" and "RuntimeError: Inductor could not compile" in rows["broken"]
+    assert rows["wrong"].split()[1] == "FAIL" and "(disagrees)" in rows["wrong"]
+    assert table[-1].startswith("2/4 checks passed or n/a") and table[-1].endswith("failed: broken, wrong")
+
+
+def test_only_n_a_and_passing_checks_exit_zero(gpu_check, monkeypatch):
+    monkeypatch.setattr(gpu_check, "checks", lambda plan: [("a", lambda p: gpu_check.Row("a", True)),
+                                                           ("b", lambda p: gpu_check.Row("b", None))])
+    assert gpu_check.main(["--device", "cpu"]) == 0
+
+
+def test_the_torchrun_refusal_check_is_n_a_on_the_cpu(gpu_check, tmp_path):
+    row = gpu_check.check_torchrun_refusal(gpu_check.make_plan(torch.device("cpu"), tmp_path))
+    assert row.ok is None and row.numbers["ranks"] == "n/a on CPU"
+
+
+@pytest.mark.parametrize("exit_code, stderr, ok", [
+    (2, "Error: torchrun started 3 ranks (--nproc_per_node) but this machine has 2 GPUs\n", True),
+    (1, "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA error: invalid device ordinal\n", False),
+    (2, "Error: something else\n", False),
+])
+def test_on_cuda_the_refusal_check_wants_one_line_naming_nproc_per_node(gpu_check, monkeypatch, tmp_path,
+                                                                        exit_code, stderr, ok):
+    asked = []
+
+    def torchrun(nproc, timeout=180):
+        asked.append(nproc)
+        return subprocess.CompletedProcess([], exit_code, "", stderr)
+
+    monkeypatch.setattr(gpu_check, "torchrun_refusal", torchrun)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/torchrun")
+    plan = gpu_check.Plan(torch.device("cuda"), tmp_path, run=None, grid_base=None)
+    row = gpu_check.check_torchrun_refusal(plan)
+    assert asked == [3] and row.ok is ok
+
+
+def test_flex_and_sdpa_agree_on_the_cpu_forward_at_the_lengths_checked(gpu_check):
+    for T in (32, 1024):
+        r = gpu_check.attention_agreement(T, batch=1, width=128, device=torch.device("cpu"), grads=False,
+                                          compile_=False, dtype=torch.float32, iters=1)
+        assert r["finite"] and r["out_rel"] <= 1e-4 and r["grad_rel"] is None
+
+
+def test_the_filter_grid_has_ten_settings_with_distinct_run_folders(gpu_check, tmp_path):
+    from hlb_gpt.sweep import run_folder_name
+
+    plan = gpu_check.make_plan(torch.device("cpu"), tmp_path)
+    names = {run_folder_name(plan.grid_base.replace(**changes)) for changes in gpu_check.FILTER_GRID}
+    assert len(gpu_check.FILTER_GRID) == len(names) == 10 and plan.grid_base.compile is True
+
+
+@pytest.mark.slow
+def test_the_gpu_check_passes_on_the_cpu_and_prints_its_table(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH), "--device", "cpu"], capture_output=True, text=True,
+                         timeout=1800, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1].split()[:2] == ["check", "result"]
+    results = dict(re.split(r"\s{2,}", line)[:2] for line in lines[2:-1])
+    assert results == {"default run (tiny, bytes)": "ok", "attention T=32": "ok", "attention T=1024": "ok",
+                       "filter grid (compiled)": "ok", "torchrun refusal": "n/a"}
+    assert "10/10 compiled and completed" in out.stdout and "5/5 checks passed or n/a" in lines[-1]
