@@ -7,12 +7,12 @@ Each check is a small function returning one row of the table (name, ok, numbers
 
     default run       a short run of the default preset (hlb on CUDA, compiled, bf16, its attention) through the
                       sequence warm-up to full length: tokens/s, step time, compile time, peak memory, MFU
-    attention T=32    FlexAttention against SDPA on one block: outputs and every gradient (position bias
-    attention T=1024  included) agree and are finite, and the time of each (CPU: forward only, eager -- torch
-                      has no FlexAttention backward there)
+    attention T=32    FlexAttention against SDPA on the whole model: the loss and every gradient (position
+    attention T=1024  bias included) agree and are finite (CPU: torch's dense flex reference), and the time of
+                      one block's attention with each (CPU: forward only, eager)
     filter grid       10 compiled runs (none, EMA, MA settings): every one compiles and completes
     torchrun refusal  torchrun with more ranks than GPUs is refused in one line naming --nproc_per_node
-                      (n/a on a CPU)
+                      (on a CPU: ranks that pretend to have one GPU, so the refusal's code path runs)
 
 On the CPU the same checks run at `tiny` size with the bytes tokenizer and a few steps; timings there say
 nothing about a GPU. A check that cannot apply on this device says "n/a" and does not fail.
@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from hlb_gpt.attention_check import compare_attention
 from hlb_gpt.config import RunConfig
 from hlb_gpt.data import get_tokenizer
 from hlb_gpt.device import resolve_device, synchronize
@@ -178,14 +179,20 @@ def check_attention(plan: Plan, T: int) -> Row:
     # Relative to the largest SDPA value. bf16 rounds at 2**-8 and the position bias's gradient sums T x T terms
     # rounded differently by the two kernels; the check is for NaN and for a wrong bias, not for the last bits.
     tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    # Agreement on the whole model, every gradient included (the CPU runs flex's dense reference)...
+    model = compare_attention(T, plan.device, precision="bf16" if cuda else "fp32", compiled=cuda,
+                              batch=plan.attention_batch, width=plan.attention_width)
+    # ...and the speed of one block's attention (forward and backward on CUDA, forward only on the CPU).
     r = attention_agreement(T, plan.attention_batch, plan.attention_width, plan.device, grads=cuda,
                             compile_=cuda, dtype=dtype)
-    worst = max(r["out_rel"], r["grad_rel"] or 0.0)
-    numbers = {"out rel": f"{r['out_rel']:.1e}",
-               "grad rel": "n/a on CPU" if r["grad_rel"] is None else f"{r['grad_rel']:.1e}",
-               "sdpa ms": f"{r['sdpa_ms']:.2f}", "flex ms": f"{r['flex_ms']:.2f}"}
-    note = "" if r["finite"] else "non-finite values"
-    return Row(f"attention T={T}", r["finite"] and worst <= tolerance, numbers, note)
+    worst_name, worst = model.worst
+    loss_rel = model.loss_error / max(abs(model.sdpa_loss), 1e-30)
+    finite = r["finite"] and not model.nonfinite and math.isfinite(model.flex_loss)
+    numbers = {"loss rel": f"{loss_rel:.1e}", "worst grad": f"{worst_name} {worst:.1e}",
+               "out rel": f"{r['out_rel']:.1e}", "sdpa ms": f"{r['sdpa_ms']:.2f}", "flex ms": f"{r['flex_ms']:.2f}"}
+    note = "" if finite else f"non-finite values{': ' + ', '.join(model.nonfinite) if model.nonfinite else ''}"
+    ok = finite and max(loss_rel, worst, r["out_rel"]) <= tolerance
+    return Row(f"attention T={T}", ok, numbers, note)
 
 
 FILTER_GRID: tuple[dict[str, Any], ...] = (
@@ -207,27 +214,38 @@ def check_filter_grid(plan: Plan) -> Row:
     return Row("filter grid (compiled)", not failed, numbers, "; ".join(failed))
 
 
-def torchrun_refusal(nproc: int, timeout: float = 180) -> subprocess.CompletedProcess:
-    """torchrun with `nproc` ranks of a one-step run: the hook the refusal check calls (a test may replace it)."""
-    args = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "hlb_gpt", "--dataset", "mini",
-            "--preset", "tiny", "--tokenizer", "bytes", "--max-steps", "1", "--checkpoint-every", "0",
-            "--out", tempfile.mkdtemp(prefix="gpu-check-torchrun-")]
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+PRETEND = "--pretend-gpus"
+
+
+def torchrun_refusal(nproc: int, pretend_gpus: int | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """torchrun with `nproc` ranks of a one-step run: the hook the refusal check calls (a test may replace it).
+    With `pretend_gpus`, each rank runs hlb-gpt in a process that believes it has that many GPUs (this file's
+    `--pretend-gpus` mode): on a CPU the refusal's own code path runs, up to the first real CUDA call."""
+    hlb = ["--dataset", "mini", "--preset", "tiny", "--tokenizer", "bytes", "--max-steps", "1", "--checkpoint-every",
+           "0", "--out", tempfile.mkdtemp(prefix="gpu-check-torchrun-")]
+    entry = (["-m", "hlb_gpt"] if pretend_gpus is None
+             else [str(Path(__file__).resolve()), PRETEND, str(pretend_gpus), "--", "--device", "cuda"])
+    return subprocess.run(["torchrun", "--standalone", f"--nproc_per_node={nproc}", *entry, *hlb],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def check_torchrun_refusal(plan: Plan) -> Row:
+    """Every rank says one line naming --nproc_per_node and the GPU count and exits 2, before touching a GPU; no
+    traceback of hlb-gpt's (torchrun adds its own report of the failed ranks, which is not ours to quiet)."""
     name = "torchrun refusal"
-    if not plan.cuda:
-        return Row(name, None, {"ranks": "n/a on CPU"}, "gloo runs any number of CPU ranks: nothing to refuse")
     if shutil.which("torchrun") is None:
         return Row(name, False, {}, "torchrun is not on PATH")
-    gpus = torch.cuda.device_count()
-    done = torchrun_refusal(gpus + 1)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    refused = (done.returncode == 2 and any("--nproc_per_node" in line and str(gpus) in line for line in lines)
-               and "Traceback" not in done.stderr)
-    note = "" if refused else f"exit {done.returncode}: {(lines[-1] if lines else '')[:200]}"
-    return Row(name, refused, {"ranks": f"{gpus + 1} on {gpus} GPU(s)", "exit": str(done.returncode)}, note)
+    gpus = torch.cuda.device_count() if plan.cuda else 1
+    nproc = gpus + 1
+    done = torchrun_refusal(nproc, pretend_gpus=None if plan.cuda else gpus)
+    said = [line for line in done.stderr.splitlines()
+            if line.startswith("Error: ") and f"--nproc_per_node={gpus}" in line and f"has {gpus} CUDA" in line]
+    ours = [line for line in done.stderr.splitlines() if "hlb_gpt" in line and line.lstrip().startswith("File ")]
+    refused = done.returncode != 0 and len(said) == nproc and not ours
+    last = [line for line in done.stderr.splitlines() if line.strip()]
+    note = "" if refused else f"exit {done.returncode}: {(ours or last or [''])[-1][:200]}"
+    where = f"{nproc} on {gpus} GPU(s)" + ("" if plan.cuda else " (pretended on the CPU)")
+    return Row(name, refused, {"ranks": where, "ranks refused": f"{len(said)}/{nproc}"}, note)
 
 
 def checks(plan: Plan) -> list[tuple[str, Callable[[Plan], Row]]]:
@@ -271,7 +289,21 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def pretend_gpus(argv: list[str]) -> None:
+    """`--pretend-gpus N -- HLB-GPT ARGS`: hlb-gpt in a process that believes it has N CUDA devices."""
+    count, sep, *args = argv
+    assert sep == "--", "usage: gpu_check.py --pretend-gpus N -- HLB-GPT ARGS"
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: int(count)
+    from hlb_gpt.cli import main as hlb_gpt
+
+    hlb_gpt(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [PRETEND]:
+        pretend_gpus(argv[1:])  # exits
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder [a temporary one]")

@@ -19,7 +19,7 @@ from hlb_gpt import distributed
 from hlb_gpt.model import GPT, GPTConfig
 
 FAILING_RANK = Path(__file__).with_name("failing_rank.py")
-PRETEND_CUDA = Path(__file__).with_name("pretend_cuda.py")
+GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"  # its --pretend-gpus mode
 
 
 @pytest.fixture
@@ -351,12 +351,13 @@ def test_torchrun_with_more_ranks_than_gpus_is_refused_in_one_line_not_a_traceba
         pytest.fail("torchrun is not on PATH")
     args = ["--dataset", "mini", "--preset", "tiny", "--tokenizer", "bytes", "--device", "cuda",
             "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "runs")]
-    job = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(PRETEND_CUDA), "1", "--", *args],
+    job = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(GPU_CHECK), "--pretend-gpus", "1", "--",
+                          *args],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert job.returncode != 0
     refusal = "Error: torchrun started 2 ranks on this node but it has 1 CUDA device: use --nproc_per_node=1 or fewer"
     assert refusal in job.stderr.splitlines()
-    assert "hlb_gpt" not in job.stderr.replace(str(PRETEND_CUDA), "")  # no frame of ours in any traceback
+    assert "hlb_gpt" not in job.stderr.replace(str(GPU_CHECK), "")  # no frame of ours in any traceback
     assert not (tmp_path / "runs").exists()
 
 

@@ -1,5 +1,5 @@
 """bench/gpu_check.py: the GPU smoke check, a list of named checks printed as one table, non-zero exit on any
-failure; on the CPU the same checks at tiny size (and the refusal check n/a)."""
+failure; on the CPU the same checks at tiny size (the refusal through ranks that pretend to have a GPU)."""
 
 import importlib.util
 import re
@@ -49,22 +49,31 @@ def test_only_n_a_and_passing_checks_exit_zero(gpu_check, monkeypatch):
     assert gpu_check.main(["--device", "cpu"]) == 0
 
 
-def test_the_torchrun_refusal_check_is_n_a_on_the_cpu(gpu_check, tmp_path):
+@pytest.mark.slow
+def test_on_the_cpu_the_refusal_check_runs_ranks_that_pretend_to_have_one_gpu_and_passes(gpu_check, tmp_path):
     row = gpu_check.check_torchrun_refusal(gpu_check.make_plan(torch.device("cpu"), tmp_path))
-    assert row.ok is None and row.numbers["ranks"] == "n/a on CPU"
+    assert row.ok is True, row
+    assert row.numbers["ranks refused"] == "2/2"
+
+
+REFUSAL = "Error: torchrun started 3 ranks on this node but it has 2 CUDA devices: use --nproc_per_node=2 or fewer\n"
+TORCHRUN_REPORT = "Traceback (most recent call last):\n  File \"/x/torch/distributed/run.py\"\nChildFailedError:\n"
 
 
 @pytest.mark.parametrize("exit_code, stderr, ok", [
-    (2, "Error: torchrun started 3 ranks (--nproc_per_node) but this machine has 2 GPUs\n", True),
-    (1, "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA error: invalid device ordinal\n", False),
-    (2, "Error: something else\n", False),
+    (1, REFUSAL * 3 + TORCHRUN_REPORT, True),  # every rank refused; torchrun's own report of them is not ours
+    (1, REFUSAL * 2 + TORCHRUN_REPORT, False),  # one rank did not say why
+    (1, "Traceback (most recent call last):\n  File \"/x/hlb_gpt/distributed.py\", line 9\n"
+        "RuntimeError: CUDA error: invalid device ordinal\n" + TORCHRUN_REPORT, False),
+    (1, "Error: something else\n" * 3, False),
+    (0, REFUSAL * 3, False),
 ])
-def test_on_cuda_the_refusal_check_wants_one_line_naming_nproc_per_node(gpu_check, monkeypatch, tmp_path,
-                                                                        exit_code, stderr, ok):
+def test_on_cuda_the_refusal_check_wants_every_rank_refused_in_one_line_naming_nproc_per_node(
+        gpu_check, monkeypatch, tmp_path, exit_code, stderr, ok):
     asked = []
 
-    def torchrun(nproc, timeout=180):
-        asked.append(nproc)
+    def torchrun(nproc, pretend_gpus=None, timeout=180):
+        asked.append((nproc, pretend_gpus))
         return subprocess.CompletedProcess([], exit_code, "", stderr)
 
     monkeypatch.setattr(gpu_check, "torchrun_refusal", torchrun)
@@ -72,7 +81,7 @@ def test_on_cuda_the_refusal_check_wants_one_line_naming_nproc_per_node(gpu_chec
     monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/torchrun")
     plan = gpu_check.Plan(torch.device("cuda"), tmp_path, run=None, grid_base=None)
     row = gpu_check.check_torchrun_refusal(plan)
-    assert asked == [3] and row.ok is ok
+    assert asked == [(3, None)] and row.ok is ok
 
 
 def test_flex_and_sdpa_agree_on_the_cpu_forward_at_the_lengths_checked(gpu_check):
@@ -99,5 +108,5 @@ def test_the_gpu_check_passes_on_the_cpu_and_prints_its_table(tmp_path):
     assert lines[1].split()[:2] == ["check", "result"]
     results = dict(re.split(r"\s{2,}", line)[:2] for line in lines[2:-1])
     assert results == {"default run (tiny, bytes)": "ok", "attention T=32": "ok", "attention T=1024": "ok",
-                       "filter grid (compiled)": "ok", "torchrun refusal": "n/a"}
+                       "filter grid (compiled)": "ok", "torchrun refusal": "ok"}
     assert "10/10 compiled and completed" in out.stdout and "5/5 checks passed or n/a" in lines[-1]
