@@ -129,6 +129,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's state. CorruptCheckpoint if the file is damaged or truncated; CheckpointError if it holds
     anything but tensors and plain data (weights_only refuses a disallowed global: never run, never skipped)."""
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # torch.save writes zip archives: anything else is damaged
+                raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated (not a zip archive)")
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
@@ -141,7 +144,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data "
                                   f"(weights_only load failed: {first})") from None
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated ({detail or 'unpickling failed'})") from None
-    except (EOFError, RuntimeError) as exc:
+    except (EOFError, RuntimeError, IndexError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        # Damaged bytes inside the archive fail wherever the unpickler happens to trip on them.
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". This is an internal")[0]
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated ({first})") from None
     except OSError as exc:

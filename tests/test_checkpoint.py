@@ -1,10 +1,12 @@
-"""Checkpoints across machines: the CUDA generator saved and restored is the run's own device's (CUDA mocked)."""
+"""Checkpoints across machines (the CUDA generator saved and restored is the run's own device's, CUDA mocked), and damaged ones."""
+
+import random
 
 import pytest
 import torch
 
 from hlb_gpt import checkpoint as ckpt
-from hlb_gpt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hlb_gpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def fake_gpus(monkeypatch, count: int) -> dict[int, torch.Tensor]:
@@ -62,3 +64,26 @@ def test_an_older_checkpoint_with_every_device_s_state_resumes_on_fewer_devices(
 def test_a_run_off_cuda_saves_no_cuda_generator_even_where_cuda_is_present(monkeypatch, device):
     fake_gpus(monkeypatch, 2)
     assert "cuda" not in ckpt.rng_state(device)
+
+
+def test_a_damaged_checkpoint_of_any_kind_is_reported_corrupt_never_an_unpickler_error(tmp_path):
+    """Random bytes, cut files and flipped bytes each trip torch's unpickler somewhere else (IndexError, KeyError,
+    ...): all of them must read as a corrupt checkpoint, which resume sets aside for the one before it."""
+    torch.save({"model": {"w": torch.ones(8, 8)}, "step": 3}, tmp_path / "good.pt")
+    good = (tmp_path / "good.pt").read_bytes()
+    rng = random.Random(0)
+    for i in range(150):
+        damaged = bytearray(good)
+        if i % 3 == 0:
+            damaged = bytearray(rng.randbytes(4096))
+        elif i % 3 == 1:
+            damaged = damaged[:rng.randrange(len(good))]
+        else:
+            for _ in range(5):
+                damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        path = tmp_path / f"step-{i:09d}.pt"
+        path.write_bytes(bytes(damaged))
+        try:
+            load_checkpoint(path)
+        except CheckpointError:
+            pass
