@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -125,13 +125,12 @@ class _KeepWriteError:
         self.f.flush()
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path | BinaryIO) -> dict[str, Any]:
     """The checkpoint's state. CorruptCheckpoint if the file is damaged or truncated; CheckpointError if it holds
     anything but tensors and plain data (weights_only refuses a disallowed global: never run, never skipped)."""
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":  # torch.save writes zip archives: anything else is damaged
-                raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated (not a zip archive)")
+        if _head(path) != b"PK\x03\x04":  # torch.save writes zip archives: anything else is damaged
+            raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated (not a zip archive)")
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
@@ -150,6 +149,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated ({first})") from None
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+
+
+def _head(source: Path | BinaryIO) -> bytes:
+    """The first 4 bytes of a file, or of a binary stream left where it was."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return f.read(4)
+    at = source.tell()
+    head = source.read(4)
+    source.seek(at)
+    return head
 
 
 def _fsync_dir(folder: Path) -> None:
