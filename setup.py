@@ -24,6 +24,6 @@ setup(
         "safetensors>=0.4,<1",  # `hlb-gpt export`: weights any tool can read, loaded without running code
         "filelock>=3.0",  # workers starting together update a sweep's manifest in turn (torch needs it too)
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.0"]},  # the suite runs on every core (pytest.ini)
     entry_points={"console_scripts": ["hlb-gpt = hlb_gpt.cli:main"]},
 )
