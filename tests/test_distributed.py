@@ -149,15 +149,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_every_rank_gets_rank_0_s_decision_and_rank_0_s_error():
+def two_ranks(code: str) -> list[tuple[int, str, str]]:
+    """`code` run by two gloo ranks on this machine: each rank's exit code, stdout and stderr."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_CODE], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+    ranks = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outputs = [p.communicate(timeout=300) for p in ranks]
-    for p, (out, err) in zip(ranks, outputs):
-        assert p.returncode == 0, err
+    return [(p.returncode, out, err) for p, (out, err) in zip(ranks, outputs)]
+
+
+@pytest.mark.slow
+def test_every_rank_gets_rank_0_s_decision_and_rank_0_s_error():
+    for code, out, err in two_ranks(RANK_CODE):
+        assert code == 0, err
         assert out.splitlines() == ["decision: completed", "raised: rank 0 cannot read its disk"]
 
 
@@ -389,11 +394,6 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_a_state_sent_a_tensor_at_a_time_arrives_whole_with_every_dtype_and_shape():
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, "-c", TENSORS_CODE], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=300) for p in ranks]
-    for p, (out, err) in zip(ranks, outputs):
-        assert p.returncode == 0, err
+    for code, out, err in two_ranks(TENSORS_CODE):
+        assert code == 0, err
         assert out.splitlines() == ["same"]

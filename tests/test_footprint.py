@@ -5,17 +5,8 @@ import pytest
 import torch
 
 from hlb_gpt import train as train_module
-from hlb_gpt.cli import main
 from hlb_gpt.config import RunConfig
-
-TINY = ["--dataset", "mini", "--preset", "tiny", "--tokenizer", "bytes"]
-
-
-def run_main(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+from tiny_runs import TINY, run_main
 
 
 class FakeCuda:

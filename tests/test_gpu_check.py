@@ -1,7 +1,6 @@
 """bench/gpu_check.py: the GPU smoke check, a list of named checks printed as one table, non-zero exit on any
 failure; on the CPU the same checks at tiny size (the refusal through ranks that pretend to have a GPU)."""
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -10,17 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_runs import load_bench
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_bench("gpu_check")
     yield module
-    del sys.modules[spec.name]
+    del sys.modules[module.__name__]
 
 
 def test_a_failing_or_raising_check_fails_the_run_and_the_others_still_run(gpu_check, monkeypatch, capsys):

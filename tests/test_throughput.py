@@ -1,7 +1,6 @@
 """bench/throughput.py measures what training runs: the model as the LM task builds it, the preset's batch on CUDA,
 and MFU where the GPU's peak is known."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +12,16 @@ from hlb_gpt import device as device_module
 from hlb_gpt.distributed import Dist
 from hlb_gpt.config import PRESETS
 from hlb_gpt.tasks import lm
+from tiny_runs import load_bench
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("throughput_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_bench("throughput")
     yield module
-    del sys.modules[spec.name]
+    del sys.modules[module.__name__]
 
 
 def test_hlb_is_measured_at_the_presets_batch_on_cuda_and_a_small_one_elsewhere(bench):

@@ -7,6 +7,7 @@ from typing import Any
 
 from hlb_gpt.config import RunConfig
 
+TINY = ["--dataset", "mini", "--preset", "tiny", "--tokenizer", "bytes"]  # the same as flags of `hlb-gpt`
 TINY_LM = dict(dataset="mini", preset="tiny", tokenizer="bytes", depth=1, width=16, seq_len=32, batch_size=4,
                eval_tokens=1024, max_steps=5, device="cpu")
 
@@ -21,6 +22,20 @@ def run_main(args: list[str], capsys: Any) -> tuple[int, str, str]:
         main(args)
     out, err = capsys.readouterr()
     return exc.value.code, out, err
+
+
+def load_bench(name: str) -> Any:
+    """`bench/<name>.py` as a module (the benchmarks are scripts, not a package), registered while a test uses it
+    because its dataclasses look their module up in sys.modules."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_tiny(run_dir: Path, cache: Path, **changes: Any) -> Path:
