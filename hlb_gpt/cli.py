@@ -70,6 +70,55 @@ RESUME = click.option("--resume", type=click.Path(file_okay=False, path_type=Pat
                       help="Continue this run folder from its latest checkpoint, with its recorded settings (flags may "
                            "change only --epochs, --max-steps, --device and logging).")
 QUIET = click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bars.")
+def load_config_file(ctx: click.Context, param: click.Parameter, path: Path | None) -> Path | None:
+    """`--config FILE`: the file's settings become the command's defaults (click's default map), before any other
+    option is read, so a flag or an HLB_GPT_* variable overrides them and each value is parsed by its flag's type."""
+    if path is None:
+        return None
+    from hlb_gpt.configfile import read_settings
+
+    params = {p.name: p for p in ctx.command.params
+              if isinstance(p, click.Option) and p.name not in NOT_IN_FILE and not p.hidden}
+    grid = frozenset(name for name, p in params.items() if isinstance(p.type, CommaList))
+    settings = read_settings(path, {name: _file_kinds(p) for name, p in params.items()}, grid)
+    defaults = {}
+    for name, value in settings.items():
+        option = params[name]
+        try:
+            if isinstance(option.type, CommaList) and isinstance(value, list):
+                defaults[name] = [option.type.item.convert(v, option, ctx) for v in value]
+            else:
+                defaults[name] = option.type.convert(value, option, ctx)
+        except click.BadParameter as exc:
+            raise ConfigError(f"--config {path}: {name}: {exc.format_message()}") from None
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
+# Options a file does not give: the file itself, and continuing a run (which has its own recorded settings).
+NOT_IN_FILE = frozenset({"config", "resume", "help", "version"})
+
+
+def _file_kinds(option: click.Option) -> tuple[type, ...]:
+    """The JSON/TOML types a file may give an option's value in: the field's annotation for a setting (a float
+    takes an integer as well)."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    if option.name in fields:
+        annotation = typing.get_type_hints(RunConfig)[option.name]
+        kinds = tuple(t for t in typing.get_args(annotation) or (annotation,) if t is not type(None))
+        return (*kinds, int) if float in kinds else kinds
+    if option.is_flag:
+        return (bool,)
+    return (str, float, int) if isinstance(option.type, Duration) else (str,)
+
+
+CONFIG = click.option(
+    "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, is_eager=True,
+    expose_value=False, callback=load_config_file,
+    help="Settings from a TOML file (keys as the flags', e.g. weight_decay = 0.1; a list makes a grid) or a run's "
+         "config.json; flags and HLB_GPT_* variables override it.")
+
+
 # Where --help shows them: after the field they belong with.
 EXTRA_OPTIONS = {"grokfast": [BASELINE], "max_bad_steps": [OUT], "keep_checkpoints": [LOCK_TIMEOUT, RESUME],
                  "wandb_project": [QUIET]}
@@ -110,7 +159,7 @@ def _options(fn: Callable) -> Callable:
     derives that name from the parameter's name, which is the flag's.
     """
     annotations = typing.get_type_hints(RunConfig)
-    opts = []
+    opts = [CONFIG]
     for field in dataclasses.fields(RunConfig):
         opts += [field_option(field, annotations[field.name]), *EXTRA_OPTIONS.get(field.name, [])]
     for opt in reversed(opts):
