@@ -90,7 +90,7 @@ def load_config_file(ctx: click.Context, param: click.Parameter, path: Path | No
             else:
                 defaults[name] = option.type.convert(value, option, ctx)
         except click.BadParameter as exc:
-            raise ConfigError(f"--config {path}: {name}: {exc.format_message()}") from None
+            raise ConfigError(f"--config {path}: {name}: {exc.message}") from None
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return path
 

@@ -49,7 +49,7 @@ def parse(path: Path) -> dict[str, Any]:
     data = path.read_bytes()
     if path.suffix.lower() == ".json":
         try:
-            table = json.loads(data)
+            table = json.loads(data, object_pairs_hook=lambda pairs: _unique(path, pairs))
         except (UnicodeDecodeError, ValueError) as exc:
             raise ConfigError(f"--config {path}: not JSON ({exc})") from None
     else:
@@ -70,6 +70,8 @@ def parse(path: Path) -> dict[str, Any]:
 def check_kind(path: Path, name: str, value: Any, kinds: tuple[type, ...], grid: bool) -> None:
     """Refuse a value no flag would give: TOML and JSON type their values, and a number for a flag taking text or
     true for a number (both of which Python would convert) is a mistake in the file."""
+    if grid and value == []:
+        raise ConfigError(f"--config {path}: {name} = []: give at least one value")
     if grid and isinstance(value, list):
         for item in value:
             check_kind(path, name, item, kinds, grid=False)
@@ -81,6 +83,16 @@ def check_kind(path: Path, name: str, value: Any, kinds: tuple[type, ...], grid:
         wanted = " or ".join(KIND_NAMES[k] for k in kinds if not (k is int and float in kinds))
         raise ConfigError(f"--config {path}: {name} = {value!r}: expected {wanted}"
                           + (", or a list of them" if grid else ""))
+
+
+def _unique(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: JSON itself would keep the last of two, silently."""
+    table: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in table:
+            raise ConfigError(f"--config {path}: {key} is given twice")
+        table[key] = value
+    return table
 
 
 def _suggestion(name: str, names: Mapping[str, Any]) -> str:

@@ -96,15 +96,20 @@ def test_a_flag_replaces_a_list_of_the_file(captured, capsys, tmp_path):
     ('filter = "kalman"\n', "choice.toml", "kalman"),
     ("alpha = 1.5\ngrokfast = true\n", "range.toml", "--alpha must be in [0, 1)"),
     ("weight_decay = 0.1\nweight-decay = 0.2\n", "twice.toml", "weight_decay is given twice"),
+    ('{"lr": 0.001, "lr": 0.002}', "twice.json", "lr is given twice"),
+    ("seed = []\n", "empty.toml", "seed = []: give at least one value"),
+    ('seed = ""\n', "empty.toml", "seed"),
+    ("lr = nan\n", "nan.toml", "--lr must be a positive number"),
+    ("lr = 1979-05-27\n", "date.toml", "lr = datetime.date(1979, 5, 27): expected a number"),
 ])
-def test_a_bad_config_file_is_refused_in_one_line(capsys, tmp_path, text, name, expected):
+def test_a_bad_config_file_is_refused_in_one_line(captured, capsys, tmp_path, text, name, expected):
     path = tmp_path / name
     if text is not None:
         path.write_text(text)
     code, _, err = run_main(TINY + ["--config", str(path), "--out", str(tmp_path / "s")], capsys)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("Error: ") and expected in err, err
-    assert not (tmp_path / "s").exists()
+    assert not captured and not (tmp_path / "s").exists()
 
 
 def test_toml_on_a_python_without_tomllib_is_refused_in_one_line_and_json_still_reads(
@@ -153,3 +158,24 @@ def test_a_run_s_config_json_given_back_with_config_reproduces_the_run(capsys, t
     assert a.config == b.config  # every setting and every recorded entry (same machine, same versions)
     assert _without_time(a.metrics) == _without_time(b.metrics)
     assert len(a.metrics) >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("changes", [
+    dict(optimizer="muon", checkpoint_every="30m"),
+    dict(optimizer="grokadamw", checkpoint_every=2.0, clip=1.0),
+    dict(task="modular"),
+    dict(finetune=True),
+])
+def test_every_kind_of_run_s_config_json_reads_back_as_its_settings(captured, capsys, tmp_path, one_thread, changes):
+    from hlb_gpt.config import RunConfig
+    from tiny_runs import train_tiny
+
+    if changes.pop("finetune", False):
+        base = train_tiny(tmp_path / "base", tmp_path / "cache")
+        changes = dict(init_from=str(base.resolve()), lora_rank=2, train_only="norms")
+    run = train_tiny(tmp_path / "run", tmp_path / "cache", **changes)
+    saved = read_run(run).config
+    code, _, err = run_main(["--config", str(run / "config.json"), "--out", str(tmp_path / "again")], capsys)
+    assert code == 0, err
+    assert [c.to_dict() for c in captured] == [RunConfig.from_dict(saved).to_dict()]
