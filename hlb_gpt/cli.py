@@ -70,6 +70,8 @@ RESUME = click.option("--resume", type=click.Path(file_okay=False, path_type=Pat
                       help="Continue this run folder from its latest checkpoint, with its recorded settings (flags may "
                            "change only --epochs, --max-steps, --device and logging).")
 QUIET = click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bars.")
+
+
 def load_config_file(ctx: click.Context, param: click.Parameter, path: Path | None) -> Path | None:
     """`--config FILE`: the file's settings become the command's defaults (click's default map), before any other
     option is read, so a flag or an HLB_GPT_* variable overrides them and each value is parsed by its flag's type."""
