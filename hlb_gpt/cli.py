@@ -21,6 +21,22 @@ from hlb_gpt import __version__
 from hlb_gpt.config import DEVICES, GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, check_resumable, flag
 
 
+class RegisteredChoice(click.Choice):
+    """A choice among registered components (`hlb_gpt.components`): those registered after import count too."""
+
+    def __init__(self, names: Callable[[], tuple[str, ...]]) -> None:
+        super().__init__(())
+        self._names = names
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self._names()
+
+    @choices.setter
+    def choices(self, value: tuple[str, ...]) -> None:
+        pass
+
+
 class CommaList(click.ParamType):
     """A comma-separated list of values of one type, e.g. `--alpha 0.8,0.9,0.99`."""
 
@@ -90,7 +106,9 @@ def field_option(field: dataclasses.Field, annotation: Any) -> Callable:
                             show_default=field.default is not None, help=help_text)
     if kind is bool:
         return click.option(flag(field.name), field.name, is_flag=True, default=field.default, help=help_text)
-    if meta.get("choices"):
+    if callable(meta.get("choices")):  # the registered components, read when the flag is parsed
+        value_type = RegisteredChoice(meta["choices"])
+    elif meta.get("choices"):
         value_type = click.Choice(meta["choices"])
     elif meta.get("folder"):
         value_type = click.Path(file_okay=False)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from hlb_gpt import distributed
+from hlb_gpt import components, distributed
 from hlb_gpt.checkpoint import list_checkpoints
 from hlb_gpt.config import GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import DataUnavailable
@@ -36,23 +36,22 @@ MODEL_KEYS = ("depth", "width", "gate", "lora_rank")
 # optimizer make the arms), and in what a resumed run may change (its length, the bookkeeping, the device). Every
 # other setting belongs to the sweep, and all its workers must agree on it.
 PER_RUN = frozenset(GRID_KEYS) | {"grokfast", "optimizer"} | MAY_CHANGE_ON_RESUME
-# The settings of one optimizer alone, unset (None) with the others: recorded once a worker with it sets them.
-OPTIMIZER_OWN = ("muon_lr", "muon_momentum")
 
 
 def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool, baseline: bool) -> list[RunConfig]:
     """Every grid point as a config, seeds outermost so an unfinished sweep still holds complete paired sets.
 
     `grid` maps field names to lists of values (missing keys keep the base value). A filtered run is one with
-    `grokfast` (EMA points: alpha × gain; MA points: window × gain) or with GrokAdamW (alpha × gain);
-    `baseline` adds the unfiltered AdamW run for every seed. With neither filter, only that run exists.
+    `grokfast` (its filter's points: the product of the settings it reads, e.g. alpha × gain for EMA) or with an
+    optimizer that filters (GrokAdamW: alpha × gain); `baseline` adds the plain counterpart (`components`) for
+    every seed. With neither filter, only that run exists.
     """
     values = lambda key: list(grid.get(key) or [getattr(base, key)])  # noqa: E731
-    filtered = grokfast or base.kind == "grokadamw"
+    optimizer = components.optimizer_of(vars(base))
+    filtered = grokfast or optimizer.filters
     points: list[dict[str, Any]] = []
     for name in values("filter") if filtered else []:
-        kind = RunConfig.kind_of({"grokfast": True, "optimizer": base.optimizer, "filter": name})
-        varying = ("window", "gain") if kind == "ma" else ("alpha", "gain")
+        varying = [key for key, _, _ in (optimizer if optimizer.filters else components.FILTERS[name]).shown]
         for combo in itertools.product(*(values(k) for k in varying)):
             point = {"filter": name, **dict(zip(varying, combo))}
             if point not in points:
@@ -62,9 +61,7 @@ def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool,
         for model_point in itertools.product(*(values(k) for k in MODEL_KEYS)):
             model = dict(zip(MODEL_KEYS, model_point))
             if baseline or not filtered:
-                # GrokAdamW's unfiltered counterpart is AdamW; Muon's is Muon.
-                plain = "muon" if base.optimizer == "muon" else "adamw"
-                configs.append(base.replace(seed=seed, grokfast=False, optimizer=plain, **model))
+                configs.append(base.replace(seed=seed, **model, **components.plain_counterpart(vars(base))))
             configs += [base.replace(seed=seed, **model, **point) for point in points]
     return configs
 
@@ -72,15 +69,7 @@ def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool,
 def run_folder_name(cfg: RunConfig, vary: Sequence[str] = ()) -> str:
     """The run's folder in the sweep, named for what the run is: `baseline-s0`, `ema-a0.9-g0.1-s0`,
     `ma-w100-g5-d4-s1`, `grokadamw-a0.98-g2-s0` (`vary`: the model settings the grid varies)."""
-    kind = cfg.kind
-    if kind == "baseline":
-        parts = [kind]
-    elif kind == "ma":
-        parts = [f"ma-w{cfg.window}-g{cfg.gain:g}"]
-    else:  # ema, grokadamw
-        parts = [f"{kind}-a{cfg.alpha:g}-g{cfg.gain:g}"]
-    if cfg.optimizer == "muon":  # `muon-s0`, `muon-ema-a0.9-g0.1-s0`
-        parts = ["muon"] + (parts if cfg.grokfast else [])
+    parts = [components.folder_part(vars(cfg))]  # `muon-s0`, `muon-ema-a0.9-g0.1-s0`
     short = {"depth": "d", "width": "w", "gate": "gate-", "lora_rank": "r"}
     parts += [f"{short[k]}{getattr(cfg, k)}" for k in MODEL_KEYS if k in vary]
     parts.append(f"s{cfg.seed}")
@@ -93,8 +82,9 @@ def sweep_settings(configs: Sequence[RunConfig]) -> dict[str, Any]:
     if not configs:
         return {}
     first = configs[0].to_dict()
+    own = {key for optimizer in components.OPTIMIZERS.values() for key in optimizer.defaults}
     return {key: value for key, value in first.items()
-            if key not in PER_RUN and not (key in OPTIMIZER_OWN and value is None)
+            if key not in PER_RUN and not (key in own and value is None)
             and all(getattr(cfg, key) == value for cfg in configs)}
 
 
