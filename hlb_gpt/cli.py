@@ -151,7 +151,7 @@ def cli(ctx: click.Context, **flags: Any) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from hlb_gpt.sweep import expand_grid, run_folder_name, run_sweep  # imports torch: only when training
+    from hlb_gpt.sweep import expand_grid, run_folder_name, run_sweep, varying  # imports torch: only when training
 
     if flags["resume"] is not None:
         return resume_run(ctx, flags)
@@ -159,7 +159,7 @@ def cli(ctx: click.Context, **flags: Any) -> None:
         flags = inherit_from_init(ctx, flags)
     base, grid = configs_from_flags(flags)
     configs = expand_grid(base, grid, grokfast=flags["grokfast"], baseline=flags["baseline"])
-    vary = [k for k in ("depth", "width", "gate", "lora_rank") if len(grid.get(k) or []) > 1]
+    vary = varying(grid)
     if len({run_folder_name(c, vary) for c in configs}) != len(configs):
         raise ConfigError("two grid points would share a run folder; remove repeated values from the lists")
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
@@ -402,10 +402,16 @@ def inherit_from_init(ctx: click.Context, flags: dict[str, Any]) -> dict[str, An
 def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list[Any]]]:
     """The base config (first value of every list) and the lists that make the grid. Validates every value."""
     values = {field.name: flags[field.name] for field in dataclasses.fields(RunConfig)}
+    from hlb_gpt import components
+
     grid = {k: values[k] for k in GRID_KEYS if values[k] is not None}
-    base = RunConfig(**{**values, **{k: v[0] for k, v in grid.items()}})
+    first = {**values, **{k: v[0] for k, v in grid.items()}}
+    # The settings of another optimizer of the list are for its points alone (`sweep.expand_grid`).
+    listed = [components.OPTIMIZERS[o] for o in grid.get("optimizer", []) if o in components.OPTIMIZERS]
+    foreign = {k for o in listed for k in o.defaults} - set(components.optimizer_of(first).defaults)
+    base = RunConfig(**{k: None if k in foreign else v for k, v in first.items()})
     for key, vals in grid.items():  # every grid value must be valid on its own, before any run starts
-        for v in vals[1:]:
+        for v in vals[1:] if key not in foreign else []:
             base.replace(**{key: v})
     return base, grid
 

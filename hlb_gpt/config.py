@@ -129,12 +129,12 @@ class RunConfig:
                         choices=TASKS)
     # data
     dataset: str = setting("wikitext-103", "Training corpus. `mini` is bundled (WikiText-2 test as train, valid as "
-                           "valid) and works offline.", choices=DATASETS)
+                           "valid) and works offline.", choices=DATASETS, grid=True)
     data_dir: str | None = setting(None, "Folder with wiki.train.raw and wiki.valid.raw, used instead of the hub "
                                    "(offline clusters).", folder=True)
     data_cache: str = setting("data", "Where tokenized splits are cached.", folder=True)
     tokenizer: str = setting("gpt2", "gpt2: GPT-2 BPE (bundled ranks, no download); bytes: UTF-8 bytes, vocab 256.",
-                             choices=TOKENIZERS)
+                             choices=TOKENIZERS, grid=True)
     # model and batch (None: the preset's value; the preset defaults to the task's)
     preset: str | None = setting(None, "hlb: hlb-gpt's 46M model (8 x 384); tiny: laptop scale (4 x 128, seq 256, "
                                  "batch 16); modular: the grokking benchmark's model.",
@@ -142,24 +142,26 @@ class RunConfig:
     depth: int | None = setting(None, "Number of blocks.", note="preset", grid=True)
     width: int | None = setting(None, "Residual width, divisible by 8.", note="preset", grid=True)
     gate: str = setting("none", "Gate each block's output: y * act(W x).", choices=GATES, grid=True)
-    seq_len: int | None = setting(None, "Sequence length.", note="preset")
-    batch_size: int | None = setting(None, "Sequences per optimizer step at full length.", note="preset")
+    seq_len: int | None = setting(None, "Sequence length.", note="preset", grid=True)
+    batch_size: int | None = setting(None, "Sequences per optimizer step at full length.", note="preset", grid=True)
     grad_accum: int = setting(1, "Micro-batches per optimizer step (divides --batch-size).")
     seq_warmup: bool = setting(True, "hlb-gpt's schedule: sequences start at 32 tokens and double every 80 steps, "
                                "same tokens per step.", negatable=True)
     # optimisation
     optimizer: str = setting("adamw", "grokadamw: AdamW with a built-in Grokfast EMA (uses --alpha, --gain); "
-                             "muon: Muon for the block matrices, AdamW for the rest.", choices=lambda: _registered("OPTIMIZERS"))
-    lr: float | None = setting(None, "Base learning rate of the block matrices.", note="preset")
+                             "muon: Muon for the block matrices, AdamW for the rest.", choices=lambda: _registered("OPTIMIZERS"),
+                             grid=True)
+    lr: float | None = setting(None, "Base learning rate of the block matrices.", note="preset", grid=True)
     weight_decay: float | None = setting(None, "Weight decay of the block matrices, constant (not loss-dependent as "
-                                         "in hlb-gpt).", note="0.01; modular 0")
-    warmup_steps: int | None = setting(None, "Linear learning-rate warmup.", note="100; modular 10")
-    clip: float | None = setting(None, "Clip the global gradient norm after the filter.", note="off")
-    grok_kappa: float = setting(0.1, "GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal).")
-    grok_gamma: float = setting(0.1, "GrokAdamW: layer-wise beta1_l = beta1 * (1 - gamma)^l.")
+                                         "in hlb-gpt).", note="0.01; modular 0", grid=True)
+    warmup_steps: int | None = setting(None, "Linear learning-rate warmup.", note="100; modular 10", grid=True)
+    clip: float | None = setting(None, "Clip the global gradient norm after the filter.", note="off", grid=True)
+    grok_kappa: float = setting(0.1, "GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal).", grid=True)
+    grok_gamma: float = setting(0.1, "GrokAdamW: layer-wise beta1_l = beta1 * (1 - gamma)^l.", grid=True)
     # --optimizer muon only; other optimizers record None
-    muon_lr: float | None = setting(None, "Muon: lr of the block matrices, on the --lr schedule.", note=f"{MUON_LR}")
-    muon_momentum: float | None = setting(None, "Muon: Nesterov momentum.", note=f"{MUON_MOMENTUM}")
+    muon_lr: float | None = setting(None, "Muon: lr of the block matrices, on the --lr schedule.", note=f"{MUON_LR}",
+                                    grid=True)
+    muon_momentum: float | None = setting(None, "Muon: Nesterov momentum.", note=f"{MUON_MOMENTUM}", grid=True)
     # Grokfast
     grokfast: bool = setting(False, "Filter gradients with Grokfast (the filtered configurations).")
     filter: str = setting("ema", "ema: exponential moving average; ma: mean of the last --window gradients.",
@@ -168,7 +170,7 @@ class RunConfig:
     gain: float = setting(2.0, "Amplification (lambda) >= 0.", grid=True)
     window: int = setting(100, "MA window in steps.", grid=True)
     filter_dtype: str = setting("float32", "Dtype of the filter state (param: the parameter's dtype).",
-                                choices=FILTER_DTYPES)
+                                choices=FILTER_DTYPES, grid=True)
     # schedule of the run
     epochs: float = setting(1.0, "Training length in epochs (a float).")
     evals_per_epoch: int = setting(1, "Evaluations per epoch (one more at the end).")
@@ -192,7 +194,7 @@ class RunConfig:
                                     "unless given.", folder=True)
     lora_rank: int = setting(0, "With --init-from: freeze the weights and train rank-r adapters W + (alpha/r) B A on "
                              "--lora-targets; 0: no adapters.", grid=True)
-    lora_alpha: float = setting(16.0, "LoRA scale numerator: the adapters are scaled by alpha / rank.")
+    lora_alpha: float = setting(16.0, "LoRA scale numerator: the adapters are scaled by alpha / rank.", grid=True)
     lora_targets: str = setting("in,out", "Matrices that get adapters, a comma list of in (each block's input "
                                 "projection: queries, keys, GeGLU), out (its output projection), gate (its gate "
                                 "matrix), head.")
@@ -364,6 +366,13 @@ class RunConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def replace(self, **changes: Any) -> RunConfig:
+        """A copy with `changes`; another optimizer drops the settings the old one alone owned (Muon's), so they
+        are unset again unless the new one owns them too."""
+        if changes.get("optimizer", self.optimizer) != self.optimizer:
+            from hlb_gpt import components
+
+            owned = components.optimizer_of(changes).defaults
+            changes = {**{key: None for key in components.owned_settings() if key not in owned}, **changes}
         return dataclasses.replace(self, **changes)
 
     @property

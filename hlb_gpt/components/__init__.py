@@ -101,6 +101,17 @@ def plain_counterpart(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {"grokfast": False, "optimizer": optimizer_of(settings).plain}
 
 
+def owned_settings() -> set[str]:
+    """The settings one optimizer alone owns (Muon's): unset (None) in runs of the others."""
+    return {key for optimizer in OPTIMIZERS.values() for key in optimizer.defaults}
+
+
+def arm_settings() -> set[str]:
+    """The settings a run's folder part and label already name: its optimizer, its filter and what they show."""
+    shown = {key for c in (*FILTERS.values(), *OPTIMIZERS.values()) for key, _, _ in c.shown}
+    return {"optimizer", "filter"} | shown
+
+
 def component_settings() -> set[str]:
     """Every setting some component owns: unused by a run whose components do not read it."""
     owned = set(FILTER_COMMON)
