@@ -21,6 +21,22 @@ from hlb_gpt import __version__
 from hlb_gpt.config import DEVICES, GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, check_resumable, flag
 
 
+class RegisteredChoice(click.Choice):
+    """A choice among registered components (`hlb_gpt.components`): those registered after import count too."""
+
+    def __init__(self, names: Callable[[], tuple[str, ...]]) -> None:
+        super().__init__(())
+        self._names = names
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self._names()
+
+    @choices.setter
+    def choices(self, value: tuple[str, ...]) -> None:
+        pass
+
+
 class CommaList(click.ParamType):
     """A comma-separated list of values of one type, e.g. `--alpha 0.8,0.9,0.99`."""
 
@@ -141,7 +157,9 @@ def field_option(field: dataclasses.Field, annotation: Any) -> Callable:
                             show_default=field.default is not None, help=help_text)
     if kind is bool:
         return click.option(flag(field.name), field.name, is_flag=True, default=field.default, help=help_text)
-    if meta.get("choices"):
+    if callable(meta.get("choices")):  # the registered components, read when the flag is parsed
+        value_type = RegisteredChoice(meta["choices"])
+    elif meta.get("choices"):
         value_type = click.Choice(meta["choices"])
     elif meta.get("folder"):
         value_type = click.Path(file_okay=False)
@@ -184,7 +202,7 @@ def cli(ctx: click.Context, **flags: Any) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from hlb_gpt.sweep import expand_grid, run_folder_name, run_sweep  # imports torch: only when training
+    from hlb_gpt.sweep import expand_grid, run_folder_name, run_sweep, varying  # imports torch: only when training
 
     if flags["resume"] is not None:
         return resume_run(ctx, flags)
@@ -192,7 +210,7 @@ def cli(ctx: click.Context, **flags: Any) -> None:
         flags = inherit_from_init(ctx, flags)
     base, grid = configs_from_flags(flags)
     configs = expand_grid(base, grid, grokfast=flags["grokfast"], baseline=flags["baseline"])
-    vary = [k for k in ("depth", "width", "gate", "lora_rank") if len(grid.get(k) or []) > 1]
+    vary = varying(grid)
     if len({run_folder_name(c, vary) for c in configs}) != len(configs):
         raise ConfigError("two grid points would share a run folder; remove repeated values from the lists")
     out = Path(flags["out"] or default_out(base, flags["grokfast"]))
@@ -435,10 +453,16 @@ def inherit_from_init(ctx: click.Context, flags: dict[str, Any]) -> dict[str, An
 def configs_from_flags(flags: dict[str, Any]) -> tuple[RunConfig, dict[str, list[Any]]]:
     """The base config (first value of every list) and the lists that make the grid. Validates every value."""
     values = {field.name: flags[field.name] for field in dataclasses.fields(RunConfig)}
+    from hlb_gpt import components
+
     grid = {k: values[k] for k in GRID_KEYS if values[k] is not None}
-    base = RunConfig(**{**values, **{k: v[0] for k, v in grid.items()}})
+    first = {**values, **{k: v[0] for k, v in grid.items()}}
+    # The settings of another optimizer of the list are for its points alone (`sweep.expand_grid`).
+    listed = [components.OPTIMIZERS[o] for o in grid.get("optimizer", []) if o in components.OPTIMIZERS]
+    foreign = {k for o in listed for k in o.defaults} - set(components.optimizer_of(first).defaults)
+    base = RunConfig(**{k: None if k in foreign else v for k, v in first.items()})
     for key, vals in grid.items():  # every grid value must be valid on its own, before any run starts
-        for v in vals[1:]:
+        for v in vals[1:] if key not in foreign else []:
             base.replace(**{key: v})
     return base, grid
 

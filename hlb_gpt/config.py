@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,6 @@ TASKS = ("lm", "modular")
 DATASETS = ("wikitext-103", "wikitext-2", "mini")
 TOKENIZERS = ("gpt2", "bytes")
 GATES = ("none", "relu", "sigmoid")
-OPTIMIZERS = ("adamw", "grokadamw", "muon")
-FILTERS = ("ema", "ma")
 FILTER_DTYPES = ("float32", "bfloat16", "param")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -105,12 +103,14 @@ MUON_LR = 0.02
 MUON_MOMENTUM = 0.95
 
 
-def setting(default: Any, help: str, *, note: str | None = None, choices: tuple[str, ...] | None = None,
+def setting(default: Any, help: str, *, note: str | None = None,
+            choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
             grid: bool = False, negatable: bool = False, folder: bool = False, parse: type | None = None) -> Any:
     """A `RunConfig` field together with what its command-line flag needs, so a setting is described once.
 
     `help` is the flag's help text; `note` the default in words when it depends on other settings (shown as
-    ``[note]``); `choices` the values allowed (checked here and offered by the flag); `grid` marks a setting whose
+    ``[note]``); `choices` the values allowed (checked here and offered by the flag), or a function giving them
+    when they are the registered components (`hlb_gpt.components`); `grid` marks a setting whose
     flag takes a comma-separated list, one run per value; `negatable` gives a boolean its --no- form; `folder` makes
     the flag a directory path; `parse` is the flag's value type when the field's annotation names several.
     """
@@ -129,12 +129,12 @@ class RunConfig:
                         choices=TASKS)
     # data
     dataset: str = setting("wikitext-103", "Training corpus. `mini` is bundled (WikiText-2 test as train, valid as "
-                           "valid) and works offline.", choices=DATASETS)
+                           "valid) and works offline.", choices=DATASETS, grid=True)
     data_dir: str | None = setting(None, "Folder with wiki.train.raw and wiki.valid.raw, used instead of the hub "
                                    "(offline clusters).", folder=True)
     data_cache: str = setting("data", "Where tokenized splits are cached.", folder=True)
     tokenizer: str = setting("gpt2", "gpt2: GPT-2 BPE (bundled ranks, no download); bytes: UTF-8 bytes, vocab 256.",
-                             choices=TOKENIZERS)
+                             choices=TOKENIZERS, grid=True)
     # model and batch (None: the preset's value; the preset defaults to the task's)
     preset: str | None = setting(None, "hlb: hlb-gpt's 46M model (8 x 384); tiny: laptop scale (4 x 128, seq 256, "
                                  "batch 16); modular: the grokking benchmark's model.",
@@ -142,33 +142,35 @@ class RunConfig:
     depth: int | None = setting(None, "Number of blocks.", note="preset", grid=True)
     width: int | None = setting(None, "Residual width, divisible by 8.", note="preset", grid=True)
     gate: str = setting("none", "Gate each block's output: y * act(W x).", choices=GATES, grid=True)
-    seq_len: int | None = setting(None, "Sequence length.", note="preset")
-    batch_size: int | None = setting(None, "Sequences per optimizer step at full length.", note="preset")
+    seq_len: int | None = setting(None, "Sequence length.", note="preset", grid=True)
+    batch_size: int | None = setting(None, "Sequences per optimizer step at full length.", note="preset", grid=True)
     grad_accum: int = setting(1, "Micro-batches per optimizer step (divides --batch-size).")
     seq_warmup: bool = setting(True, "hlb-gpt's schedule: sequences start at 32 tokens and double every 80 steps, "
                                "same tokens per step.", negatable=True)
     # optimisation
     optimizer: str = setting("adamw", "grokadamw: AdamW with a built-in Grokfast EMA (uses --alpha, --gain); "
-                             "muon: Muon for the block matrices, AdamW for the rest.", choices=OPTIMIZERS)
-    lr: float | None = setting(None, "Base learning rate of the block matrices.", note="preset")
+                             "muon: Muon for the block matrices, AdamW for the rest.", choices=lambda: _registered("OPTIMIZERS"),
+                             grid=True)
+    lr: float | None = setting(None, "Base learning rate of the block matrices.", note="preset", grid=True)
     weight_decay: float | None = setting(None, "Weight decay of the block matrices, constant (not loss-dependent as "
-                                         "in hlb-gpt).", note="0.01; modular 0")
-    warmup_steps: int | None = setting(None, "Linear learning-rate warmup.", note="100; modular 10")
-    clip: float | None = setting(None, "Clip the global gradient norm after the filter.", note="off")
-    grok_kappa: float = setting(0.1, "GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal).")
-    grok_gamma: float = setting(0.1, "GrokAdamW: layer-wise beta1_l = beta1 * (1 - gamma)^l.")
+                                         "in hlb-gpt).", note="0.01; modular 0", grid=True)
+    warmup_steps: int | None = setting(None, "Linear learning-rate warmup.", note="100; modular 10", grid=True)
+    clip: float | None = setting(None, "Clip the global gradient norm after the filter.", note="off", grid=True)
+    grok_kappa: float = setting(0.1, "GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal).", grid=True)
+    grok_gamma: float = setting(0.1, "GrokAdamW: layer-wise beta1_l = beta1 * (1 - gamma)^l.", grid=True)
     # --optimizer muon only; other optimizers record None
-    muon_lr: float | None = setting(None, "Muon: lr of the block matrices, on the --lr schedule.", note=f"{MUON_LR}")
-    muon_momentum: float | None = setting(None, "Muon: Nesterov momentum.", note=f"{MUON_MOMENTUM}")
+    muon_lr: float | None = setting(None, "Muon: lr of the block matrices, on the --lr schedule.", note=f"{MUON_LR}",
+                                    grid=True)
+    muon_momentum: float | None = setting(None, "Muon: Nesterov momentum.", note=f"{MUON_MOMENTUM}", grid=True)
     # Grokfast
     grokfast: bool = setting(False, "Filter gradients with Grokfast (the filtered configurations).")
     filter: str = setting("ema", "ema: exponential moving average; ma: mean of the last --window gradients.",
-                          choices=FILTERS, grid=True)
+                          choices=lambda: _registered("FILTERS"), grid=True)
     alpha: float = setting(0.98, "EMA momentum in [0, 1).", grid=True)
     gain: float = setting(2.0, "Amplification (lambda) >= 0.", grid=True)
     window: int = setting(100, "MA window in steps.", grid=True)
     filter_dtype: str = setting("float32", "Dtype of the filter state (param: the parameter's dtype).",
-                                choices=FILTER_DTYPES)
+                                choices=FILTER_DTYPES, grid=True)
     # schedule of the run
     epochs: float = setting(1.0, "Training length in epochs (a float).")
     evals_per_epoch: int = setting(1, "Evaluations per epoch (one more at the end).")
@@ -192,7 +194,7 @@ class RunConfig:
                                     "unless given.", folder=True)
     lora_rank: int = setting(0, "With --init-from: freeze the weights and train rank-r adapters W + (alpha/r) B A on "
                              "--lora-targets; 0: no adapters.", grid=True)
-    lora_alpha: float = setting(16.0, "LoRA scale numerator: the adapters are scaled by alpha / rank.")
+    lora_alpha: float = setting(16.0, "LoRA scale numerator: the adapters are scaled by alpha / rank.", grid=True)
     lora_targets: str = setting("in,out", "Matrices that get adapters, a comma list of in (each block's input "
                                 "projection: queries, keys, GeGLU), out (its output projection), gate (its gate "
                                 "matrix), head.")
@@ -218,18 +220,22 @@ class RunConfig:
             self.preset = DEFAULT_PRESET[self.task]
         for f in dataclasses.fields(self):
             if f.metadata.get("choices"):
-                _choice(flag(f.name), getattr(self, f.name), f.metadata["choices"])
+                _choice(flag(f.name), getattr(self, f.name), choices_of(f))
         preset = PRESETS[self.preset]
         # checkpoint_every stays None unless given: the default cadence is the preset's, with a least gap.
         for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens", "weight_decay", "warmup_steps"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
-        if self.optimizer == "muon":
-            self.muon_lr = MUON_LR if self.muon_lr is None else self.muon_lr
-            self.muon_momentum = MUON_MOMENTUM if self.muon_momentum is None else self.muon_momentum
+        from hlb_gpt import components  # imported here: the components read this module
+
+        for name, value in components.optimizer_of(vars(self)).defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self._validate()
 
     def _validate(self) -> None:
+        from hlb_gpt import components
+
         _positive("--depth", self.depth)
         _positive("--width", self.width)
         if self.width % 8:
@@ -254,17 +260,17 @@ class RunConfig:
         if not self.gain >= 0:
             raise ConfigError(f"--gain must be >= 0 (got {self.gain})")
         _positive("--window", self.window)
-        if self.task == "modular" and self.optimizer != "adamw":
+        if self.task == "modular" and self.optimizer != _default("optimizer"):
             raise ConfigError("--task modular trains with Adam and L2 weight decay, as the published code; "
                               f"drop --optimizer {self.optimizer} (use --grokfast for the filter)")
         if self.task == "modular" and self.gate != "none":
             raise ConfigError(f"--task modular has no gated blocks; drop --gate {self.gate}")
         if self.task == "modular" and self.attention == "flex":
             raise ConfigError("--task modular attends over 4 tokens with its own model; drop --attention flex")
-        if self.grokfast and self.optimizer == "grokadamw":
-            raise ConfigError("--optimizer grokadamw filters gradients itself; drop --grokfast "
-                              "(its --alpha and --gain set GrokAdamW's filter)")
-        self._validate_muon()
+        optimizer = components.optimizer_of(vars(self))
+        if self.grokfast and optimizer.filters:
+            raise ConfigError(f"--optimizer {self.optimizer} filters gradients itself; drop --grokfast "
+                              "(its --alpha and --gain set its filter)")
         if not self.grok_kappa >= 0:
             raise ConfigError(f"--grok-kappa must be >= 0 (got {self.grok_kappa})")
         if not (0 <= self.grok_gamma < 1):
@@ -290,6 +296,7 @@ class RunConfig:
         if self.target_acc is not None and not (0 < self.target_acc <= 1):
             raise ConfigError(f"--target-acc must be in (0, 1] (got {self.target_acc})")
         self._validate_finetune()
+        self._validate_components(optimizer)
         if self.data_dir is not None:
             for split in ("wiki.train.raw", "wiki.valid.raw"):
                 if not (Path(self.data_dir) / split).is_file():
@@ -297,21 +304,19 @@ class RunConfig:
                 if (Path(self.data_dir) / split).stat().st_size == 0:
                     raise ConfigError(f"--data-dir {self.data_dir}: {split} is empty")
 
-    def _validate_muon(self) -> None:
-        if self.optimizer != "muon":
-            given = [flag(name) for name in ("muon_lr", "muon_momentum") if getattr(self, name) is not None]
+    def _validate_components(self, optimizer: Any) -> None:
+        """Each optimizer's own settings (unset, None, for the others) and its refusals; the filter's."""
+        from hlb_gpt import components
+
+        for other in components.OPTIMIZERS.values():
+            given = [flag(name) for name in other.defaults
+                     if name not in optimizer.defaults and getattr(self, name) is not None]
             if given:
-                raise ConfigError(f"{', '.join(given)}: for --optimizer muon only "
+                raise ConfigError(f"{', '.join(given)}: for --optimizer {other.name} only "
                                   f"(got --optimizer {self.optimizer})")
-            return
-        grok = [flag(name) for name in ("grok_kappa", "grok_gamma") if getattr(self, name) != _default(name)]
-        if grok:  # --optimizer takes one name, so GrokAdamW's own settings are the one way to ask for both
-            raise ConfigError(f"{', '.join(grok)}: GrokAdamW settings, and GrokAdamW does not combine with "
-                              "--optimizer muon; drop them")
-        if not (self.muon_lr > 0 and math.isfinite(self.muon_lr)):
-            raise ConfigError(f"--muon-lr must be a positive number (got {self.muon_lr})")
-        if not (0 <= self.muon_momentum < 1):
-            raise ConfigError(f"--muon-momentum must be in [0, 1) (got {self.muon_momentum})")
+        optimizer.check(self)
+        if self.grokfast:
+            components.filter_of(vars(self)).check(self)
 
     def _validate_finetune(self) -> None:
         """Lists are recorded in one canonical order, so `out,in` and `in,out` are one configuration."""
@@ -337,11 +342,6 @@ class RunConfig:
         if both:
             raise ConfigError(f"--train-only {','.join(sorted(both))} would train the matrices --lora-targets adapts; "
                               "choose one of them")
-        if self.optimizer == "muon" and self.lora_rank == 0 and self.train_only is not None \
-                and not set(_split(self.train_only)) & set(MUON_MATRICES):
-            raise ConfigError(f"--optimizer muon trains block matrices ({', '.join(MUON_MATRICES)}) or LoRA adapters, and "
-                              f"--train-only {self.train_only} trains none; add one of them, or --lora-rank, or drop "
-                              "--optimizer muon")
 
     @property
     def checkpoint_cadence(self) -> Cadence:
@@ -366,22 +366,27 @@ class RunConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def replace(self, **changes: Any) -> RunConfig:
+        """A copy with `changes`; another optimizer drops the settings the old one alone owned (Muon's), so they
+        are unset again unless the new one owns them too."""
+        if changes.get("optimizer", self.optimizer) != self.optimizer:
+            from hlb_gpt import components
+
+            owned = components.optimizer_of(changes).defaults
+            changes = {**{key: None for key in components.owned_settings() if key not in owned}, **changes}
         return dataclasses.replace(self, **changes)
 
     @property
     def kind(self) -> str:
-        """What the run is: `baseline` (AdamW, no filter), `ema` or `ma` (a Grokfast filter), or `grokadamw`."""
+        """What the run is: `baseline` (no filter), its filter's name, or that of an optimizer that filters."""
         return self.kind_of(vars(self))
 
     @staticmethod
     def kind_of(settings: Mapping[str, Any]) -> str:
         """`kind` of any settings, a RunConfig's or a recorded config.json's (where a missing key has its
         default): `compare` and `plots` read it from records without building a config."""
-        if settings.get("optimizer") == "grokadamw":
-            return "grokadamw"
-        if not settings.get("grokfast"):
-            return "baseline"
-        return "ma" if settings.get("filter") == "ma" else "ema"
+        from hlb_gpt import components
+
+        return components.kind_of(settings)
 
 
 # The settings whose flag takes a list: one run per value (per combination, see `sweep.expand_grid`).
@@ -403,6 +408,18 @@ def check_resumable(cfg: RunConfig, saved: dict[str, Any], where: Path | str) ->
     diffs = cfg.differences(RunConfig.from_dict(saved), ignore=MAY_CHANGE_ON_RESUME)
     if diffs:
         raise ConfigError(f"{where} was trained with other settings (command vs run): {'; '.join(diffs)}")
+
+
+def choices_of(field: dataclasses.Field) -> tuple[str, ...]:
+    """The values a setting with `choices` allows, now (components registered since import included)."""
+    choices = field.metadata["choices"]
+    return tuple(choices()) if callable(choices) else choices
+
+
+def _registered(registry: str) -> tuple[str, ...]:
+    from hlb_gpt import components  # imported here: the components read this module
+
+    return tuple(getattr(components, registry))
 
 
 def _default(name: str) -> Any:

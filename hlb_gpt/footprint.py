@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from hlb_gpt import components
 from hlb_gpt.config import RunConfig
 
 # Bytes per (token x block x width) and per (token x vocabulary entry) that one micro-batch's forward and
@@ -43,10 +44,9 @@ class Footprint:
 
 
 def filter_copies(cfg: RunConfig) -> int:
-    """Parameter-sized copies the Grokfast filter keeps: the MA ring of `window` gradients and their sum; EMA's mu."""
-    if not cfg.grokfast:
-        return 0
-    return cfg.window + 1 if cfg.filter == "ma" else 1
+    """Parameter-sized copies the Grokfast filter keeps, as its component says (the MA ring of `window` gradients
+    and their sum; EMA's mu)."""
+    return components.filter_of(vars(cfg)).copies(cfg) if cfg.grokfast else 0
 
 
 def filter_value_bytes(cfg: RunConfig) -> int:
@@ -83,7 +83,8 @@ def refusal(cfg: RunConfig, need: Footprint, n_params: int, available: int, devi
                 f"{n_params:,} parameters in {cfg.filter_dtype}) and a training step {gib(others)} more "
                 f"(activations and logits {gib(need.activations + need.logits)}), more than the {gib(available)} of "
                 f"{device} memory; use a smaller --window or --filter-dtype bfloat16")
-    window = " or a smaller --window" if cfg.grokfast and cfg.filter == "ma" else ""
+    smaller = components.filter_of(vars(cfg)).smaller if cfg.grokfast else ""
+    window = f" or {smaller}" if smaller else ""
     return (f"a training step needs about {gib(need.total)} of {device} memory (activations and logits "
             f"{gib(need.activations + need.logits)}, weights, gradients and optimizer {gib(need.training_state)}, "
             f"filter {gib(need.filter_state)}), more than the {gib(available)} it has; use a smaller --batch-size, "

@@ -16,7 +16,8 @@ import numpy as np
 
 from hlb_gpt.compare import Column, Comparison, Group, PairedTest, run_rows, short_label
 from hlb_gpt.compare.statistics import CONFIDENCE
-from hlb_gpt.config import ConfigError, RunConfig
+from hlb_gpt import components
+from hlb_gpt.config import ConfigError
 from hlb_gpt.records import Run
 
 # Colour says the gain, line style the alpha (or MA window); baselines are black and thicker. When two
@@ -56,8 +57,7 @@ def line_styles(groups: Sequence[Group]) -> dict[str, LineStyle]:
 
 
 def _shape(config: dict[str, Any]) -> tuple:
-    kind = RunConfig.kind_of(config)
-    return (kind, config.get("window") if kind == "ma" else config.get("alpha"))
+    return components.shape(config)
 
 
 def _order(value: Any) -> tuple:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from hlb_gpt import distributed
+from hlb_gpt import components, distributed
 from hlb_gpt.checkpoint import list_checkpoints
 from hlb_gpt.config import GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import DataUnavailable
@@ -31,58 +31,73 @@ from hlb_gpt.status import write_manifest
 
 logger = logging.getLogger(__name__)
 
-MODEL_KEYS = ("depth", "width", "gate", "lora_rank")
 # How the runs of one sweep folder may differ: by their grid values, by their arm (--grokfast, --baseline and the
 # optimizer make the arms), and in what a resumed run may change (its length, the bookkeeping, the device). Every
 # other setting belongs to the sweep, and all its workers must agree on it.
 PER_RUN = frozenset(GRID_KEYS) | {"grokfast", "optimizer"} | MAY_CHANGE_ON_RESUME
-# The settings of one optimizer alone, unset (None) with the others: recorded once a worker with it sets them.
-OPTIMIZER_OWN = ("muon_lr", "muon_momentum")
+# A varying setting's part of a run's folder name: `lr0.003`, `d4`; others by their name (`batch_size8`).
+SHORT_NAMES = {"depth": "d", "width": "w", "gate": "gate-", "lora_rank": "r", "lr": "lr", "weight_decay": "wd",
+               "warmup_steps": "warmup", "batch_size": "b", "seq_len": "seq", "muon_lr": "mlr",
+               "muon_momentum": "mmom", "grok_kappa": "kappa", "grok_gamma": "gamma", "filter_dtype": "fd-",
+               "lora_alpha": "la", "dataset": "", "tokenizer": "tok-"}
 
 
 def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool, baseline: bool) -> list[RunConfig]:
     """Every grid point as a config, seeds outermost so an unfinished sweep still holds complete paired sets.
 
-    `grid` maps field names to lists of values (missing keys keep the base value). A filtered run is one with
-    `grokfast` (EMA points: alpha × gain; MA points: window × gain) or with GrokAdamW (alpha × gain);
-    `baseline` adds the unfiltered AdamW run for every seed. With neither filter, only that run exists.
+    `grid` maps field names to lists of values (missing keys keep the base value); every list is crossed with the
+    others. At each point, a filtered run is one with `grokfast` (its filter's points: the product of the settings
+    it shows, e.g. alpha × gain for EMA) or with an optimizer that filters (GrokAdamW: alpha × gain); `baseline`
+    adds the point's plain counterpart (`components`: Muon's for a Muon point, at the point's lr...). With
+    neither filter, only that run exists. A setting one optimizer alone owns (Muon's) is dropped from the points
+    of the others, and a point met twice is kept once.
     """
     values = lambda key: list(grid.get(key) or [getattr(base, key)])  # noqa: E731
-    filtered = grokfast or base.kind == "grokadamw"
-    points: list[dict[str, Any]] = []
-    for name in values("filter") if filtered else []:
-        kind = RunConfig.kind_of({"grokfast": True, "optimizer": base.optimizer, "filter": name})
-        varying = ("window", "gain") if kind == "ma" else ("alpha", "gain")
-        for combo in itertools.product(*(values(k) for k in varying)):
-            point = {"filter": name, **dict(zip(varying, combo))}
-            if point not in points:
-                points.append(point)
-    configs = []
+    crossed = [key for key in GRID_KEYS if key != "seed" and key not in components.arm_settings() - {"optimizer"}]
+    configs: list[RunConfig] = []
     for seed in values("seed"):
-        for model_point in itertools.product(*(values(k) for k in MODEL_KEYS)):
-            model = dict(zip(MODEL_KEYS, model_point))
-            if baseline or not filtered:
-                # GrokAdamW's unfiltered counterpart is AdamW; Muon's is Muon.
-                plain = "muon" if base.optimizer == "muon" else "adamw"
-                configs.append(base.replace(seed=seed, grokfast=False, optimizer=plain, **model))
-            configs += [base.replace(seed=seed, **model, **point) for point in points]
+        for combo in itertools.product(*(values(k) for k in crossed)):
+            changes = dict(zip(crossed, combo))
+            owned = components.optimizer_of(changes).defaults
+            point = base.replace(seed=seed, **{k: v for k, v in changes.items()
+                                               if k in owned or k not in components.owned_settings()})
+            arms = [point.replace(**components.plain_counterpart(vars(point)))] if baseline or not (
+                grokfast or components.optimizer_of(vars(point)).filters) else []
+            arms += [point.replace(**changes) for changes in _filter_points(point, values, grokfast)]
+            configs += [cfg for cfg in arms if cfg not in configs]
     return configs
+
+
+def _filter_points(point: RunConfig, values: Callable[[str], list[Any]], grokfast: bool) -> list[dict[str, Any]]:
+    """The filtered runs at one grid point: each filter of the grid crossed with the settings it shows."""
+    optimizer = components.optimizer_of(vars(point))
+    points: list[dict[str, Any]] = []
+    for name in values("filter") if grokfast or optimizer.filters else []:
+        shown = [key for key, _, _ in (optimizer if optimizer.filters else components.FILTERS[name]).shown]
+        for combo in itertools.product(*(values(k) for k in shown)):
+            changes = {"filter": name, **dict(zip(shown, combo))}
+            if changes not in points:
+                points.append(changes)
+    return points
+
+
+def varying(grid: dict[str, Sequence[Any]]) -> list[str]:
+    """The settings the run folders of a sweep over `grid` must name besides what the components name: those
+    with more than one value, but the seed."""
+    arm = components.arm_settings()
+    return [key for key in GRID_KEYS if key != "seed" and key not in arm and len(set(grid.get(key) or [])) > 1]
 
 
 def run_folder_name(cfg: RunConfig, vary: Sequence[str] = ()) -> str:
     """The run's folder in the sweep, named for what the run is: `baseline-s0`, `ema-a0.9-g0.1-s0`,
-    `ma-w100-g5-d4-s1`, `grokadamw-a0.98-g2-s0` (`vary`: the model settings the grid varies)."""
-    kind = cfg.kind
-    if kind == "baseline":
-        parts = [kind]
-    elif kind == "ma":
-        parts = [f"ma-w{cfg.window}-g{cfg.gain:g}"]
-    else:  # ema, grokadamw
-        parts = [f"{kind}-a{cfg.alpha:g}-g{cfg.gain:g}"]
-    if cfg.optimizer == "muon":  # `muon-s0`, `muon-ema-a0.9-g0.1-s0`
-        parts = ["muon"] + (parts if cfg.grokfast else [])
-    short = {"depth": "d", "width": "w", "gate": "gate-", "lora_rank": "r"}
-    parts += [f"{short[k]}{getattr(cfg, k)}" for k in MODEL_KEYS if k in vary]
+    `ma-w100-g5-d4-s1`, `grokadamw-a0.98-g2-s0`, `muon-ema-a0.9-g0.1-lr0.003-s0` (`vary`: the other settings the
+    grid varies, `varying`; one a run does not have, as Muon's lr in an AdamW run, is left out)."""
+    parts = [components.folder_part(vars(cfg))]  # `muon-s0`, `muon-ema-a0.9-g0.1-s0`
+    for key in GRID_KEYS:
+        value = getattr(cfg, key)
+        if key in vary and value is not None:
+            parts.append(f"{SHORT_NAMES.get(key, key)}{value:g}" if isinstance(value, float)
+                         else f"{SHORT_NAMES.get(key, key)}{value}")
     parts.append(f"s{cfg.seed}")
     return "-".join(parts)
 
@@ -93,8 +108,9 @@ def sweep_settings(configs: Sequence[RunConfig]) -> dict[str, Any]:
     if not configs:
         return {}
     first = configs[0].to_dict()
+    own = components.owned_settings()
     return {key: value for key, value in first.items()
-            if key not in PER_RUN and not (key in OPTIMIZER_OWN and value is None)
+            if key not in PER_RUN and not (key in own and value is None)
             and all(getattr(cfg, key) == value for cfg in configs)}
 
 

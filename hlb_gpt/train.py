@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import hlb_gpt
-from hlb_gpt import distributed, footprint
+from hlb_gpt import components, distributed, footprint
 from hlb_gpt.checkpoint import (CheckpointError, CorruptCheckpoint, FileStamp, checkpoint_dir, list_checkpoints,
                                 load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from hlb_gpt.compiling import (FallbackCompiled, Lap, check_compile_support, compile_record, fresh_start,
@@ -36,9 +36,8 @@ from hlb_gpt.compiling import (FallbackCompiled, Lap, check_compile_support, com
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
                             resolve_device, resolve_precision, synchronize)
-from hlb_gpt.grokfast import EMAFilter, GradFilter, MAFilter, NoFilter
+from hlb_gpt.grokfast import GradFilter, NoFilter
 from hlb_gpt.locks import RunLock
-from hlb_gpt.optim import GrokAdamW
 from hlb_gpt.records import RecordWriteError, RunWriter
 from hlb_gpt.tasks import Batch
 from hlb_gpt.tasks.lm import LanguageModel
@@ -166,9 +165,7 @@ def build_filter(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]], c
     if not cfg.grokfast:
         return NoFilter()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "param": None}[cfg.filter_dtype]
-    if cfg.filter == "ema":
-        return EMAFilter(named_params, alpha=cfg.alpha, gain=cfg.gain, dtype=dtype, compile=compile)
-    return MAFilter(named_params, window=cfg.window, gain=cfg.gain, dtype=dtype, compile=compile)
+    return components.filter_of(vars(cfg)).build(cfg, named_params, dtype, compile)
 
 
 def count_params(cfg: RunConfig) -> int:
@@ -608,6 +605,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
     optimizer, scheduler = task.build_optimizer(named_params)
+    on_evaluation = components.optimizer_of(vars(cfg)).on_evaluation
     grad_filter = build_filter(cfg, named_params, compile=compile_model)
     parts = Resumable(cfg, run_dir, model, optimizer, scheduler, grad_filter, task)
     loop, metrics, checkpoint = parts.start(resume)
@@ -671,8 +669,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         if writer:
             writer.append_metrics(row)
         tracker.log(row)
-        if isinstance(optimizer, GrokAdamW) and result is not None:  # it reads the gap between val and train loss
-            optimizer.set_grokking_signal(train_loss, distributed.gather_floats(val, ddp, device)[0])
+        if on_evaluation is not None and result is not None:  # GrokAdamW reads the gap between val and train loss
+            on_evaluation(optimizer, train_loss, distributed.gather_floats(val, ddp, device)[0])
         if distributed.broadcast_flag(not math.isfinite(val), ddp, device):  # rank 0 decides for all ranks
             raise Diverged(f"validation loss is not finite at step {loop.step}")
         reason = task.should_stop(row) if ddp.is_main else None

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from hlb_gpt.config import GRID_KEYS, PRESETS, Cadence, ConfigError, RunConfig, check_resumable
+from hlb_gpt.config import BOOKKEEPING, GRID_KEYS, PRESETS, Cadence, ConfigError, RunConfig, check_resumable
 
 
 def test_preset_fills_every_unset_model_and_batch_setting():
@@ -112,8 +112,12 @@ def test_every_setting_carries_the_help_of_its_flag():
     assert not undocumented
 
 
-def test_the_grid_settings_are_the_model_filter_seed_and_lora_rank_lists():
-    assert set(GRID_KEYS) == {"depth", "width", "gate", "filter", "alpha", "gain", "window", "seed", "lora_rank"}
+def test_every_scalar_experiment_setting_is_a_grid_but_the_length_and_the_bookkeeping():
+    assert set(GRID_KEYS) == {"dataset", "tokenizer", "depth", "width", "gate", "seq_len", "batch_size", "optimizer",
+                              "lr", "weight_decay", "warmup_steps", "clip", "grok_kappa", "grok_gamma", "muon_lr",
+                              "muon_momentum", "filter", "alpha", "gain", "window", "filter_dtype", "seed",
+                              "lora_rank", "lora_alpha"}
+    assert not set(GRID_KEYS) & (BOOKKEEPING | {"epochs", "max_steps"})
 
 
 @pytest.mark.parametrize("settings, kind", [

@@ -15,7 +15,7 @@ from hlb_gpt.compare.loading import run_label, run_rows
 from hlb_gpt.compare.statistics import (COLUMN_OWNERS, Column, Metric, PairedTest, Series, Span, describe,
                                         lacks_column, paired_test, parse_choices, per_seed, run_series,
                                         run_statistic, span_values, steps_to_target)
-from hlb_gpt.config import RunConfig
+from hlb_gpt import components
 from hlb_gpt.records import Run
 from hlb_gpt.resample import epoch_grid, resample_curve
 
@@ -124,7 +124,8 @@ def compare(runs: Sequence[Run], metric: Metric | str, span: Span | str, column:
                 notes.append(f"{g.label}: no baseline with its data, device and precision ({'; '.join(elsewhere)}): "
                              "not paired")
             else:
-                missing.setdefault("Muon" if g.config.get("optimizer") == "muon" else "AdamW", []).append(g.label)
+                plain = components.OPTIMIZERS[components.plain_counterpart(g.config)["optimizer"]]
+                missing.setdefault(plain.title or plain.name, []).append(g.label)
         elif not g.is_baseline:
             g.test = paired_test(per_seed(g.seeds, g.values), per_seed(base.seeds, base.values))
         _costs(g, base)
@@ -194,7 +195,7 @@ def _mean_of(runs: list[Run], *keys: str) -> float | None:
 def _costs(g: Group, base: Group | None) -> None:
     """Filter state (MB, % of the baseline's peak) and step-time overhead, from the runs' summaries."""
     filter_bytes = _mean_of(g.runs, "memory", "filter_bytes")
-    if RunConfig.kind_of(g.config) == "grokadamw":  # its EMA sits in the optimizer state, not in a filter
+    if components.optimizer_of(g.config).filters:  # its EMA sits in the optimizer state, not in a filter
         own = _mean_of(g.runs, "memory", "optimizer_bytes")
         ref = _mean_of(base.runs, "memory", "optimizer_bytes") if base else None
         filter_bytes = None if own is None or ref is None else (filter_bytes or 0.0) + own - ref

@@ -1,9 +1,10 @@
 """Which runs are one configuration, which configuration is a run's baseline, and how configurations are labelled.
 
 A configuration is every recorded setting but the seed, the versions and the bookkeeping, without the settings
-the run's kind (`RunConfig.kind`) does not use, with its environment (data sha256, device, precision, compile,
-world size) as the run really had it. Its baseline is the unfiltered AdamW (for Muon runs, Muon) configuration equal in all else,
-environment included (docs/DESIGN.md, section 11).
+the run's components (`hlb_gpt.components`) do not read, with its environment (data sha256, device, precision,
+compile, world size) as the run really had it. Its baseline is its optimizer's plain counterpart, unfiltered
+(AdamW for AdamW and GrokAdamW runs, Muon for Muon runs), equal in all else, environment included
+(docs/DESIGN.md, section 11).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Any, Sequence
 
+from hlb_gpt import components
 from hlb_gpt.config import BOOKKEEPING, RunConfig
 
 # Never part of a configuration: the seed pairs runs, versions differ between machines, and the bookkeeping
@@ -23,17 +25,6 @@ ENVIRONMENT_KEYS = ("data", "device", "precision", "compile", "world_size")
 # The recorded fields the environment is read from; the key holds the resolved values instead.
 _ENVIRONMENT_SOURCES = frozenset({"text_sha256", "dataset", "data_dir", "device", "resolved_device", "precision",
                                   "resolved_precision", "compile", "world_size"})
-FILTER_SETTINGS = ("filter", "alpha", "gain", "window", "filter_dtype", "grok_kappa", "grok_gamma")
-MUON_SETTINGS = frozenset({"muon_lr", "muon_momentum"})  # used by --optimizer muon alone
-# Settings the short label already says (or that decide which label is used).
-IDENTITY_KEYS = frozenset({"grokfast", "optimizer", "filter", "alpha", "gain", "window"})
-# Settings each kind of run does not use, beyond the irrelevant ones.
-_UNUSED = {
-    "baseline": frozenset(FILTER_SETTINGS),
-    "ema": frozenset({"grok_kappa", "grok_gamma", "window"}),
-    "ma": frozenset({"grok_kappa", "grok_gamma", "alpha"}),
-    "grokadamw": frozenset({"filter", "window", "filter_dtype"}),  # GrokAdamW filters with its own EMA in param dtype
-}
 
 Key = tuple[tuple[str, Any], ...]
 
@@ -52,20 +43,16 @@ def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
     """The config without irrelevant keys and without settings this kind of run does not use, with its
     environment (`ENVIRONMENT_KEYS`) as the run had it."""
     cfg = {**_DEFAULTS, **config}  # runs recorded before a setting existed ran with its default
-    drop = set(IRRELEVANT_KEYS) | _ENVIRONMENT_SOURCES | _UNUSED[RunConfig.kind_of(cfg)]
-    if cfg.get("optimizer") != "muon":
-        drop |= MUON_SETTINGS
+    drop = set(IRRELEVANT_KEYS) | _ENVIRONMENT_SOURCES | components.unused_settings(cfg)
     if isinstance(cfg.get("text_sha256"), dict):
         drop.add("train_tokens")  # the text and the tokenizer decide it
     return {**{k: v for k, v in cfg.items() if k not in drop}, **environment(cfg)}
 
 
 def baseline_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The normalised config of the unfiltered configuration equal to `config` in every other setting: AdamW's,
-    or Muon's for a Muon run (the filter's effect is measured on the optimizer it feeds; GrokAdamW is AdamW with
-    a filter inside)."""
-    optimizer = "muon" if config.get("optimizer") == "muon" else "adamw"
-    return normalise_config({**config, "grokfast": False, "optimizer": optimizer})
+    """The normalised config of the unfiltered configuration equal to `config` in every other setting, on its
+    optimizer's plain counterpart (the filter's effect is measured on the optimizer it feeds)."""
+    return normalise_config({**config, **components.plain_counterpart(config)})
 
 
 def environment(config: dict[str, Any]) -> dict[str, Any]:
@@ -143,21 +130,17 @@ def environment_difference(a: dict[str, Any], b: dict[str, Any], sources: dict[s
 def short_label(config: dict[str, Any], gain: bool = True) -> str:
     """`baseline`, `ema α0.9 g0.1`, `ma w100 g5` or `grokadamw α0.98 g2` (without ` g…` if not `gain`); Muon
     runs start with `muon` (`muon baseline`, `muon ema α0.9 g0.1`)."""
-    kind = RunConfig.kind_of(config)
-    optimizer = "muon " if config.get("optimizer") == "muon" else ""
-    if kind == "baseline":
-        return optimizer + kind
-    label = f"ma w{config.get('window')}" if kind == "ma" else f"{kind} α{config.get('alpha'):g}"
-    return optimizer + (f"{label} g{config.get('gain'):g}" if gain else label)
+    return components.label({**_DEFAULTS, **config}, gain)
 
 
 def labels(configs: dict[Key, dict[str, Any]]) -> dict[Key, tuple[str, str]]:
     """(label, other settings) per normalised config: the short label plus every other setting that differs
     between the configurations."""
     values: dict[str, set] = {}
+    identity = components.identity_settings()
     for cfg in configs.values():
         for k, v in cfg.items():
-            if k not in IDENTITY_KEYS:
+            if k not in identity:
                 values.setdefault(k, set()).add(hashable(v))
     varying = sorted(k for k, vs in values.items() if len(vs) > 1)
     out, used = {}, set()

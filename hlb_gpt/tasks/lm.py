@@ -17,13 +17,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from hlb_gpt import distributed
+from hlb_gpt import components, distributed
 from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
 from hlb_gpt.device import attention_for, resolve_precision
 from hlb_gpt.finetune import count_trainable, load_base, prepare_model
 from hlb_gpt.model import GPT, GPTConfig, pad_vocab
-from hlb_gpt.optim import make_muon, make_optimizer, make_scheduler, param_groups
+from hlb_gpt.optim import make_scheduler, param_groups
 from hlb_gpt.records import read_run
 from hlb_gpt.tasks import Batch
 
@@ -88,13 +88,7 @@ def build_optimizer(cfg: RunConfig, named_params: list[tuple[str, nn.Parameter]]
                     compile: bool = False):
     """The optimizer over the model's parameter groups (decayed matrices, the rest), and its lr schedule."""
     groups = param_groups(named_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    grok = {}
-    if cfg.optimizer == "grokadamw":
-        grok = dict(alpha_init=cfg.alpha, lamb=cfg.gain, gamma=cfg.grok_gamma, kappa=cfg.grok_kappa)
-    if cfg.optimizer == "muon":  # Muon for the block matrices, AdamW for the rest
-        optimizer = make_muon(groups, cfg.muon_lr, cfg.muon_momentum, device_type=device.type)
-    else:
-        optimizer = make_optimizer(groups, kind=cfg.optimizer, device_type=device.type, compile=compile, **grok)
+    optimizer = components.optimizer_of(vars(cfg)).build(cfg, groups, device.type, compile)
     return optimizer, make_scheduler(optimizer, warmup_steps=cfg.warmup_steps)
 
 
@@ -116,8 +110,7 @@ def attention(cfg: RunConfig, device: torch.device, compile: bool) -> str:
 
 def check_optimizer(cfg: RunConfig) -> None:
     """Refuse an optimizer this torch does not have (ConfigError, one line)."""
-    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+    components.optimizer_of(vars(cfg)).available()
 
 
 @functools.lru_cache(maxsize=None)
