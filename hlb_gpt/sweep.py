@@ -31,10 +31,11 @@ from hlb_gpt.status import write_manifest
 
 logger = logging.getLogger(__name__)
 
-# How the runs of one sweep folder may differ: by their grid values, by their arm (--grokfast, --baseline and the
-# optimizer make the arms), and in what a resumed run may change (its length, the bookkeeping, the device). Every
-# other setting belongs to the sweep, and all its workers must agree on it.
-PER_RUN = frozenset(GRID_KEYS) | {"grokfast", "optimizer"} | MAY_CHANGE_ON_RESUME
+# How the runs of one sweep folder may differ: by what their folder names name (the seed, their arm: --grokfast,
+# --baseline, the optimizer and filter with what they show; and the settings the grid varies), and in what a
+# resumed run may change (its length, the bookkeeping, the device). Every other setting belongs to the sweep, and
+# all its workers must agree on it: two runs that differ in a setting their folder does not name would share it.
+PER_RUN = frozenset({"seed", "grokfast"}) | MAY_CHANGE_ON_RESUME
 # A varying setting's part of a run's folder name: `lr0.003`, `d4`; others by their name (`batch_size8`).
 SHORT_NAMES = {"depth": "d", "width": "w", "gate": "gate-", "lora_rank": "r", "lr": "lr", "weight_decay": "wd",
                "warmup_steps": "warmup", "batch_size": "b", "seq_len": "seq", "muon_lr": "mlr",
@@ -102,15 +103,15 @@ def run_folder_name(cfg: RunConfig, vary: Sequence[str] = ()) -> str:
     return "-".join(parts)
 
 
-def sweep_settings(configs: Sequence[RunConfig]) -> dict[str, Any]:
-    """The settings every run of `configs` shares: those its manifest records, and any other worker of the
-    sweep must share."""
+def sweep_settings(configs: Sequence[RunConfig], vary: Sequence[str] = ()) -> dict[str, Any]:
+    """The settings every run of `configs` shares and no folder name says (`vary`: the settings the grid varies,
+    which the names do say): those its manifest records, and any other worker of the sweep must share."""
     if not configs:
         return {}
     first = configs[0].to_dict()
-    own = components.owned_settings()
+    own, named = components.owned_settings(), PER_RUN | components.arm_settings() | set(vary)
     return {key: value for key, value in first.items()
-            if key not in PER_RUN and not (key in own and value is None)
+            if key not in named and not (key in own and value is None)
             and all(getattr(cfg, key) == value for cfg in configs)}
 
 
@@ -149,7 +150,7 @@ def run_sweep(configs: list[RunConfig], out: Path, vary: Sequence[str] = (),
 
     def prepare() -> dict[str, str]:
         unreadable = check_folders(configs, out, vary)
-        write_manifest(out, names, sweep_settings(configs))
+        write_manifest(out, names, sweep_settings(configs, vary))
         return unreadable
 
     unreadable = distributed.on_rank0(prepare, ddp)

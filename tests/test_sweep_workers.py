@@ -155,7 +155,12 @@ def test_workers_on_one_sweep_may_differ_in_grid_values_arms_length_and_bookkeep
     ]
     for configs in more:
         assert {r.status for r in run_sweep(configs, tmp_path, train_fn=train, progress=False)} == {"completed"}
-    assert len(json.loads((tmp_path / "sweep.json").read_text())["runs"]) == 11
+    # An lr grid names lr in its folders, so its runs cannot be mistaken for the single-lr runs beside them.
+    lrs = expand_grid(BASE, {"seed": [0], "lr": [0.001, 0.003]}, grokfast=False, baseline=True)
+    done = run_sweep(lrs, tmp_path, vary=["lr"], train_fn=train, progress=False)
+    assert [(r.name, r.status) for r in done] == [("baseline-lr0.001-s0", "completed"),
+                                                  ("baseline-lr0.003-s0", "completed")]
+    assert len(json.loads((tmp_path / "sweep.json").read_text())["runs"]) == 13
     with pytest.raises(ConfigError, match=r"--muon-lr: 0\.01 vs 0\.02"):  # the muon arm's own settings agree, too
         run_sweep([BASE.replace(optimizer="muon", muon_lr=0.01, seed=5)], tmp_path, train_fn=train, progress=False)
 
