@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hlb_gpt.config import RunConfig
-from hlb_gpt.model import GPT, GPTConfig, pad_vocab
+from hlb_gpt.model import GPT, gpt_config
 from hlb_gpt.optim import GrokAdamW, param_groups
 
 # Reads + writes of parameter-sized tensors per step, per element.
@@ -43,7 +43,7 @@ PASSES = {
 
 def hlb_parameters(blocks_only: bool) -> list[tuple[str, nn.Parameter]]:
     cfg = RunConfig(preset="hlb")
-    model = GPT(GPTConfig(vocab_size=pad_vocab(50257), depth=cfg.depth, width=cfg.width, max_seq_len=cfg.seq_len))
+    model = GPT(gpt_config(cfg))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [(n, p) for n, p in named if n.startswith("blocks.")] if blocks_only else named
 

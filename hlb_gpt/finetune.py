@@ -363,12 +363,10 @@ def load_base(model: nn.Module, cfg: RunConfig, sweep_dir: Path) -> Base:
 def count_trainable(cfg: RunConfig) -> int:
     """The parameters a run of `cfg` trains, from its model built on the meta device (no memory, no weights
     read): all of them, unless --lora-rank or --train-only freezes some."""
-    from hlb_gpt.data import get_tokenizer
-    from hlb_gpt.model import GPT, GPTConfig, pad_vocab
+    from hlb_gpt.model import GPT, gpt_config
 
     with torch.device("meta"):
-        model = GPT(GPTConfig(vocab_size=pad_vocab(get_tokenizer(cfg.tokenizer).n_vocab), depth=cfg.depth,
-                              width=cfg.width, max_seq_len=cfg.seq_len, gate=cfg.gate))
+        model = GPT(gpt_config(cfg))
         train_only = parse_names(cfg.train_only)
         if cfg.lora_rank:
             return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, parse_names(cfg.lora_targets), train_only)
