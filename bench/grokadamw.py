@@ -38,6 +38,9 @@ PASSES = {
     "GrokAdamW foreach": 36,
     # one fused pass: reads p, g, mu, m, v; writes p, mu, m, v
     "GrokAdamW compiled": 9,
+    # optim._fused_update run eagerly, one op at a time: mu (7), g_hat (5), m (7), v (10), denominator (8),
+    # p (8), the four skip selections (12), the four copies back (8)
+    "GrokAdamW per-tensor": 65,
 }
 
 
@@ -59,7 +62,8 @@ def make_method(name: str, named: list[tuple[str, nn.Parameter]], grads: list[to
     elif name == "AdamW foreach":
         opt = torch.optim.AdamW(groups, foreach=True)
     else:
-        opt = GrokAdamW(groups, alpha_init=0.98, lamb=2.0, compile=name.endswith("compiled"))
+        opt = GrokAdamW(groups, alpha_init=0.98, lamb=2.0, compile=name.endswith("compiled"),
+                        foreach=not name.endswith("per-tensor"))
     if name != "AdamW foreach":  # the trainer sets it for every optimizer that skips on the device
         opt.found_inf = torch.zeros(())
 
