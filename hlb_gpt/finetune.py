@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from hlb_gpt.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from hlb_gpt.config import LORA_TARGETS, TRAIN_ONLY, ConfigError, RunConfig
-from hlb_gpt.records import temporary_name
+from hlb_gpt.durable import write_durably
 
 logger = logging.getLogger(__name__)
 
@@ -244,20 +243,12 @@ def pin_base(sweep_dir: Path | str, init_from: Path | str) -> Base:
     if not path.exists():
         base, config, state = resolve_base(init_from)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_name(path)
-        try:
-            with open(tmp, "xb") as f:
-                torch.save({"base": dataclasses.asdict(base), "config": config, "model": state}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another worker pinned first: its base is the sweep's
+        pin = {"base": dataclasses.asdict(base), "config": config, "model": state}
+        try:  # if another worker pinned first (False), its base is the sweep's
+            write_durably(path, lambda f: torch.save(pin, f), how="create")
         except OSError as exc:  # a full disk: no run starts from a base it could not keep
             raise ConfigError(f"--init-from {init_from}: cannot pin the base in {path} "
                               f"({exc.strerror or exc})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
     pinned = read_pinned(path)[0]
     if pinned.run != wanted:
         raise ConfigError(f"--init-from {init_from}: the fine-tunes in {sweep_dir} start from {pinned.run} "
