@@ -38,10 +38,9 @@ import torch
 
 from hlb_gpt.attention_check import compare_attention
 from hlb_gpt.config import RunConfig
-from hlb_gpt.data import get_tokenizer
 from hlb_gpt.device import resolve_device, synchronize
 from hlb_gpt.flops import flops_per_token, mfu, peak_flops
-from hlb_gpt.model import Block, GPTConfig, pad_vocab
+from hlb_gpt.model import Block, GPTConfig, gpt_config
 from hlb_gpt.sweep import run_folder_name
 from hlb_gpt.tasks.lm import BatchSchedule
 from hlb_gpt.train import train
@@ -115,8 +114,7 @@ def check_default_run(plan: Plan) -> Row:
     if step_s:
         tokens_per_s = cfg.batch_size * cfg.seq_len / step_s  # every step has the same tokens (section 7)
         numbers.update({"step ms": f"{1e3 * step_s:.1f}", "tokens/s": f"{tokens_per_s:,.0f}"})
-        model = GPTConfig(vocab_size=pad_vocab(get_tokenizer(cfg.tokenizer).n_vocab), depth=cfg.depth,
-                          width=cfg.width, max_seq_len=cfg.seq_len, gate=cfg.gate)
+        model = gpt_config(cfg)
         util = mfu(tokens_per_s, mean_flops_per_token(cfg, model, summary["steps"]), peak_flops(plan.device))
         numbers["MFU"] = "-" if util is None else f"{100 * util:.1f}%"
     else:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hlb_gpt.config import RunConfig
-from hlb_gpt.model import GPT, GPTConfig, pad_vocab
+from hlb_gpt.model import GPT, gpt_config
 from hlb_gpt.optim import GrokAdamW, param_groups
 
 # Reads + writes of parameter-sized tensors per step, per element.
@@ -38,12 +38,15 @@ PASSES = {
     "GrokAdamW foreach": 36,
     # one fused pass: reads p, g, mu, m, v; writes p, mu, m, v
     "GrokAdamW compiled": 9,
+    # optim._fused_update run eagerly, one op at a time: mu (7), g_hat (5), m (7), v (10), denominator (8),
+    # p (8), the four skip selections (12), the four copies back (8)
+    "GrokAdamW per-tensor": 65,
 }
 
 
 def hlb_parameters(blocks_only: bool) -> list[tuple[str, nn.Parameter]]:
     cfg = RunConfig(preset="hlb")
-    model = GPT(GPTConfig(vocab_size=pad_vocab(50257), depth=cfg.depth, width=cfg.width, max_seq_len=cfg.seq_len))
+    model = GPT(gpt_config(cfg))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [(n, p) for n, p in named if n.startswith("blocks.")] if blocks_only else named
 
@@ -59,7 +62,8 @@ def make_method(name: str, named: list[tuple[str, nn.Parameter]], grads: list[to
     elif name == "AdamW foreach":
         opt = torch.optim.AdamW(groups, foreach=True)
     else:
-        opt = GrokAdamW(groups, alpha_init=0.98, lamb=2.0, compile=name.endswith("compiled"))
+        opt = GrokAdamW(groups, alpha_init=0.98, lamb=2.0, compile=name.endswith("compiled"),
+                        foreach=not name.endswith("per-tensor"))
     if name != "AdamW foreach":  # the trainer sets it for every optimizer that skips on the device
         opt.found_inf = torch.zeros(())
 

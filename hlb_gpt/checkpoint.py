@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from hlb_gpt.records import temporary_name
+from hlb_gpt.durable import write_durably
 
 logger = logging.getLogger(__name__)
 
@@ -82,27 +82,21 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:09d}.pt"
-    tmp = temporary_name(path)
+
+    def write(f: BinaryIO) -> None:
+        out = _KeepWriteError(f)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is None:
+                raise  # not a failed write: a bug worth its traceback
+            raise out.error from None
+
     try:
-        with open(tmp, "xb") as f:
-            out = _KeepWriteError(f)
-            try:
-                torch.save(state, out)
-            except RuntimeError:
-                if out.error is None:
-                    raise  # not a failed write: a bug worth its traceback
-                raise out.error from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_durably(path, write)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         reason = "no space left on the device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
         raise CheckpointWriteError(error.errno, f"cannot write {path}: {reason}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -160,20 +154,6 @@ def _head(source: Path | BinaryIO) -> bytes:
     head = source.read(4)
     source.seek(at)
     return head
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------- RNG

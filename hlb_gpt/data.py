@@ -15,7 +15,6 @@ import logging
 import lzma
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hlb_gpt.config import DATASETS, TOKENIZERS
+from hlb_gpt.durable import write_durably
 
 logger = logging.getLogger(__name__)
 
@@ -366,36 +366,18 @@ def _write_cache(bin_path: Path, meta_path: Path, key: dict, ids: np.ndarray) ->
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    # A unique temporary name, so that several processes (DDP ranks) may build the same entry at once.
+    # Each writer has its own temporary name, so several processes (DDP ranks) may build the same entry at once;
+    # the file is created as any file its user writes (umask), so a cache shared by a group stays readable.
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_durably(path, lambda f: f.write(data))
     except OSError as error:
         raise _cache_unwritable(path, error) from None
-    try:
-        # mkstemp creates the file 0600; a cache shared by a group must be readable like any file its user writes.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise _cache_unwritable(path, error) from None
-        raise
 
 
 def _cache_unwritable(path: Path, error: OSError) -> DataUnavailable:
     reason = "no space left on the device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
     return DataUnavailable(f"cannot write the token cache {path} ({reason}); free space there or choose "
                            "another folder with --data-cache")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
-    os.umask(mask)
-    return mask
 
 
 # --------------------------------------------------------------------------------------------------------------

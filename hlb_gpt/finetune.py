@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from hlb_gpt.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from hlb_gpt.config import LORA_TARGETS, TRAIN_ONLY, ConfigError, RunConfig
-from hlb_gpt.records import temporary_name
+from hlb_gpt.durable import write_durably
 
 logger = logging.getLogger(__name__)
 
@@ -244,20 +243,12 @@ def pin_base(sweep_dir: Path | str, init_from: Path | str) -> Base:
     if not path.exists():
         base, config, state = resolve_base(init_from)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_name(path)
-        try:
-            with open(tmp, "xb") as f:
-                torch.save({"base": dataclasses.asdict(base), "config": config, "model": state}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another worker pinned first: its base is the sweep's
+        pin = {"base": dataclasses.asdict(base), "config": config, "model": state}
+        try:  # if another worker pinned first (False), its base is the sweep's
+            write_durably(path, lambda f: torch.save(pin, f), how="create")
         except OSError as exc:  # a full disk: no run starts from a base it could not keep
             raise ConfigError(f"--init-from {init_from}: cannot pin the base in {path} "
                               f"({exc.strerror or exc})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
     pinned = read_pinned(path)[0]
     if pinned.run != wanted:
         raise ConfigError(f"--init-from {init_from}: the fine-tunes in {sweep_dir} start from {pinned.run} "
@@ -363,12 +354,10 @@ def load_base(model: nn.Module, cfg: RunConfig, sweep_dir: Path) -> Base:
 def count_trainable(cfg: RunConfig) -> int:
     """The parameters a run of `cfg` trains, from its model built on the meta device (no memory, no weights
     read): all of them, unless --lora-rank or --train-only freezes some."""
-    from hlb_gpt.data import get_tokenizer
-    from hlb_gpt.model import GPT, GPTConfig, pad_vocab
+    from hlb_gpt.model import GPT, gpt_config
 
     with torch.device("meta"):
-        model = GPT(GPTConfig(vocab_size=pad_vocab(get_tokenizer(cfg.tokenizer).n_vocab), depth=cfg.depth,
-                              width=cfg.width, max_seq_len=cfg.seq_len, gate=cfg.gate))
+        model = GPT(gpt_config(cfg))
         train_only = parse_names(cfg.train_only)
         if cfg.lora_rank:
             return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, parse_names(cfg.lora_targets), train_only)

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hlb_gpt.records import atomic_write_json, temporary_name
+from hlb_gpt.durable import write_durably
+from hlb_gpt.records import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -263,27 +264,9 @@ def _create(path: Path, content: dict[str, object]) -> bool:
     unique temporary file and hard-linked into place, so the lock appears whole; where hard links are not
     supported, O_EXCL creates it and an unreadable lock counts as fresh (readers use its file's age)."""
     data = (json.dumps(content) + "\n").encode("utf-8")
-    tmp = temporary_name(path)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links on this filesystem
-            pass
-        try:
-            f = open(path, "xb")
-        except FileExistsError:
-            return False
-        with f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
+        return write_durably(path, lambda f: f.write(data), how="create")
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this filesystem
+        return write_durably(path, lambda f: f.write(data), how="create in place")

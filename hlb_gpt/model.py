@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-@dataclass
+@dataclass(frozen=True)  # hashable: parameter counts are cached per architecture
 class GPTConfig:
     vocab_size: int = 50304
     """Rows of the embedding and the head; pad with `pad_vocab` (the tokenizer's ids stay below it)."""
@@ -68,6 +69,18 @@ class GPTConfig:
             raise ValueError(f"--gate must be one of {', '.join(GATES)} (got {self.gate!r})")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)} (got {self.attention!r})")
+
+
+def gpt_config(settings: Any, attention: str = "sdpa") -> GPTConfig:
+    """The architecture a run of `settings` trains: from its RunConfig or its recorded config.json (a dict; runs
+    recorded before --gate have no gate). The one place settings become a GPTConfig, so the model a run trains,
+    counts, and `sample`/`export` read back are the same. The attention kernel is not a property of the weights
+    (sdpa and flex compute the same function), so only training asks for another than the portable sdpa."""
+    from hlb_gpt.data import get_tokenizer  # the model itself needs no data module, only this vocabulary size
+
+    get = settings.get if isinstance(settings, Mapping) else functools.partial(getattr, settings)
+    return GPTConfig(vocab_size=pad_vocab(get_tokenizer(get("tokenizer")).n_vocab), depth=get("depth"),
+                     width=get("width"), max_seq_len=get("seq_len"), gate=get("gate", "none"), attention=attention)
 
 
 def _causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:

@@ -474,10 +474,10 @@ class GrokAdamW(torch.optim.Optimizer):
     step) is not supported: unscale first.
 
     ``foreach=True`` (default) updates the tensors of each (device, dtype, layer) with ``torch._foreach_*``
-    ops; ``foreach=False`` is the single-tensor reference; for float32/float64 parameters they give
-    identical results. Steps live on the parameter's device (no sync to read them), so the bias-corrected
-    step size is a 0-dim tensor; with bfloat16/float16 *parameters* foreach kernels round tensor factors
-    (the step size always, the decay factors when ``found_inf`` is set) to the parameter dtype, as
+    ops, which on the CPU beat the one per-tensor update run eagerly (bench/grokadamw.py); ``foreach=False``
+    runs that per-tensor update (the body ``compile=True`` compiles) eagerly; the two agree to float rounding.
+    Steps live on the parameter's device (no sync to read them), so the bias-corrected step size is a 0-dim
+    tensor; with bfloat16/float16 *parameters* foreach kernels round tensor factors (the step size always, the decay factors when ``found_inf`` is set) to the parameter dtype, as
     torch's capturable AdamW does (0.9 becomes 0.8984 in bfloat16). Float32 master weights (autocast)
     are unaffected.
 
@@ -575,17 +575,14 @@ class GrokAdamW(torch.optim.Optimizer):
             buckets = self._step_compiled(buckets, skip)  # what is left: none, unless compiling failed
         for (index, device, dtype, layer), members in buckets.items():
             group = self.param_groups[index]
-            update = _foreach_update if group["foreach"] else _single_tensor_update
             states = [s for _, s in members]
-            update(
-                [p for p, _ in members],
-                [p.grad for p, _ in members],
-                [s["mu"] for s in states],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states],
-                _coefficients(group, layer, skip, device, dtype),
-            )
+            tensors = ([p for p, _ in members], [p.grad for p, _ in members], [s["mu"] for s in states],
+                       [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
+            if group["foreach"]:
+                _foreach_update(*tensors, _coefficients(group, layer, skip, device, dtype))
+            else:  # the compiled step's body, run eagerly
+                hyper = torch.tensor([_hyper_row(group, layer)], dtype=torch.promote_types(dtype, torch.float32))
+                _fused_update(*tensors, hyper.to(device, non_blocking=True), (0,) * len(members), skip.found(device))
         return loss
 
     def _buckets(self) -> dict[tuple[int, torch.device, torch.dtype, int], list[tuple[Tensor, dict]]]:
@@ -747,38 +744,8 @@ def _compiled_update() -> Callable[..., None]:
     return torch.compile(_fused_update, fullgraph=True, dynamic=False)
 
 
-# Both update functions run the same ops in the same order, so they agree bit for bit. On a skipped
-# step the gradient is replaced by zeros (inf * 0 would be nan), g_hat is zeroed, every decay factor
-# is 1, the step counter adds 0 and the step size is 0: nothing changes.
-
-
-def _single_tensor_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    mus: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    c: _Coefficients,
-) -> None:
-    for p, g, mu, m, v, step in zip(params, grads, mus, exp_avgs, exp_avg_sqs, steps):
-        if c.found is not None:
-            g = torch.where(c.found, 0.0, g)
-        mu.mul_(c.mu_decay).add_(g, alpha=c.mu_weight)
-        g_hat = g.add(mu, alpha=c.lamb)
-        if c.found is not None:
-            g_hat.mul_(c.keep)
-        p.mul_(c.param_decay)
-        m.mul_(c.m_decay).add_(g_hat, alpha=c.m_weight)
-        v.mul_(c.v_decay).addcmul_(g_hat, g_hat, value=c.v_weight)
-        step.add_(c.keep)
-        t = step.clamp_min(1.0)  # a skipped first step leaves t = 0, where 1 - beta**t = 0
-        neg_step_size = torch.expm1(t * c.log_beta1).reciprocal_().mul_(c.lr)  # -lr / (1 - beta1_l**t)
-        if c.found is not None:
-            neg_step_size.mul_(c.keep)
-        bias_correction2_sqrt = torch.expm1(t * c.log_beta2).neg_().sqrt_()
-        denom = v.sqrt().div_(bias_correction2_sqrt).add_(c.eps).div_(neg_step_size)
-        p.addcdiv_(m, denom)
+# On a skipped step the foreach update replaces the gradient by zeros (inf * 0 would be nan), zeroes g_hat,
+# makes every decay factor 1, adds 0 to the step counter and makes the step size 0: nothing changes.
 
 
 def _foreach_update(

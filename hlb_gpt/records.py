@@ -9,11 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from hlb_gpt.durable import write_durably
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -39,31 +39,17 @@ def _write_error(path: Path, error: OSError) -> RecordWriteError:
     return RecordWriteError(error.errno, f"cannot write {path}: {reason}")
 
 
-def temporary_name(path: Path) -> Path:
-    """A name beside `path` that no other writer uses (its PID and a random part), so that processes writing the
-    same file at once never write into each other's temporary file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: readers see the old or the new file.
-    A write that fails (a full disk) leaves the old file and no temporary one, and raises RecordWriteError."""
-    tmp = temporary_name(Path(path))
+    """Readers see the old or the new file (`durable.write_durably`). A write that fails (a full disk) leaves the
+    old file and no temporary one, and raises RecordWriteError."""
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise _write_error(path, error) from None
-        raise
+        write_durably(Path(path), lambda f: f.write(data))
+    except OSError as error:
+        raise _write_error(path, error) from None
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

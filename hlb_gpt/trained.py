@@ -16,7 +16,7 @@ from hlb_gpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoi
 from hlb_gpt.config import MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, flag
 from hlb_gpt.data import Tokenizer, get_tokenizer
 from hlb_gpt.finetune import merged_state_dict
-from hlb_gpt.model import GPT, GPTConfig, pad_vocab
+from hlb_gpt.model import GPT, gpt_config
 from hlb_gpt.records import CorruptRecord, Run, is_run_dir, read_run
 
 
@@ -30,13 +30,6 @@ class Trained:
     checkpoint: Path
     step: int | None  # the optimizer step the checkpoint was written at
     status: str | None  # the run's summary status; None if it has no summary (running or killed)
-
-
-def gpt_config(config: dict[str, Any], tokenizer: Tokenizer) -> GPTConfig:
-    """The architecture a run trained, from its config.json. The attention kernel is not part of it (sdpa and
-    flex compute the same function with the same weights), so the portable sdpa is chosen."""
-    return GPTConfig(vocab_size=pad_vocab(tokenizer.n_vocab), depth=config["depth"], width=config["width"],
-                     max_seq_len=config["seq_len"], gate=config.get("gate", "none"), attention="sdpa")
 
 
 def read_lm_run(run_dir: Path) -> Run:
@@ -77,7 +70,7 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None) -> Trained:
         raise ConfigError(f"{checkpoint} is not a training checkpoint (it has no model weights)")
     check_belongs(state.get("config"), config, checkpoint, run_dir)
     tokenizer = get_tokenizer(config["tokenizer"])
-    model = GPT(gpt_config(config, tokenizer))
+    model = GPT(gpt_config(config))
     try:
         model.load_state_dict(merged_state_dict(state["model"], config.get("lora_alpha", 0),
                                                 config.get("lora_rank", 0)))

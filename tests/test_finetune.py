@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from hlb_gpt import finetune
+from hlb_gpt import durable, finetune
 from hlb_gpt import train as train_module
 from hlb_gpt.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from hlb_gpt.config import ConfigError, RunConfig
@@ -405,11 +405,11 @@ def test_two_workers_pinning_one_sweep_at_once_agree_on_the_pin_written_first(pr
     real_link = os.link
 
     def another_worker_pins_first(src, dst):
-        monkeypatch.setattr(finetune.os, "link", real_link)
+        monkeypatch.setattr(durable.os, "link", real_link)
         base_moves_on(base)  # the other worker read the base after it moved on
         assert finetune.pin_base(tmp_path / "sweep", base).step == 41
         real_link(src, dst)
 
-    monkeypatch.setattr(finetune.os, "link", another_worker_pins_first)
+    monkeypatch.setattr(durable.os, "link", another_worker_pins_first)  # the pin is created by a hard link
     assert finetune.pin_base(tmp_path / "sweep", base).step == 41
     assert [p.name for p in (tmp_path / "sweep").iterdir()] == [finetune.PINNED]  # no temporary file left

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -286,3 +287,77 @@ def test_the_chunked_loss_holds_less_than_one_float32_copy_of_bf16_logits():
 
     assert extra(lambda: torch.nn.functional.cross_entropy(logits.float(), targets)) > 1.5 * copy
     assert extra(lambda: chunked_cross_entropy(logits, targets)) < 0.75 * copy
+
+
+# ------------------------------------------------------------------------------------------ the one model builder
+
+
+@pytest.fixture
+def narrow_builder(monkeypatch):
+    """Every binding of `model.gpt_config` in the package replaced by one that builds a narrower MLP (expand 1)
+    and records the settings it was given: a path that builds its own GPTConfig misses the change."""
+    import sys
+
+    import hlb_gpt.finetune, hlb_gpt.tasks.lm, hlb_gpt.train, hlb_gpt.trained  # noqa: E401, F401 (bind them all)
+    from hlb_gpt import model
+
+    original, seen = model.gpt_config, []
+
+    def narrow(settings, attention="sdpa"):
+        seen.append(settings)
+        return dataclasses.replace(original(settings, attention), expand=1)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("hlb_gpt") and getattr(module, "gpt_config", None) is original:
+            monkeypatch.setattr(module, "gpt_config", narrow)
+    return seen
+
+
+SETTINGS = [dict(tokenizer="bytes"), dict(tokenizer="gpt2"), dict(tokenizer="bytes", gate="relu"),
+            dict(tokenizer="gpt2", gate="sigmoid", lora_rank=2, lora_targets="in,out,gate"),
+            dict(tokenizer="bytes", train_only="head,norms")]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_counting_and_building_a_model_go_through_gpt_config(narrow_builder, tmp_path, settings):
+    from hlb_gpt.config import RunConfig
+    from hlb_gpt.distributed import Dist
+    from hlb_gpt.finetune import count_trainable
+    from hlb_gpt.model import gpt_config
+    from hlb_gpt.tasks.lm import LanguageModel
+    from hlb_gpt.train import count_params
+
+    cfg = RunConfig(dataset="mini", preset="tiny", depth=1, width=16, seq_len=32, device="cpu",
+                    data_cache=str(tmp_path), **settings)
+    narrow = dataclasses.replace(gpt_config(cfg), expand=1)  # the unpatched builder, as this module bound it
+    with torch.device("meta"):
+        plain = GPT(narrow).num_params()
+    fine_tunes = bool(cfg.lora_rank or cfg.train_only)
+    assert count_params(cfg) == (count_trainable(cfg) if fine_tunes else plain)
+    assert count_trainable(cfg) < plain if fine_tunes else count_trainable(cfg) == plain
+    assert narrow_builder and all(s is cfg for s in narrow_builder)
+    task = LanguageModel(cfg, torch.device("cpu"), Dist(), False)
+    assert task.build_model().config == narrow
+    assert LanguageModel.vocab_size(cfg) == narrow.vocab_size
+
+
+def test_a_recorded_config_and_its_run_config_give_the_same_architecture():
+    from hlb_gpt.config import RunConfig
+    from hlb_gpt.model import gpt_config
+
+    cfg = RunConfig(preset="tiny", tokenizer="bytes", gate="relu")
+    assert gpt_config(cfg.to_dict()) == gpt_config(cfg)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "gate"}  # recorded before --gate existed
+    assert gpt_config(old) == gpt_config(cfg.replace(gate="none"))
+    assert gpt_config(cfg, "flex").attention == "flex" and gpt_config(cfg).attention == "sdpa"
+
+
+@pytest.mark.slow
+def test_sample_and_export_read_a_run_back_with_the_builder_it_trained_with(narrow_builder, tmp_path):
+    from hlb_gpt.trained import load_trained
+    from tiny_runs import train_tiny
+
+    run = train_tiny(tmp_path / "run", tmp_path / "cache", gate="sigmoid")
+    trained = load_trained(run)  # weights of the expand-1 model fit only the architecture the builder gives
+    assert trained.model.config.expand == 1 and trained.model.config.gate == "sigmoid"
+    assert any(isinstance(s, dict) for s in narrow_builder)  # the recorded config.json went through it

@@ -22,7 +22,7 @@ from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
 from hlb_gpt.device import attention_for, resolve_precision
 from hlb_gpt.finetune import count_trainable, load_base, prepare_model
-from hlb_gpt.model import GPT, GPTConfig, pad_vocab
+from hlb_gpt.model import GPT, GPTConfig, gpt_config
 from hlb_gpt.optim import make_scheduler, param_groups
 from hlb_gpt.records import read_run
 from hlb_gpt.tasks import Batch
@@ -114,10 +114,9 @@ def check_optimizer(cfg: RunConfig) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _count_params(tokenizer: str, depth: int, width: int, seq_len: int, gate: str) -> int:
+def _count_params(config: GPTConfig) -> int:
     with torch.device("meta"):
-        vocab = pad_vocab(get_tokenizer(tokenizer).n_vocab)
-        return GPT(GPTConfig(vocab_size=vocab, depth=depth, width=width, max_seq_len=seq_len, gate=gate)).num_params()
+        return GPT(config).num_params()
 
 
 # ----------------------------------------------------------------------------------------------- the task
@@ -136,11 +135,11 @@ class LanguageModel:
     def count_params(cfg: RunConfig) -> int:
         if cfg.lora_rank or cfg.train_only:  # fine-tuning trains (and filters) the adapters or a few components
             return count_trainable(cfg)
-        return _count_params(cfg.tokenizer, cfg.depth, cfg.width, cfg.seq_len, cfg.gate)
+        return _count_params(gpt_config(cfg))
 
     @staticmethod
     def vocab_size(cfg: RunConfig) -> int:
-        return pad_vocab(get_tokenizer(cfg.tokenizer).n_vocab)
+        return gpt_config(cfg).vocab_size
 
     @staticmethod
     def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
@@ -181,8 +180,7 @@ class LanguageModel:
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
-        model = GPT(GPTConfig(vocab_size=pad_vocab(self.tokenizer.n_vocab), depth=cfg.depth, width=cfg.width,
-                              max_seq_len=cfg.seq_len, gate=cfg.gate, attention=self.attention)).to(self.device)
+        model = GPT(gpt_config(cfg, self.attention)).to(self.device)
         prepare_model(model, cfg)  # --lora-*, --train-only: before anything sees the parameters
         return model
 
