@@ -9,16 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_runs import load_bench
+from tiny_runs import bench_fixture
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 
 
-@pytest.fixture(scope="module")
-def gpu_check():
-    module = load_bench("gpu_check")
-    yield module
-    del sys.modules[module.__name__]
+gpu_check = bench_fixture("gpu_check")
 
 
 def test_a_failing_or_raising_check_fails_the_run_and_the_others_still_run(gpu_check, monkeypatch, capsys):

@@ -12,16 +12,12 @@ from hlb_gpt import device as device_module
 from hlb_gpt.distributed import Dist
 from hlb_gpt.config import PRESETS
 from hlb_gpt.tasks import lm
-from tiny_runs import load_bench
+from tiny_runs import bench_fixture
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    module = load_bench("throughput")
-    yield module
-    del sys.modules[module.__name__]
+bench = bench_fixture("throughput")
 
 
 def test_hlb_is_measured_at_the_presets_batch_on_cuda_and_a_small_one_elsewhere(bench):

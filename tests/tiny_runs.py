@@ -24,18 +24,25 @@ def run_main(args: list[str], capsys: Any) -> tuple[int, str, str]:
     return exc.value.code, out, err
 
 
-def load_bench(name: str) -> Any:
-    """`bench/<name>.py` as a module (the benchmarks are scripts, not a package), registered while a test uses it
-    because its dataclasses look their module up in sys.modules."""
+def bench_fixture(name: str) -> Any:
+    """A module-scoped fixture giving `bench/<name>.py` as a module (the benchmarks are scripts, not a package),
+    registered in sys.modules while the tests use it, since its dataclasses look their module up there."""
     import importlib.util
     import sys
 
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def bench() -> Any:
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        yield module
+        del sys.modules[spec.name]
+
+    return bench
 
 
 def train_tiny(run_dir: Path, cache: Path, **changes: Any) -> Path:
