@@ -240,11 +240,12 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.defaults.get("fused") or getattr(optimizer, "skips_on_device", False))
 
 
-def nonfinite_fallback(model: nn.Module, length: int, step: int) -> str | None:
+def nonfinite_fallback(model: nn.Module, found_inf: Tensor, length: int, step: int) -> str | None:
     """What the model changed after non-finite gradients at a step of sequences of `length` (a FlexAttention
-    model: SDPA below one block), or None: the step then counts towards divergence like any other."""
+    model: SDPA below one block), or None: the step then counts towards divergence like any other. Reads
+    `found_inf` only for a model that has a fallback, so other runs pay no read for it."""
     fallback = getattr(model, "nonfinite_fallback", None)
-    return fallback(length, step) if fallback is not None else None
+    return fallback(length, step) if fallback is not None and found_inf.item() else None
 
 
 @dataclass
@@ -711,7 +712,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                 if evaluate_now or checkpoint_now or stopping or loop.step % REFRESH_STEPS == 0 or loop.step == 1:
                     synchronize(device)
                     loop.add_lap(lap)
-                    if result.found_inf.item() and (change := nonfinite_fallback(model, batch.x.shape[-1], loop.step)):
+                    if change := nonfinite_fallback(model, result.found_inf, batch.x.shape[-1], loop.step):
                         say(f"{run_dir.name}: non-finite gradients at step {loop.step}: {change} from now on")
                         loop.bad_run.zero_()  # the steps the fallback answers do not count towards divergence
                         loop.diverged_at.fill_(-1)
