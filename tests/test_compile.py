@@ -235,8 +235,8 @@ def test_the_declared_torch_floor_has_everything_the_code_uses_and_no_cap():
     import re
     from pathlib import Path
 
-    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
-    (requirement,) = re.findall(r'"(torch[^"]*)"', setup)
+    metadata = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    (requirement,) = re.findall(r'"(torch[^"]*)"', metadata)
     assert requirement == "torch>=2.9"
 
 
