@@ -19,7 +19,7 @@ setup(
         "tqdm>=4.60",
         "wandb>=0.15",
         "numpy>=1.24",
-        "scipy>=1.10",
+        "scipy>=1.11",  # stats.false_discovery_control
         "matplotlib>=3.7",
         "safetensors>=0.4,<1",  # `hlb-gpt export`: weights any tool can read, loaded without running code
         "filelock>=3.0",  # workers starting together update a sweep's manifest in turn (torch needs it too)

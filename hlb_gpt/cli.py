@@ -321,8 +321,8 @@ def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, spa
 
         check_plot_dir(plot_dir)  # before the table: a refusal after it would read as a failed comparison
     click.echo(cmp.format_table(comparison, fmt))
-    if fmt == "csv" and comparison.notes:
-        click.echo(cmp.format_notes(comparison), err=True)
+    if fmt == "csv" and (notes := cmp.format_notes(comparison)):
+        click.echo(notes, err=True)
     if plot_dir is not None:
         from hlb_gpt.plots import plot
 
