@@ -286,7 +286,8 @@ def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, spa
     """Compare runs: per configuration mean ± std over seeds, and the paired difference to the baseline.
 
     RUNS are sweep folders or run folders. Runs are grouped by every setting but the seed; each filtered
-    configuration is tested against the unfiltered one over the seeds both have (paired t-test, 95% interval).
+    configuration is tested against the unfiltered one over the seeds both have (paired t-test, 95% interval;
+    its p-value also Holm- and BH-adjusted over the configurations tested against the same baseline).
 
     \b
     Example:

@@ -51,9 +51,9 @@ def family_note(comparison: Comparison) -> str | None:
     c = comparison
     sizes = ", ".join(f"{base} ({len(tests)} test{'s' if len(tests) != 1 else ''})"
                       for base, tests in sorted(found.items()))
-    return (f"Multiple comparisons: p is the two-sided paired t-test's; p Holm (Holm, family-wise error) and q BH "
-            f"(Benjamini–Hochberg, false discovery rate) adjust it within its family, the configurations paired "
-            f"with one baseline that have a p-value, in one metric, span and column ({c.metric}, {c.span}, "
+    return (f"Multiple comparisons: p is the two-sided paired t-test's p-value; p Holm (Holm, family-wise error) "
+            f"and q BH (Benjamini–Hochberg, false discovery rate) adjust it within its family, the configurations "
+            f"paired with one baseline that have a p-value, in one metric, span and column ({c.metric}, {c.span}, "
             f"{c.column.name}): {sizes}. The {CONFIDENCE:.0%} CI is not adjusted; the forest plot colours a "
             f"difference only where p Holm < {ALPHA:g}.")
 
