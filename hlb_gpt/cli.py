@@ -286,7 +286,8 @@ def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, spa
     """Compare runs: per configuration mean ± std over seeds, and the paired difference to the baseline.
 
     RUNS are sweep folders or run folders. Runs are grouped by every setting but the seed; each filtered
-    configuration is tested against the unfiltered one over the seeds both have (paired t-test, 95% interval).
+    configuration is tested against the unfiltered one over the seeds both have (paired t-test, 95% interval;
+    its p-value also Holm- and BH-adjusted over the configurations tested against the same baseline).
 
     \b
     Example:
@@ -321,8 +322,8 @@ def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, spa
 
         check_plot_dir(plot_dir)  # before the table: a refusal after it would read as a failed comparison
     click.echo(cmp.format_table(comparison, fmt))
-    if fmt == "csv" and comparison.notes:
-        click.echo(cmp.format_notes(comparison), err=True)
+    if fmt == "csv" and (notes := cmp.format_notes(comparison)):
+        click.echo(notes, err=True)
     if plot_dir is not None:
         from hlb_gpt.plots import plot
 

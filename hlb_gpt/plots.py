@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hlb_gpt.compare import Column, Comparison, Group, PairedTest, run_rows, short_label
-from hlb_gpt.compare.statistics import CONFIDENCE
+from hlb_gpt.compare.statistics import ALPHA, CONFIDENCE
 from hlb_gpt import components
 from hlb_gpt.config import ConfigError
 from hlb_gpt.records import Run
@@ -230,7 +230,8 @@ def plot(comparison: Comparison, out_dir: Path | str, log_x: bool = False, zoom:
 
 # ----------------------------------------------------------------------------------------------- forest plot
 
-# The interval wholly on the better side of 0, wholly on the worse side, or across it (or no interval at all).
+# Significant after Holm's adjustment within the baseline's family, on the better or the worse side of 0; or
+# neither (not significant, or no test). The raw interval alone would colour one null configuration in twenty.
 BETTER_COLOR, WORSE_COLOR, UNCLEAR_COLOR = "#2ca02c", "#d62728", "#555555"
 
 
@@ -249,16 +250,19 @@ def forest_figure(comparison: Comparison):
     One row per configuration, labelled and ordered as in the table, a vertical line at 0 and, on the right,
     the difference, its interval and "n = k pairs". A row with one pair has a point without an interval; a row
     with no difference (no baseline, no shared seed, or an infinite statistic) has no point and its text says why.
-    The colour says whether the whole interval lies on the better side of 0, the worse side, or neither.
+    The colour is the Holm-adjusted decision at ALPHA within the baseline's family (`comparison.families`):
+    better or worse, or grey (not significant after adjustment, or no test), so an interval clear of 0 may be
+    grey; a legend says so. The interval drawn is the unadjusted 95% t interval.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     c = comparison
     rows = forest_rows(c)
     lower_is_better = c.metric.lower_is_better(c.column)
     spec = c.metric.spec
-    fig = Figure(figsize=(10, 1.6 + 0.45 * max(len(rows), 1)), layout="constrained")
+    fig = Figure(figsize=(10, 2.2 + 0.45 * max(len(rows), 1)), layout="constrained")  # title, rows, legend
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.axvline(0.0, color=BASELINE_COLOR, linewidth=1.0, zorder=1)
@@ -282,16 +286,22 @@ def forest_figure(comparison: Comparison):
     ax.set_xlim(low - pad, high + pad)
     better = "negative" if lower_is_better else "positive"
     ax.set_xlabel(f"{_statistic_name(c)}: configuration − baseline, paired over seeds ({better} is better)")
-    ax.set_title(f"{c.metric.describe(c.column)}, {c.span.describe()}\n"  # two lines: one is wider than the axes
-                 f"paired difference to the baseline: mean and {CONFIDENCE:.0%} t interval")
+    ax.set_title(f"{c.metric.describe(c.column)}, {c.span.describe()}\n"  # short lines: one is wider than the axes
+                 f"paired difference to the baseline: mean and {CONFIDENCE:.0%} t interval (unadjusted)\n"
+                 f"colour: Holm-adjusted p < {ALPHA:g} within each baseline's family")
     ax.grid(True, axis="x", alpha=0.3)
+    key = [Line2D([], [], color=BETTER_COLOR, marker="o", label=f"better: Holm-adjusted p < {ALPHA:g}"),
+           Line2D([], [], color=WORSE_COLOR, marker="o", label=f"worse: Holm-adjusted p < {ALPHA:g}"),
+           Line2D([], [], color=UNCLEAR_COLOR, marker="o", label="not significant after Holm, or no test")]
+    fig.legend(handles=key, loc="outside lower center",
+               ncols=3, fontsize="small", frameon=False)
     return fig
 
 
 def _forest_color(t: PairedTest, lower_is_better: bool) -> str:
-    if t.ci_low is None or t.ci_low <= 0 <= t.ci_high:
+    if t.p_holm is None or not t.p_holm < ALPHA or not t.mean_diff:
         return UNCLEAR_COLOR
-    helped = t.ci_high < 0 if lower_is_better else t.ci_low > 0
+    helped = t.mean_diff < 0 if lower_is_better else t.mean_diff > 0
     return BETTER_COLOR if helped else WORSE_COLOR
 
 

@@ -17,6 +17,7 @@ from scipy import stats
 from hlb_gpt.cli import main
 from hlb_gpt.compare import (COLUMNS, Column, Metric, Span, compare, format_notes, format_table, group_key,
                              load_runs, parse_metric, parse_span)
+from hlb_gpt.compare.statistics import bh_adjusted, holm_adjusted
 from hlb_gpt.plots import curves_figure, gain_figure, plot
 from hlb_gpt.config import BOOKKEEPING as BOOKKEEPING_KEYS
 from hlb_gpt.config import RunConfig
@@ -222,7 +223,7 @@ def test_csv_output_parses_back_to_the_same_numbers(sweep):
     assert [r["configuration"] for r in rows] == [g.label for g in c.groups]
     for row, g in zip(rows, c.groups):
         assert int(row["n"]) == g.n and float(row["mean"]) == g.mean and float(row["std"]) == g.std
-        assert row["metric"] == "mean" and row["window"] == "first:3" and row["column"] == "val_loss"
+        assert row["metric"] == "mean" and row["span"] == "first:3" and row["column"] == "val_loss"
         if g.is_baseline:
             assert row["diff"] == row["p_value"] == row["pairs"] == ""
         else:
@@ -235,6 +236,139 @@ def test_unknown_format_is_refused_naming_the_flag(sweep):
     runs, _ = runs_of(sweep)
     with pytest.raises(ValueError, match="--format"):
         format_table(compare(runs, "final", "all"), "html")
+
+
+# ----------------------------------------------------------------------------------------------- multiple comparisons
+
+
+def test_holm_and_bh_adjust_four_p_values_as_worked_out_by_hand():
+    # Holm: sorted p times m, m-1, ...: 0.04, 0.06, 0.06, 0.04, then never below the one before: 0.06.
+    # BH: sorted p times m/rank: 0.04 each.
+    assert holm_adjusted([0.01, 0.02, 0.03, 0.04]) == pytest.approx([0.04, 0.06, 0.06, 0.06], rel=1e-12)
+    assert bh_adjusted([0.01, 0.02, 0.03, 0.04]) == pytest.approx([0.04, 0.04, 0.04, 0.04], rel=1e-12)
+    # Unsorted, with a cap at 1. Holm: 4 * 0.001, 3 * 0.03 = 0.09, 2 * 0.04 = 0.08 -> 0.09, 0.5 -> 0.5;
+    # BH: 4 * 0.001, 2 * 0.03 = 0.06 -> 0.0533 (the next one down), 4/3 * 0.04 = 0.0533, 0.5.
+    assert holm_adjusted([0.04, 0.001, 0.03, 0.5]) == pytest.approx([0.09, 0.004, 0.09, 0.5], rel=1e-12)
+    assert bh_adjusted([0.04, 0.001, 0.03, 0.5]) == pytest.approx([0.16 / 3, 0.004, 0.16 / 3, 0.5], rel=1e-12)
+    assert list(holm_adjusted([0.3, 0.4, 0.6])) == pytest.approx([0.9, 0.9, 0.9])
+    assert list(holm_adjusted([0.7, 0.8])) == [1.0, 1.0]
+    assert list(holm_adjusted([0.03])) == list(bh_adjusted([0.03])) == [0.03]  # a family of one: unchanged
+    assert len(holm_adjusted([])) == len(bh_adjusted([])) == 0
+
+
+# Four configurations against one baseline, built to have raw p = 0.01 .. 0.04; one more against another baseline.
+# Each configuration's differences are x - δ, x, x + δ: t = x sqrt(3) / δ on 2 degrees of freedom, where
+# p = 1 - |t| / sqrt(t^2 + 2), so |t| = (1 - p) sqrt(2 / (1 - (1 - p)^2)).
+FAMILY_BASE = [3.60, 3.70, 3.50]
+FAMILY = {  # label: (settings, raw p, sign of the difference)
+    "ma w100 g5": (dict(grokfast=True, filter="ma", window=100, gain=5.0), 0.01, +1),
+    "ema α0.9 g0.1": (dict(grokfast=True, alpha=0.9, gain=0.1), 0.02, -1),
+    "ema α0.9 g1": (dict(grokfast=True, alpha=0.9, gain=1.0), 0.03, -1),
+    "ema α0.98 g2": (dict(grokfast=True, alpha=0.98, gain=2.0), 0.04, -1),
+}
+FAMILY_HOLM = {"ma w100 g5": 0.04, "ema α0.9 g0.1": 0.06, "ema α0.9 g1": 0.06, "ema α0.98 g2": 0.06}
+
+
+def differences_with_p(p, sign, delta=0.01):
+    t = (1 - p) * math.sqrt(2 / (1 - (1 - p) ** 2))
+    x = sign * t * delta / math.sqrt(3)
+    return [x - delta, x, x + delta]
+
+
+def write_family(root, depth, configurations):
+    for seed, base in enumerate(FAMILY_BASE):
+        write_run(root / f"baseline-d{depth}-s{seed}", dict(depth=depth), [4.0] * 5 + [base], seed)
+    for label, (settings, p, sign) in configurations.items():
+        for seed, (base, d) in enumerate(zip(FAMILY_BASE, differences_with_p(p, sign))):
+            write_run(root / f"{label.replace(' ', '-')}-d{depth}-s{seed}", {**settings, "depth": depth},
+                      [4.0] * 5 + [base + d], seed)
+
+
+@pytest.fixture
+def families(tmp_path):
+    """Four configurations paired with `baseline depth=4`, one with `baseline depth=2`."""
+    write_family(tmp_path / "families", 4, FAMILY)
+    write_family(tmp_path / "families", 2, {"ema α0.9 g1": FAMILY["ema α0.9 g1"]})
+    return tmp_path / "families"
+
+
+def test_holm_and_bh_are_computed_within_each_baseline_s_family(families):
+    c = compare(runs_of(families)[0], "final", "all")
+    for label, (_, p, _) in FAMILY.items():
+        t = c.group(f"{label} depth=4").test
+        assert t.p_value == pytest.approx(p, rel=1e-6)
+        assert t.p_holm == pytest.approx(FAMILY_HOLM[label], rel=1e-6)
+        assert t.q_bh == pytest.approx(0.04, rel=1e-6)
+    alone = c.group("ema α0.9 g1 depth=2").test  # its own family of one, not a fifth test of the other
+    assert alone.p_value == alone.p_holm == alone.q_bh == pytest.approx(0.03, rel=1e-6)
+
+
+def test_configurations_without_a_p_value_are_not_in_the_family(sweep, tmp_path):
+    write_run(tmp_path / "one" / "ema-a0.5-g1-s1", dict(grokfast=True, alpha=0.5, gain=1.0), [4.0] * 6, 1)
+    for seed in SEEDS:  # identical differences: no p-value
+        write_run(tmp_path / "one" / f"ema-a0.8-g0.5-s{seed}", dict(grokfast=True, alpha=0.8, gain=0.5),
+                  [v + 0.25 for v in CURVES["baseline"][seed]], seed)
+    c = compare(runs_of(sweep, tmp_path / "one")[0], "final", "all")
+    tested = ["ema α0.9 g0.1", "ema α0.99 g5", "ma w100 g5"]
+    raw = [c.group(label).test.p_value for label in tested]
+    assert [c.group(label).test.p_holm for label in tested] == pytest.approx(holm_adjusted(raw))
+    for label in ("ema α0.5 g1", "ema α0.8 g0.5"):
+        assert c.group(label).test.p_holm is None and c.group(label).test.q_bh is None
+    assert c.group("baseline").test is None
+
+
+def test_the_markdown_table_shows_holm_and_bh_beside_p_and_states_the_family_under_it(families):
+    c = compare(runs_of(families)[0], "final", "all")
+    text = format_table(c)
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| configuration"))
+    cells = lambda line: [x.strip() for x in line.strip("|").split("|")]  # noqa: E731
+    assert cells(header)[5:9] == ["p", "p Holm", "q BH", "pairs"]
+    row = dict(zip(cells(header), cells(next(line for line in lines if line.startswith("| ema α0.9 g1 depth=4 |")))))
+    assert (row["p"], row["p Holm"], row["q BH"]) == ("0.03", "0.06", "0.04")
+    base = dict(zip(cells(header), cells(next(line for line in lines if line.startswith("| baseline depth=4 |")))))
+    assert base["p Holm"] == base["q BH"] == "—"
+    # The note on the family follows the table (after one blank line), before the other notes.
+    last_row = max(i for i, line in enumerate(lines) if line.startswith("| "))
+    assert lines[last_row + 1] == ""
+    note = lines[last_row + 2]
+    assert note.startswith("Multiple comparisons:") and "two-sided paired t-test" in note
+    assert "Holm" in note and "Benjamini–Hochberg" in note
+    assert "the configurations paired with one baseline that have a p-value" in note
+    assert "one metric, span and column (final, all, val_loss)" in note
+    assert "baseline depth=2 (1 test), baseline depth=4 (4 tests)" in note
+    assert "95% CI is not adjusted" in note and "forest plot" in note
+
+
+def test_the_csv_has_holm_and_bh_beside_p_a_span_column_and_the_family_note_in_the_notes(families):
+    c = compare(runs_of(families)[0], "final", "all")
+    text = format_table(c, "csv")
+    header = text.splitlines()[0].split(",")
+    assert header[header.index("p_value"):header.index("p_value") + 3] == ["p_value", "p_holm", "q_bh"]
+    assert "span" in header and "window" not in header
+    rows = {r["configuration"]: r for r in csv.DictReader(io.StringIO(text))}
+    for label, (_, p, _) in FAMILY.items():
+        row = rows[f"{label} depth=4"]
+        assert float(row["p_holm"]) == c.group(f"{label} depth=4").test.p_holm
+        assert float(row["p_holm"]) == pytest.approx(FAMILY_HOLM[label], rel=1e-6)
+        assert float(row["q_bh"]) == pytest.approx(0.04, rel=1e-6)
+        assert row["span"] == "all" and row["baseline"] == "baseline depth=4"
+    assert rows["baseline depth=4"]["p_holm"] == rows["baseline depth=4"]["q_bh"] == ""
+    assert "Multiple comparisons:" not in text  # the CSV is the table only: notes go to stderr
+    assert format_notes(c).startswith("Multiple comparisons:")
+
+
+def test_a_comparison_without_p_values_has_no_family_note(sweep, tmp_path):
+    write_run(tmp_path / "one" / "baseline-s1", {}, [4.0] * 6, 1)
+    write_run(tmp_path / "one" / "ema-a0.5-g1-s1", dict(grokfast=True, alpha=0.5, gain=1.0), [3.0] * 6, 1)
+    c = compare(runs_of(tmp_path / "one")[0], "final", "all")
+    assert "Multiple comparisons" not in format_table(c) and "Multiple comparisons" not in format_notes(c)
+
+
+def test_compare_command_writes_the_family_note_to_stderr_with_csv(families, capsys):
+    code, out, err = compare_main([families, "--format", "csv"], capsys)
+    assert code == 0 and "p_holm" in out.splitlines()[0] and "Multiple comparisons" not in out
+    assert err.startswith("Multiple comparisons:")
 
 
 # ----------------------------------------------------------------------------------------------- edge cases
@@ -290,7 +424,7 @@ def test_one_shared_seed_gives_the_difference_but_no_interval_or_p_value(sweep, 
     assert g.test.n_pairs == 1 and g.test.mean_diff == pytest.approx(4.0 - 3.6)
     assert g.test.ci_low is None and g.test.p_value is None
     row = next(line for line in format_table(c).splitlines() if line.startswith("| ema α0.5 g1 "))
-    assert "± n/a" in row and row.split(" | ")[4:7] == ["n/a", "n/a", "1"]
+    assert "± n/a" in row and row.split(" | ")[4:9] == ["n/a", "n/a", "n/a", "n/a", "1"]
     assert any("ema α0.5 g1" in n and "1 pair" in n for n in c.notes)
 
 
@@ -434,7 +568,7 @@ def test_a_window_with_no_evaluations_leaves_the_run_out_with_a_note(sweep):
     runs, _ = runs_of(sweep)
     c = compare(runs, "final", "first:0.5")
     assert all(g.n == 0 and g.mean is None for g in c.groups)
-    assert any("no evaluations in window first:0.5" in n for n in c.notes)
+    assert any("no evaluations in span first:0.5" in n for n in c.notes)
     assert "n/a" in format_table(c)
 
 

@@ -277,8 +277,10 @@ def test_a_lora_rank_sweep_with_grokfast_and_baseline_runs_and_compares(pretrain
     assert table.returncode == 0, table.stderr
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "lora_rank=" in line]
     assert len(rows) == 4
+    header = next(line for line in table.stdout.splitlines() if line.startswith("| configuration"))
+    pairs = [c.strip() for c in header.split("|")].index("pairs")
     filtered = [r for r in rows if r.startswith("| ema")]
-    assert len(filtered) == 2 and all(r.split("|")[7].strip() == "2" for r in filtered)  # paired over 2 seeds
+    assert len(filtered) == 2 and all(r.split("|")[pairs].strip() == "2" for r in filtered)  # paired over 2 seeds
 
 
 @pytest.mark.slow

@@ -10,6 +10,8 @@ from hlb_gpt.compare import COLUMNS, Comparison, Group, Metric, PairedTest, Span
 from hlb_gpt.config import RunConfig
 from hlb_gpt.plots import BETTER_COLOR, UNCLEAR_COLOR, WORSE_COLOR, forest_figure, plot
 
+from test_compare import families  # noqa: F401 (a fixture: four configurations, raw p 0.01 to 0.04)
+
 
 def group(label, test=None, baseline="baseline", is_baseline=False):
     return Group(label, {}, [], test=test, baseline=baseline, is_baseline=is_baseline)
@@ -19,13 +21,18 @@ def comparison(groups, metric="final", column="val_loss"):
     return Comparison(Metric(metric), Span("all"), COLUMNS[column], groups, [])
 
 
-# In the table's order (best first), with hand-set paired tests.
+# In the table's order (best first), with hand-set paired tests; `p_holm` is the adjusted p-value colours follow.
 ROWS = [
-    group("ema α0.9 g0.1", PairedTest(3, (0, 1, 2), mean_diff=-0.06, ci_low=-0.09, ci_high=-0.03, p_value=0.01)),
+    group("ema α0.9 g0.1", PairedTest(3, (0, 1, 2), mean_diff=-0.06, ci_low=-0.09, ci_high=-0.03, p_value=0.01,
+                                      p_holm=0.03)),
+    group("ema α0.9 g1", PairedTest(3, (0, 1, 2), mean_diff=-0.05, ci_low=-0.09, ci_high=-0.01, p_value=0.03,
+                                    p_holm=0.06)),  # an interval clear of 0, but not significant after Holm
     group("baseline", is_baseline=True, baseline="baseline"),
     group("ema α0.5 g1", PairedTest(1, (0,), mean_diff=-0.04)),
-    group("ema α0.98 g2", PairedTest(4, (0, 1, 2, 3), mean_diff=0.01, ci_low=-0.02, ci_high=0.04, p_value=0.4)),
-    group("ma w100 g5", PairedTest(3, (0, 1, 2), mean_diff=0.15, ci_low=0.07, ci_high=0.23, p_value=0.02)),
+    group("ema α0.98 g2", PairedTest(4, (0, 1, 2, 3), mean_diff=0.01, ci_low=-0.02, ci_high=0.04, p_value=0.4,
+                                     p_holm=0.4)),
+    group("ma w100 g5", PairedTest(3, (0, 1, 2), mean_diff=0.15, ci_low=0.07, ci_high=0.23, p_value=0.02,
+                                   p_holm=0.04)),
     group("ema α0.6 g1", PairedTest(0, ())),
     group("ema α0.99 g50", PairedTest(3, (0, 1, 2))),  # a diverged run: the difference is infinite
     group("grokadamw α0.98 g2 depth=8", None, baseline=None),
@@ -56,11 +63,11 @@ def test_one_row_per_configuration_in_the_table_s_order_without_the_baseline(ax)
 
 def test_each_paired_difference_is_a_point_on_its_row_with_its_95_percent_interval(ax):
     p = points(ax)
-    assert sorted(p) == sorted(["ema α0.9 g0.1", "ema α0.5 g1", "ema α0.98 g2", "ma w100 g5"])
+    assert sorted(p) == sorted(["ema α0.9 g0.1", "ema α0.9 g1", "ema α0.5 g1", "ema α0.98 g2", "ma w100 g5"])
     x, y, interval, _ = p["ema α0.9 g0.1"]
     assert (x, y) == (-0.06, 0) and interval == pytest.approx((-0.09, -0.03))
-    assert p["ma w100 g5"][:3] == (0.15, 3, pytest.approx((0.07, 0.23)))
-    assert p["ema α0.5 g1"][1:3] == (1, None)  # one pair: the difference, no interval
+    assert p["ma w100 g5"][:3] == (0.15, 4, pytest.approx((0.07, 0.23)))
+    assert p["ema α0.5 g1"][1:3] == (2, None)  # one pair: the difference, no interval
 
 
 def test_a_vertical_line_marks_no_difference(ax):
@@ -72,6 +79,7 @@ def test_each_row_says_its_pairs_or_why_it_has_no_difference(ax):
     texts = [t.get_text() for t in ax.texts]
     assert texts == [
         "-0.0600 [-0.0900, -0.0300]   n = 3 pairs",
+        "-0.0500 [-0.0900, -0.0100]   n = 3 pairs",
         "-0.0400   n = 1 pair: no interval",
         "+0.0100 [-0.0200, +0.0400]   n = 4 pairs",
         "+0.1500 [+0.0700, +0.2300]   n = 3 pairs",
@@ -82,22 +90,37 @@ def test_each_row_says_its_pairs_or_why_it_has_no_difference(ax):
     assert [t.get_position()[1] for t in ax.texts] == list(range(len(SHOWN)))
 
 
-def test_colour_says_whether_the_interval_lies_on_the_better_or_the_worse_side_of_zero(ax):
+def test_colour_says_whether_the_holm_adjusted_test_finds_the_difference_better_or_worse(ax):
     colors = {label: c for label, (*_, c) in points(ax).items()}
     assert colors["ema α0.9 g0.1"] == to_rgba(BETTER_COLOR)
     assert colors["ma w100 g5"] == to_rgba(WORSE_COLOR)
     assert colors["ema α0.98 g2"] == colors["ema α0.5 g1"] == to_rgba(UNCLEAR_COLOR)
 
 
-def test_for_a_higher_is_better_column_a_positive_difference_is_the_better_side():
-    ax = forest_figure(comparison(ROWS, "best", "val_acc")).axes[0]
-    colors = {label: c for label, (*_, c) in points(ax).items()}
-    assert colors["ma w100 g5"] == to_rgba(BETTER_COLOR) and colors["ema α0.9 g0.1"] == to_rgba(WORSE_COLOR)
-    assert "positive is better" in ax.get_xlabel()
+def test_a_difference_significant_before_adjustment_but_not_after_is_not_coloured(ax):
+    # Its 95% interval lies wholly below 0 (raw p 0.03), but its Holm-adjusted p is 0.06.
+    assert {label: c for label, (*_, c) in points(ax).items()}["ema α0.9 g1"] == to_rgba(UNCLEAR_COLOR)
 
+
+def test_a_row_without_an_adjusted_p_value_is_not_coloured():
+    # Identical differences: a degenerate interval at -0.05 and no test, so no decision.
+    rows = [group("ema α0.8 g0.5", PairedTest(3, (0, 1, 2), mean_diff=-0.05, ci_low=-0.05, ci_high=-0.05))]
+    ax = forest_figure(comparison(rows)).axes[0]
+    assert points(ax)["ema α0.8 g0.5"][3] == to_rgba(UNCLEAR_COLOR)
+
+
+def test_the_legend_says_the_colours_are_the_holm_adjusted_decision(ax):
+    [legend] = ax.figure.legends  # below the axes, beside nothing it could hide
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == ["better: Holm-adjusted p < 0.05", "worse: Holm-adjusted p < 0.05",
+                     "not significant after Holm, or no test"]
+    assert [to_rgba(h.get_color()) for h in legend.legend_handles] == [
+        to_rgba(BETTER_COLOR), to_rgba(WORSE_COLOR), to_rgba(UNCLEAR_COLOR)]
 
 def test_the_title_names_the_metric_and_the_column(ax):
-    assert ax.get_title() == "final val_loss, all evaluations\npaired difference to the baseline: mean and 95% t interval"
+    assert ax.get_title() == ("final val_loss, all evaluations\n"
+                              "paired difference to the baseline: mean and 95% t interval (unadjusted)\n"
+                              "colour: Holm-adjusted p < 0.05 within each baseline's family")
     assert "negative is better" in ax.get_xlabel()
 
 
@@ -155,3 +178,15 @@ def test_compare_command_writes_the_forest_plot(sweep, tmp_path, capsys):
     assert exc.value.code == 0
     assert (tmp_path / "plots" / "forest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {tmp_path / 'plots' / 'forest.png'}" in capsys.readouterr().err
+
+
+def test_the_forest_of_real_runs_colours_only_what_survives_holm(families):
+    ax = forest_figure(compare(load_runs([families])[0], "final", "all")).axes[0]
+    colors = {label.removesuffix(" depth=4"): c for label, (*_, c) in points(ax).items()}
+    # Raw p 0.01 (Holm 0.04) stays coloured; raw 0.02, 0.03 and 0.04 (Holm 0.06) have intervals clear of 0
+    # but are grey; the depth=2 row is a family of one, raw p 0.03 = Holm 0.03.
+    assert colors["ma w100 g5"] == to_rgba(WORSE_COLOR)
+    assert colors["ema α0.9 g0.1"] == colors["ema α0.9 g1"] == colors["ema α0.98 g2"] == to_rgba(UNCLEAR_COLOR)
+    assert colors["ema α0.9 g1 depth=2"] == to_rgba(BETTER_COLOR)
+    intervals = {label: interval for label, (_, _, interval, _) in points(ax).items()}
+    assert all(high < 0 for label, (low, high) in intervals.items() if label.startswith("ema"))

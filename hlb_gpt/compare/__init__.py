@@ -5,7 +5,8 @@ modules in this order, each depending only on those before it:
 
 - `loading`: which folders are runs, which runs count, and a note on each one left out;
 - `configurations`: which runs are one configuration, its baseline, its label;
-- `statistics`: the per-run statistic (`Metric` over a `Span` of epochs, on a `Column`) and the paired test;
+- `statistics`: the per-run statistic (`Metric` over a `Span` of epochs, on a `Column`), the paired test and
+  the Holm and Benjamini–Hochberg adjustments;
 - `comparison`: `compare()`, which puts them together, with costs, order and notes;
 - `report`: the table, as markdown or CSV.
 """

@@ -1,5 +1,6 @@
-"""`compare()`: runs grouped into configurations, each with its statistic, its test against its baseline and
-its costs (filter state, step-time overhead), sorted best first, with a note on everything that is not plain.
+"""`compare()`: runs grouped into configurations, each with its statistic, its test against its baseline (its
+p-value adjusted within its family) and its costs (filter state, step-time overhead), sorted best first, with a
+note on everything that is not plain.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import numpy as np
 
 from hlb_gpt.compare import configurations
 from hlb_gpt.compare.loading import run_label, run_rows
-from hlb_gpt.compare.statistics import (COLUMN_OWNERS, Column, Metric, PairedTest, Series, Span, describe,
-                                        lacks_column, paired_test, parse_choices, per_seed, run_series,
-                                        run_statistic, span_values, steps_to_target)
+from hlb_gpt.compare.statistics import (COLUMN_OWNERS, Column, Metric, PairedTest, Series, Span, bh_adjusted,
+                                        describe, holm_adjusted, lacks_column, paired_test, parse_choices, per_seed,
+                                        run_series, run_statistic, span_values, steps_to_target)
 from hlb_gpt import components
 from hlb_gpt.records import Run
 from hlb_gpt.resample import epoch_grid, resample_curve
@@ -101,14 +102,14 @@ def compare(runs: Sequence[Run], metric: Metric | str, span: Span | str, column:
             notes.append(f"{g.label}: a seed appears more than once ({g.n} runs, {len(set(g.seeds))} seeds); "
                          "every run counts in n, mean and std, and the paired test uses each seed's mean")
     if empty:
-        notes.append(f"no evaluations in window {span} for {len(empty)} run(s), left out: {', '.join(empty)}")
+        notes.append(f"no evaluations in span {span} for {len(empty)} run(s), left out: {', '.join(empty)}")
     if lacking:
         notes.append(f"no {column.name} column in the metrics of {len(lacking)} run(s), left out "
                      f"({COLUMN_OWNERS}): {', '.join(lacking)}")
     if no_target:
         notes.append(f"no --target-acc recorded for {len(no_target)} run(s), left out: {', '.join(no_target)}")
     if short_spans:
-        notes.append(f"{metric}: {len(short_spans)} run(s) have fewer than {metric.n} evaluations in window "
+        notes.append(f"{metric}: {len(short_spans)} run(s) have fewer than {metric.n} evaluations in span "
                      f"{span} (fewest {min(short_spans)}); their statistic is the mean of all they have")
 
     missing: dict[str, list[str]] = {}  # by the optimizer of the baseline they lack
@@ -135,8 +136,23 @@ def compare(runs: Sequence[Run], metric: Metric | str, span: Span | str, column:
     notes += _environment_notes(list(groups.values()), sources)
 
     ordered = sorted(groups.values(), key=lambda g: _sort_key(g, lower_is_better))
+    for family in families(ordered).values():
+        p_values = [g.test.p_value for g in family]
+        for g, holm, bh in zip(family, holm_adjusted(p_values), bh_adjusted(p_values)):
+            g.test.p_holm, g.test.q_bh = float(holm), float(bh)
     notes += _test_notes(ordered) + _tie_notes(ordered) + _infinite_notes(ordered, metric, lower_is_better)
     return Comparison(metric, span, column, ordered, notes)
+
+
+def families(groups: Sequence[Group]) -> dict[str, list[Group]]:
+    """The tests whose p-values are adjusted together, by baseline label: the configurations paired with one
+    baseline that have a p-value (one compare call, so one metric, span and column). A configuration without a
+    p-value (fewer than 2 pairs, an infinite or a constant difference) is no test, so not in the family."""
+    out: dict[str, list[Group]] = {}
+    for g in groups:
+        if g.test is not None and g.test.p_value is not None and g.baseline is not None:
+            out.setdefault(g.baseline, []).append(g)
+    return out
 
 
 def _resample_grid(runs: Sequence[Run], metric: Metric, column: Column, n: int, notes: list[str]) -> np.ndarray:

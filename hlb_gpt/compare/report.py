@@ -7,14 +7,13 @@ import csv
 import io
 import math
 
-from hlb_gpt.compare.comparison import Comparison, Group
-from hlb_gpt.compare.statistics import CONFIDENCE, PairedTest
+from hlb_gpt.compare.comparison import Comparison, Group, families
+from hlb_gpt.compare.statistics import ALPHA, CONFIDENCE, PairedTest
 
 NA = "n/a"
 SELF = "—"
-# `window` is the span's column: named before the option became --span, and kept for readers of earlier files.
-CSV_FIELDS = ("configuration", "n", "mean", "std", "diff", "ci_low", "ci_high", "p_value", "pairs",
-              "filter_mb", "filter_pct_of_peak", "step_time_overhead_pct", "baseline", "metric", "window", "column")
+CSV_FIELDS = ("configuration", "n", "mean", "std", "diff", "ci_low", "ci_high", "p_value", "p_holm", "q_bh", "pairs",
+              "filter_mb", "filter_pct_of_peak", "step_time_overhead_pct", "baseline", "metric", "span", "column")
 
 
 def format_table(comparison: Comparison, fmt: str = "markdown") -> str:
@@ -28,7 +27,7 @@ def format_table(comparison: Comparison, fmt: str = "markdown") -> str:
              f"({'lower' if c.metric.lower_is_better(c.column) else 'higher'} is better); mean ± std over seeds, "
              f"difference = configuration − baseline, paired over shared seeds")
     header = ["configuration", "n", f"{c.metric} ({c.span})", "Δ vs baseline", f"{CONFIDENCE:.0%} CI", "p",
-              "pairs", "filter MB", "% of peak", "step time"]
+              "p Holm", "q BH", "pairs", "filter MB", "% of peak", "step time"]
     spec = c.metric.spec
     rows = [[g.label, str(g.n), _mean_std(g, spec), *_diff_cells(g, spec), _num(g.filter_mb, ".1f"),
              _pct(g.filter_pct_of_peak, ".2f"), SELF if g.is_baseline else _pct(g.step_time_overhead_pct, "+.1f")]
@@ -39,7 +38,24 @@ def format_table(comparison: Comparison, fmt: str = "markdown") -> str:
 
 
 def format_notes(comparison: Comparison) -> str:
-    return "\n".join(["Notes:"] + [f"- {n}" for n in comparison.notes]) if comparison.notes else ""
+    """What goes under the table: the family note (when a p-value was adjusted), then the notes."""
+    notes = "\n".join(["Notes:"] + [f"- {n}" for n in comparison.notes]) if comparison.notes else ""
+    return "\n\n".join(filter(None, [family_note(comparison), notes]))
+
+
+def family_note(comparison: Comparison) -> str | None:
+    """Which p-value is adjusted, how, and over which tests; None when no configuration has a p-value."""
+    found = families(comparison.groups)
+    if not found:
+        return None
+    c = comparison
+    sizes = ", ".join(f"{base} ({len(tests)} test{'s' if len(tests) != 1 else ''})"
+                      for base, tests in sorted(found.items()))
+    return (f"Multiple comparisons: p is the two-sided paired t-test's p-value; p Holm (Holm, family-wise error) "
+            f"and q BH (Benjamini–Hochberg, false discovery rate) adjust it within its family, the configurations "
+            f"paired with one baseline that have a p-value, in one metric, span and column ({c.metric}, {c.span}, "
+            f"{c.column.name}): {sizes}. The {CONFIDENCE:.0%} CI is not adjusted; the forest plot colours a "
+            f"difference only where p Holm < {ALPHA:g}.")
 
 
 def _md_row(cells: list[str]) -> str:
@@ -68,13 +84,13 @@ def _mean_std(g: Group, spec: str) -> str:
 
 def _diff_cells(g: Group, spec: str) -> list[str]:
     if g.is_baseline:
-        return [SELF, SELF, SELF, SELF]
+        return [SELF] * 6
     t = g.test
     if t is None:
-        return [NA, NA, NA, NA]
+        return [NA] * 6
     ci = NA if t.ci_low is None else f"[{t.ci_low:+{spec}}, {t.ci_high:+{spec}}]"
-    p = NA if t.p_value is None else f"{t.p_value:.3g}"
-    return [_num(t.mean_diff, "+" + spec), ci, p, str(t.n_pairs)]
+    p_values = [NA if p is None else f"{p:.3g}" for p in (t.p_value, t.p_holm, t.q_bh)]
+    return [_num(t.mean_diff, "+" + spec), ci, *p_values, str(t.n_pairs)]
 
 
 def _csv(c: Comparison) -> str:
@@ -85,7 +101,7 @@ def _csv(c: Comparison) -> str:
     for g in c.groups:
         t = g.test or PairedTest(0, ())
         writer.writerow([cell(v) for v in (
-            g.label, g.n, g.mean, g.std, t.mean_diff, t.ci_low, t.ci_high, t.p_value,
+            g.label, g.n, g.mean, g.std, t.mean_diff, t.ci_low, t.ci_high, t.p_value, t.p_holm, t.q_bh,
             None if g.test is None else t.n_pairs, g.filter_mb, g.filter_pct_of_peak, g.step_time_overhead_pct,
             g.baseline, str(c.metric), str(c.span), c.column.name)])
     return out.getvalue()

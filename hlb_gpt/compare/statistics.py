@@ -1,4 +1,5 @@
-"""The numbers of `compare`: a run's statistic, and the paired test of a configuration against its baseline.
+"""The numbers of `compare`: a run's statistic, the paired test of a configuration against its baseline, and the
+Holm and Benjamini–Hochberg adjustments of a family of those tests' p-values.
 
 A missing or non-finite value counts as the worst, and a diverged run gets the worst value where it stopped, so a
 run that blew up never looks good. Only evaluations after training began count: the one at step 0 reads the
@@ -20,6 +21,7 @@ from hlb_gpt.compare.loading import after_training_began, last_epoch, run_rows
 from hlb_gpt.records import Run
 
 CONFIDENCE = 0.95
+ALPHA = 0.05  # the level of the forest plot's decision, on the Holm-adjusted p-value
 
 # ----------------------------------------------------------------------------------------------- choices
 
@@ -233,6 +235,23 @@ def per_seed(seeds: Sequence[Any], values: Sequence[float]) -> dict[Any, float]:
     return {seed: float(np.mean(v)) for seed, v in by_seed.items()}
 
 
+def holm_adjusted(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment (family-wise error): the i-th smallest p times (m - i + 1), never below the
+    one before it, at most 1; in the order given. scipy.stats has no Holm (1.17)."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, p[order] * np.arange(len(p), 0, -1))
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted
+
+
+def bh_adjusted(p_values: Sequence[float]) -> np.ndarray:
+    """Benjamini–Hochberg q-values (false discovery rate), in the order given."""
+    p = np.asarray(p_values, dtype=float)
+    return stats.false_discovery_control(p, method="bh") if len(p) else p
+
+
 @dataclass
 class PairedTest:
     """Config minus baseline over shared seeds. Fields are None where undefined; `reason` says why."""
@@ -244,12 +263,14 @@ class PairedTest:
     ci_high: float | None = None
     statistic: float | None = None
     p_value: float | None = None
+    p_holm: float | None = None   # p_value adjusted within its family (`comparison.families`)
+    q_bh: float | None = None
     reason: str | None = None
 
 
 def paired_test(mine: dict[Any, float], theirs: dict[Any, float]) -> PairedTest:
     """Config minus baseline over the seeds both have (`per_seed` of each): mean difference, 95% t interval,
-    ttest_rel p-value."""
+    ttest_rel p-value. The adjusted p-values are set by `compare`, which knows the family."""
     seeds = tuple(sorted(set(mine) & set(theirs), key=str))
     x = np.array([mine[s] for s in seeds], dtype=float)
     y = np.array([theirs[s] for s in seeds], dtype=float)
@@ -278,9 +299,8 @@ def paired_test(mine: dict[Any, float], theirs: dict[Any, float]) -> PairedTest:
             with warnings.catch_warnings():  # scipy warns on nearly identical data; the numbers are still right
                 warnings.simplefilter("ignore", RuntimeWarning)
                 result = stats.ttest_rel(x, y)
-            n = len(d)
-            scale = float(d.std(ddof=1)) / math.sqrt(n)
-            test.ci_low, test.ci_high = (float(v) for v in stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=scale))
+                interval = result.confidence_interval(CONFIDENCE)
+            test.ci_low, test.ci_high = float(interval.low), float(interval.high)
             test.statistic, test.p_value = float(result.statistic), float(result.pvalue)
     test.reason = "; ".join(reasons) or None
     return test
