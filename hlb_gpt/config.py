@@ -134,8 +134,8 @@ class RunConfig:
     # data
     dataset: str = setting("wikitext-103", "Training corpus. `mini` is bundled (WikiText-2 test as train, valid as "
                            "valid) and works offline.", choices=DATASETS, grid=True)
-    data_dir: str | None = setting(None, "Folder with wiki.train.raw and wiki.valid.raw, used instead of the hub "
-                                   "(offline clusters).", folder=True)
+    data_dir: str | None = setting(None, "Folder with wiki.train.raw and wiki.valid.raw (and wiki.test.raw for "
+                                   "--eval-test), used instead of the hub (offline clusters).", folder=True)
     data_cache: str = setting("data", "Where tokenized splits are cached.", folder=True)
     tokenizer: str = setting("gpt2", "gpt2: GPT-2 BPE (bundled ranks, no download); bytes: UTF-8 bytes, vocab 256.",
                              choices=TOKENIZERS, grid=True)

@@ -857,8 +857,9 @@ def test_compare_command_offers_exactly_the_known_columns(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     out = capsys.readouterr().out
-    assert "[val_loss|train_loss|val_acc|train_acc]" in out and list(COLUMNS) == ["val_loss", "train_loss",
-                                                                                   "val_acc", "train_acc"]
+    choices = ["val_loss", "train_loss", "val_acc", "train_acc", "val_ppl", "val_bpb", "test_loss", "test_ppl",
+               "test_bpb"]
+    assert f"[{'|'.join(choices)}]" in " ".join(out.split()).replace("| ", "|") and list(COLUMNS) == choices
 
 
 def test_compare_command_refuses_a_bad_choice_in_one_line(grokking, capsys):
@@ -875,8 +876,9 @@ def test_val_acc_of_language_model_runs_is_a_usage_error_not_a_divergence(sweep,
     out, err = capsys.readouterr()
     assert exc.value.code == 2 and out == ""
     assert err.strip().splitlines() == ["Error: --column val_acc: none of these runs records it (language-model "
-                                        "runs record val_loss and train_loss; val_acc and train_acc are --task "
-                                        "modular's)"]
+                                        "runs record val_loss and train_loss, val_ppl with GPT-2 tokens and val_bpb; "
+                                        "test_loss, test_ppl and test_bpb with --eval-test; val_acc and train_acc "
+                                        "are --task modular's)"]
 
 
 def test_runs_without_the_column_are_left_out_with_a_note_beside_runs_that_have_it(sweep, grokking):
