@@ -317,9 +317,13 @@ class RunConfig:
             raise ConfigError(f"--eval-test: --task {self.task} has no test split; drop --eval-test")
         if self.data_dir is None and self.dataset == "mini":
             raise ConfigError(MINI_HAS_NO_TEST)
-        if self.data_dir is not None and not (Path(self.data_dir) / "wiki.test.raw").is_file():
-            raise ConfigError(f"--eval-test: --data-dir {self.data_dir} has no wiki.test.raw (the test split); add "
-                              "it or drop --eval-test")
+        if self.data_dir is not None:
+            test = Path(self.data_dir) / "wiki.test.raw"
+            if not test.is_file():
+                raise ConfigError(f"--eval-test: --data-dir {self.data_dir} has no wiki.test.raw (the test split); "
+                                  "add it or drop --eval-test")
+            if test.stat().st_size == 0:
+                raise ConfigError(f"--eval-test: --data-dir {self.data_dir}: wiki.test.raw is empty")
 
     def _validate_components(self, optimizer: Any) -> None:
         """Each optimizer's own settings (unset, None, for the others) and its refusals; the filter's."""

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from hlb_gpt.config import RunConfig, check_resumable
+from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.data import load_split_texts
 from hlb_gpt.train import train
 from tiny_runs import TINY, TINY_LM, run_main, train_tiny
@@ -78,12 +78,21 @@ def test_eval_test_on_mini_is_refused_in_one_line_since_its_training_text_is_wik
     assert not (tmp_path / "runs").exists()
 
 
-def test_eval_test_on_a_data_dir_without_a_test_file_is_refused_in_one_line(tmp_path, texts, capsys):
-    folder = data_dir(tmp_path / "data", texts)
+@pytest.mark.parametrize("test", [None, ""], ids=["missing", "empty"])
+def test_eval_test_on_a_data_dir_without_a_test_text_is_refused_in_one_line(tmp_path, texts, capsys, test):
+    folder = data_dir(tmp_path / "data", texts, test=test)
     code, out, err = run_main([*TINY, "--data-dir", folder, "--eval-test", "--max-steps", "1", "--out",
                                str(tmp_path / "runs")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("Error: --eval-test") and "wiki.test.raw" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_test_split_too_short_for_one_window_is_refused_before_training(tmp_path, texts):
+    folder = data_dir(tmp_path / "data", texts, test="too short")
+    with pytest.raises(ConfigError, match="--eval-test: the test split has 9 tokens, fewer than --seq-len"):
+        train_tiny(tmp_path / "run", tmp_path / "cache", data_dir=folder, eval_test=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_eval_test_is_refused_for_the_modular_task(tmp_path, capsys):

@@ -164,3 +164,12 @@ def test_runs_without_a_test_evaluation_are_left_out_of_a_test_column_with_a_not
 def test_every_unit_column_is_a_compare_choice():
     assert {"val_ppl", "val_bpb", "test_loss", "test_ppl", "test_bpb"} <= set(COLUMNS)
     assert all(COLUMNS[name].lower_is_better for name in ("val_ppl", "val_bpb", "test_loss", "test_ppl", "test_bpb"))
+
+
+def test_a_diverged_run_counts_as_the_worst_test_loss_not_as_missing(tmp_path):
+    write_unit_runs(tmp_path / "grid", "gpt2", test={"baseline": [3.1, 3.3], "ema": [2.9, 3.0]})
+    summary = json.loads((tmp_path / "grid" / "ema-s1" / "summary.json").read_text())
+    summary = {k: v for k, v in summary.items() if not k.startswith("test_")}
+    (tmp_path / "grid" / "ema-s1" / "summary.json").write_text(json.dumps({**summary, "status": "diverged"}))
+    c = compare(load_runs([tmp_path / "grid"])[0], "final", "all", "test_loss")
+    assert c.group("ema α0.98 g2").values == [2.9, math.inf]

@@ -205,10 +205,12 @@ def _convert(derived: Derived, loss: Any) -> float | None:
 
 def lacks_column(run: Run, column: Column) -> bool:
     """Whether the run never recorded `column`: it has evaluations but none records it (an LM run asked for
-    val_acc), or, for an `at_end` column, its summary has no value and it did not diverge (a run that diverged
-    before its end counts as the worst value, as it does for every column)."""
+    val_acc), or, for an `at_end` column, its summary has no value and it is not a language-model run that
+    diverged (which never reaches the end that evaluates the test split: it counts as the worst value, as it does
+    for every column, whether or not it asked for --eval-test)."""
     if column.at_end:
-        return not column_rows(run, column) and not (run.status == "diverged" and run.config.get("eval_test"))
+        diverged_lm = run.status == "diverged" and run.config.get("task", "lm") == "lm"
+        return not column_rows(run, column) and not diverged_lm
     rows = column_rows(run, column)
     return bool(rows) and not any(column.name in r for r in rows)
 
