@@ -182,8 +182,9 @@ class RunConfig:
                                   negatable=True)
     eval_tokens: int | None = setting(None, "Validation tokens per evaluation, from the start of the split; 0 = all.",
                                       note="preset")
-    eval_test: bool = setting(False, "At the end of a completed run, evaluate the whole test split once (summary.json's "
-                              "test_loss); not with --dataset mini, whose training text is WikiText-2's test split.")
+    eval_test: bool = setting(False, "At the end of a completed run, evaluate the whole test split once "
+                              "(summary.json's test_loss); not with --dataset mini, whose training text is "
+                              "WikiText-2's test split.")
     seed: int = setting(0, "Seed(s); shared by all configurations.", grid=True)
     max_steps: int | None = setting(None, "Stop after this many optimizer steps.", note="no limit")
     target_acc: float | None = setting(None, "--task modular: stop once validation accuracy reaches this (e.g. 0.95).")

@@ -236,8 +236,8 @@ class LanguageModel:
             return {}
         x, y = self.test
         loss = evaluate(model, x.to(self.device), y.to(self.device), self.eval_batch, autocast).item()
-        return {"test_loss": loss, **loss_units("test", loss, self.cfg.tokenizer, y.numel(), self.tokenizer.n_bytes(y)),
-                "test_tokens": y.numel(), "test_text_sha256": self.test_sha256}
+        units = loss_units("test", loss, self.cfg.tokenizer, y.numel(), self.tokenizer.n_bytes(y))
+        return {"test_loss": loss, **units, "test_tokens": y.numel(), "test_text_sha256": self.test_sha256}
 
     def should_stop(self, row: dict[str, Any]) -> str | None:
         return None
