@@ -264,8 +264,10 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
               help="Epochs the statistic covers: all, first:K or last:K (K in epochs).")
 # The old name of --span, which read as the MA filter's --window (in steps): still accepted, with a note.
 @click.option("--window", "old_span", envvar="HLB_GPT_COMPARE_WINDOW", default=None, hidden=True)
-@click.option("--column", type=click.Choice(["val_loss", "train_loss", "val_acc", "train_acc"]), default=None,
-              help="The metrics.jsonl column compared and plotted [val_loss; val_acc for steps_to_target].")
+@click.option("--column", type=click.Choice(["val_loss", "train_loss", "val_acc", "train_acc", "val_ppl", "val_bpb",
+                                            "test_loss", "test_ppl", "test_bpb"]), default=None,
+              help="The metrics.jsonl column compared and plotted, or summary.json's test_* (--eval-test) "
+                   "[val_loss; val_acc for steps_to_target].")
 @click.option("--format", "fmt", envvar="HLB_GPT_COMPARE_FORMAT", type=click.Choice(["markdown", "csv"]),
               default="markdown", show_default=True)
 @click.option("--plot", "plot_dir", envvar="HLB_GPT_COMPARE_PLOT", type=click.Path(file_okay=False, path_type=Path),

@@ -32,6 +32,10 @@ class ConfigError(ValueError):
     """A setting or combination of settings the user must change; the message names the flag."""
 
 
+MINI_HAS_NO_TEST = ("--eval-test: --dataset mini trains on WikiText-2's test split, so its test loss would be "
+                    "measured on training data; use --dataset wikitext-2 or a --data-dir with wiki.test.raw")
+
+
 # `--checkpoint-every 30m`: seconds per unit of a time cadence.
 TIME_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 # Without --checkpoint-every, epoch checkpoints are at least this many seconds apart: an epoch of `mini` is 4.4
@@ -130,8 +134,8 @@ class RunConfig:
     # data
     dataset: str = setting("wikitext-103", "Training corpus. `mini` is bundled (WikiText-2 test as train, valid as "
                            "valid) and works offline.", choices=DATASETS, grid=True)
-    data_dir: str | None = setting(None, "Folder with wiki.train.raw and wiki.valid.raw, used instead of the hub "
-                                   "(offline clusters).", folder=True)
+    data_dir: str | None = setting(None, "Folder with wiki.train.raw and wiki.valid.raw (and wiki.test.raw for "
+                                   "--eval-test), used instead of the hub (offline clusters).", folder=True)
     data_cache: str = setting("data", "Where tokenized splits are cached.", folder=True)
     tokenizer: str = setting("gpt2", "gpt2: GPT-2 BPE (bundled ranks, no download); bytes: UTF-8 bytes, vocab 256.",
                              choices=TOKENIZERS, grid=True)
@@ -178,6 +182,9 @@ class RunConfig:
                                   negatable=True)
     eval_tokens: int | None = setting(None, "Validation tokens per evaluation, from the start of the split; 0 = all.",
                                       note="preset")
+    eval_test: bool = setting(False, "At the end of a completed run, evaluate the whole test split once "
+                              "(summary.json's test_loss); not with --dataset mini, whose training text is "
+                              "WikiText-2's test split.")
     seed: int = setting(0, "Seed(s); shared by all configurations.", grid=True)
     max_steps: int | None = setting(None, "Stop after this many optimizer steps.", note="no limit")
     target_acc: float | None = setting(None, "--task modular: stop once validation accuracy reaches this (e.g. 0.95).")
@@ -303,6 +310,21 @@ class RunConfig:
                     raise ConfigError(f"--data-dir {self.data_dir} has no {split}")
                 if (Path(self.data_dir) / split).stat().st_size == 0:
                     raise ConfigError(f"--data-dir {self.data_dir}: {split} is empty")
+        if self.eval_test:
+            self._validate_eval_test()
+
+    def _validate_eval_test(self) -> None:
+        if self.task != "lm":
+            raise ConfigError(f"--eval-test: --task {self.task} has no test split; drop --eval-test")
+        if self.data_dir is None and self.dataset == "mini":
+            raise ConfigError(MINI_HAS_NO_TEST)
+        if self.data_dir is not None:
+            test = Path(self.data_dir) / "wiki.test.raw"
+            if not test.is_file():
+                raise ConfigError(f"--eval-test: --data-dir {self.data_dir} has no wiki.test.raw (the test split); "
+                                  "add it or drop --eval-test")
+            if test.stat().st_size == 0:
+                raise ConfigError(f"--eval-test: --data-dir {self.data_dir}: wiki.test.raw is empty")
 
     def _validate_components(self, optimizer: Any) -> None:
         """Each optimizer's own settings (unset, None, for the others) and its refusals; the filter's."""
@@ -392,9 +414,11 @@ class RunConfig:
 # The settings whose flag takes a list: one run per value (per combination, see `sweep.expand_grid`).
 GRID_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("grid"))
 
-# Settings that do not change the experiment: how a run is checkpointed and logged, and where its files go.
-# `compare` never separates runs by them, and a resumed run may change them.
-BOOKKEEPING = frozenset({"checkpoint_every", "keep_checkpoints", "wandb", "wandb_project", "data_cache"})
+# Settings that do not change the experiment: how a run is checkpointed and logged, where its files go, and whether
+# its end also reads the test split (which no number of training reads: a run extended later evaluates it at its new
+# end). `compare` never separates runs by them, and a resumed run may change them.
+BOOKKEEPING = frozenset({"checkpoint_every", "keep_checkpoints", "wandb", "wandb_project", "data_cache",
+                         "eval_test"})
 # A resumed run may also change how long it runs (the length and its stopping rules), the device and compile, and
 # where its data lives (paths differ across machines; the data itself is checked by its sha256). Every one of
 # these but the bookkeeping separates configurations in `compare`.

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hlb_gpt.config import DATASETS, TOKENIZERS
+from hlb_gpt.config import DATASETS, MINI_HAS_NO_TEST, TOKENIZERS
 from hlb_gpt.durable import write_durably
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ _HUB_REPO = "Salesforce/wikitext"
 _HUB_CONFIGS = {"wikitext-103": "wikitext-103-raw-v1", "wikitext-2": "wikitext-2-raw-v1"}
 _HUB_SPLITS = {"train": "train", "valid": "validation"}
 _RAW_FILES = {"train": "wiki.train.raw", "valid": "wiki.valid.raw"}
+# The test split, read only for --eval-test: the final number papers report, never looked at while training.
+TEST_SPLIT = "test"
+_HUB_TEST_SPLIT = "test"
+TEST_FILE = "wiki.test.raw"
 # mini trains on the WikiText-2 *test* split: the real train split (10.9 MB) is too big to ship.
 _MINI_FILES = {"train": "wiki.train.raw.xz", "valid": "wiki.valid.raw.xz"}
 
@@ -68,6 +72,7 @@ class Tokenizer:
     n_vocab: int
     _encode: Callable[[str], np.ndarray] = field(repr=False, compare=False)
     _decode: Callable[[list[int]], str] = field(repr=False, compare=False)
+    _token_bytes: Callable[[], np.ndarray] = field(repr=False, compare=False)  # UTF-8 bytes of each token id
 
     @property
     def dtype(self) -> np.dtype:
@@ -84,6 +89,13 @@ class Tokenizer:
             ids = ids.detach().cpu().numpy()
         return self._decode(np.asarray(ids).reshape(-1).tolist())
 
+    def n_bytes(self, ids: Any) -> int:
+        """The UTF-8 bytes of the text that the token ids spell, counted token by token: exact even where a
+        sequence starts or ends inside a character that several tokens share."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        return int(self._token_bytes()[np.asarray(ids).reshape(-1)].sum(dtype=np.int64))
+
 
 def get_tokenizer(name: str) -> Tokenizer:
     """The tokenizer called `name` (one of TOKENIZERS). Never touches the network."""
@@ -94,9 +106,11 @@ def get_tokenizer(name: str) -> Tokenizer:
             n_vocab=encoding.n_vocab,
             _encode=functools.partial(_encode_gpt2, encoding),
             _decode=encoding.decode,
+            _token_bytes=_gpt2_token_bytes,
         )
     if name == "bytes":
-        return Tokenizer(name="bytes", n_vocab=256, _encode=_encode_bytes, _decode=_decode_bytes)
+        return Tokenizer(name="bytes", n_vocab=256, _encode=_encode_bytes, _decode=_decode_bytes,
+                         _token_bytes=functools.partial(np.ones, 256, dtype=np.int64))
     raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
 
 
@@ -117,6 +131,12 @@ def _gpt2_encoding():  # -> tiktoken.Encoding; built once per process (~0.3 s)
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": _GPT2_END_OF_TEXT},
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_token_bytes() -> np.ndarray:
+    encoding = _gpt2_encoding()
+    return np.array([len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)], dtype=np.int64)
 
 
 def _encode_bytes(text: str) -> np.ndarray:
@@ -210,21 +230,26 @@ def hf_rows_to_text(rows: Iterable[str]) -> str:
     return "".join(row if row else " \n" for row in rows)
 
 
-def load_split_texts(dataset: str, data_dir: Path | None = None) -> dict[str, str]:
-    """{"train": text, "valid": text} of `dataset`, or of the raw files in `data_dir` when it is given.
+def load_split_texts(dataset: str, data_dir: Path | None = None, test: bool = False) -> dict[str, str]:
+    """{"train": text, "valid": text} of `dataset`, or of the raw files in `data_dir` when it is given; with
+    `test`, also {"test": text}, the test split (wiki.test.raw in a `data_dir`).
 
-    Raises ValueError for an unknown dataset and DataUnavailable when the text cannot be read.
+    Raises ValueError for an unknown dataset and DataUnavailable when the text cannot be read (or, with `test`,
+    for `mini`, whose training text is WikiText-2's test split).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if data_dir is not None:
-        return {split: _read_raw_file(Path(data_dir) / name) for split, name in _RAW_FILES.items()}
+        files = {**_RAW_FILES, TEST_SPLIT: TEST_FILE} if test else _RAW_FILES
+        return {split: _read_raw_file(Path(data_dir) / name) for split, name in files.items()}
     if dataset == "mini":
+        if test:
+            raise DataUnavailable(MINI_HAS_NO_TEST)
         return {
             split: lzma.decompress(_asset("mini", name).read_bytes()).decode("utf-8")
             for split, name in _MINI_FILES.items()
         }
-    return _load_from_hub(dataset)
+    return _load_from_hub(dataset, {**_HUB_SPLITS, TEST_SPLIT: _HUB_TEST_SPLIT} if test else _HUB_SPLITS)
 
 
 def data_source(dataset: str, data_dir: Path | str | None) -> str:
@@ -242,7 +267,8 @@ def _read_raw_file(path: Path) -> str:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataUnavailable(
-            f"missing data file {path} (--data-dir needs wiki.train.raw and wiki.valid.raw)"
+            f"missing data file {path} (--data-dir needs wiki.train.raw and wiki.valid.raw, and wiki.test.raw "
+            "for --eval-test)"
         ) from None
     except OSError as error:
         raise DataUnavailable(f"cannot read data file {path} ({error.strerror or error})") from None
@@ -252,13 +278,13 @@ def _read_raw_file(path: Path) -> str:
         raise DataUnavailable(f"data file {path} is not UTF-8 text (bad byte at offset {error.start})") from None
 
 
-def _load_from_hub(dataset: str) -> dict[str, str]:
+def _load_from_hub(dataset: str, splits: dict[str, str]) -> dict[str, str]:
     config = _HUB_CONFIGS[dataset]
     columns = {}
     try:
         import datasets  # slow to import, and only needed here
 
-        for split, hub_split in _HUB_SPLITS.items():
+        for split, hub_split in splits.items():
             columns[split] = datasets.load_dataset(_HUB_REPO, config, split=hub_split)["text"]
     except Exception as error:  # noqa: BLE001 -- any failure means the same thing to the user
         detail = " ".join(str(error).split())[:200]
@@ -289,24 +315,28 @@ def load_tokens(
 
 @dataclass(frozen=True)
 class Data:
-    """A dataset's tokens and what identifies its text wherever it was read from: the sha256 of each split."""
+    """A dataset's tokens and what identifies its text wherever it was read from: the sha256 of each split.
+
+    `tokens` and `text_sha256` hold "train" and "valid", and "test" when it was asked for: a run's config.json
+    records the first two only, so adding --eval-test to a run does not change what identifies its data."""
 
     tokens: dict[str, torch.Tensor]
     text_sha256: dict[str, str]
 
 
-def load_data(dataset: str, tokenizer: Tokenizer, cache_dir: Path, data_dir: Path | None = None) -> Data:
-    """The tokens of `load_tokens`, with the sha256 of each split's text (a run records them in config.json).
+def load_data(dataset: str, tokenizer: Tokenizer, cache_dir: Path, data_dir: Path | None = None,
+              test: bool = False) -> Data:
+    """The tokens of `load_tokens` (with `test`, the test split's too), with the sha256 of each split's text.
 
     One cache entry per (dataset, split, tokenizer, sha256 of the text): a raw little-endian token file plus a JSON
     sidecar with the key and the sha256 of the token bytes. A damaged or mismatched entry is logged and rebuilt.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    texts = load_split_texts(dataset, data_dir)
+    texts = load_split_texts(dataset, data_dir, test=test)
     source = "data-dir" if data_dir is not None else dataset  # a folder's text is not the named dataset's
     tokens, text_sha256 = {}, {}
-    for split in SPLITS:
+    for split in texts:
         text = texts[split]
         key = {
             "format": _CACHE_FORMAT,

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hlb_gpt.compare import Column, Comparison, Group, PairedTest, run_rows, short_label
-from hlb_gpt.compare.statistics import ALPHA, CONFIDENCE
+from hlb_gpt.compare.statistics import ALPHA, CONFIDENCE, column_rows
 from hlb_gpt import components
 from hlb_gpt.config import ConfigError
 from hlb_gpt.records import Run
@@ -79,7 +79,7 @@ def mean_curve(runs: Sequence[Run], column: Column) -> tuple[np.ndarray, np.ndar
     """Epochs, mean, min and max over seeds at each evaluation step (finite values only)."""
     by_step: dict[Any, tuple[list[float], list[float]]] = {}
     for run in runs:
-        for row in run_rows(run):
+        for row in column_rows(run, column):
             value = row.get(column.name)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 step = row.get("step")

@@ -128,6 +128,10 @@ class Task(Protocol):
                  autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
         """{"val_loss": ..., then any extra metrics columns} (rank 0 alone evaluates, not through DDP)."""
 
+    def evaluate_end(self, model: Callable[..., Tensor],
+                     autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, Any]:
+        """Entries summary.json adds once a run completes, evaluated then (the LM's --eval-test); rank 0 alone."""
+
     def should_stop(self, row: dict[str, Any]) -> str | None:
         """Why the run ends after the evaluation that wrote `row` (a target reached), or None to go on."""
 
@@ -644,6 +648,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     memory: dict[str, Any] = {}
     outcome = RunStatus(run_dir.name, say)
     last_val, last_columns = loop.final, {}
+    end_columns: dict[str, Any] = {}
     bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step",
                disable=not (progress and ddp.is_main), dynamic_ncols=True, leave=True)
 
@@ -739,6 +744,8 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                                         refresh=False)
                     lap = Lap.begin(loop)
             save("final")  # so that a completed run can be extended with more --epochs or --max-steps
+            if ddp.is_main:  # after the checkpoint: a failure here costs no training
+                end_columns = task.evaluate_end(eval_net, autocast)
     finally:
         bar.close()
         memory = final_memory(memory, model, optimizer, grad_filter, peak)
@@ -749,6 +756,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                                          graphs_at_start)),
             "attention_fallback": getattr(model, "attention_fallback", None),
             **task.summary(metrics),
+            **end_columns,
         }
         if ddp.enabled and outcome.status != "failed":
             summary["ddp"] = {"world_size": ddp.world_size,

@@ -713,7 +713,7 @@ def test_every_setting_but_the_seed_and_the_bookkeeping_separates_configurations
              "resolved_precision": "bf16", "world_size": 2, "n_params": 7, "train_tokens": 7,
              "text_sha256": CUSTOM_SHA, "versions": {"torch": "9.9"}, "attention": "flex", "init_from": "/x",
              "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "in", "train_only": "norms",
-             "eval_at_start": False}
+             "eval_at_start": False, "eval_test": True}
     assert set(RunConfig.__dataclass_fields__) <= set(other)  # a new setting must be added here
     # Neither what the run records but does not use (the window of an EMA run, GrokAdamW's settings), nor the
     # request that the recorded result stands for (--device auto, resolved; --data-dir and --dataset, read
@@ -991,8 +991,9 @@ def test_compare_command_offers_exactly_the_known_columns(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     out = capsys.readouterr().out
-    assert "[val_loss|train_loss|val_acc|train_acc]" in out and list(COLUMNS) == ["val_loss", "train_loss",
-                                                                                   "val_acc", "train_acc"]
+    choices = ["val_loss", "train_loss", "val_acc", "train_acc", "val_ppl", "val_bpb", "test_loss", "test_ppl",
+               "test_bpb"]
+    assert f"[{'|'.join(choices)}]" in " ".join(out.split()).replace("| ", "|") and list(COLUMNS) == choices
 
 
 def test_compare_command_refuses_a_bad_choice_in_one_line(grokking, capsys):
@@ -1009,8 +1010,9 @@ def test_val_acc_of_language_model_runs_is_a_usage_error_not_a_divergence(sweep,
     out, err = capsys.readouterr()
     assert exc.value.code == 2 and out == ""
     assert err.strip().splitlines() == ["Error: --column val_acc: none of these runs records it (language-model "
-                                        "runs record val_loss and train_loss; val_acc and train_acc are --task "
-                                        "modular's)"]
+                                        "runs record val_loss and train_loss, val_ppl with GPT-2 tokens and val_bpb; "
+                                        "test_loss, test_ppl and test_bpb with --eval-test; val_acc and train_acc "
+                                        "are --task modular's)"]
 
 
 def test_runs_without_the_column_are_left_out_with_a_note_beside_runs_that_have_it(sweep, grokking):

@@ -104,7 +104,8 @@ def compare(runs: Sequence[Run], metric: Metric | str, span: Span | str, column:
     if empty:
         notes.append(f"no evaluations in span {span} for {len(empty)} run(s), left out: {', '.join(empty)}")
     if lacking:
-        notes.append(f"no {column.name} column in the metrics of {len(lacking)} run(s), left out "
+        where = "in the summaries of" if column.at_end else "column in the metrics of"
+        notes.append(f"no {column.name} {where} {len(lacking)} run(s), left out "
                      f"({COLUMN_OWNERS}): {', '.join(lacking)}")
     if no_target:
         notes.append(f"no --target-acc recorded for {len(no_target)} run(s), left out: {', '.join(no_target)}")
@@ -159,6 +160,8 @@ def _resample_grid(runs: Sequence[Run], metric: Metric, column: Column, n: int, 
     """The common epoch grid of `--resample n`, with a note saying so."""
     if metric.kind == "steps_to_target":
         raise ValueError("--resample does not apply to --metric steps_to_target (the step of an evaluation)")
+    if column.at_end:
+        raise ValueError(f"--resample does not apply to --column {column.name} (one value, at the end of a run)")
     ends = [(s.epochs[-1], run.status == "diverged") for run in runs
             if not lacks_column(run, column) and (s := run_series(run, column)).epochs.size]
     grid = epoch_grid((end for end, _ in ends), n)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import stats
 
 from hlb_gpt.compare.loading import after_training_began, last_epoch, run_rows
 from hlb_gpt.records import Run
+from hlb_gpt.units import LN2, PERPLEXITY_TOKENIZERS, perplexity
 
 CONFIDENCE = 0.95
 ALPHA = 0.05  # the level of the forest plot's decision, on the Holm-adjusted p-value
@@ -27,11 +28,25 @@ ALPHA = 0.05  # the level of the forest plot's decision, on the Holm-adjusted p-
 
 
 @dataclass(frozen=True)
+class Derived:
+    """How a unit column comes from the loss in a row of a run recorded before the column existed: only for the
+    tokenizers it is defined for without the text (GPT-2 bits per byte need the byte count of what was evaluated,
+    which old rows do not hold)."""
+
+    loss: str
+    tokenizers: tuple[str, ...]
+    convert: Callable[[float], float]
+
+
+@dataclass(frozen=True)
 class Column:
-    """A metrics.jsonl column that can be compared, and which direction is better."""
+    """A column that can be compared, and which direction is better: a metrics.jsonl column, or (`at_end`) a
+    value summary.json records once, at the end of a run, which counts as that run's one evaluation."""
 
     name: str
     lower_is_better: bool = True
+    at_end: bool = False
+    derived: Derived | None = field(default=None, compare=False)
 
     @property
     def worst(self) -> float:
@@ -44,8 +59,14 @@ COLUMNS: dict[str, Column] = {
     "train_loss": Column("train_loss"),
     "val_acc": Column("val_acc", lower_is_better=False),  # --task modular
     "train_acc": Column("train_acc", lower_is_better=False),
+    "val_ppl": Column("val_ppl", derived=Derived("val_loss", PERPLEXITY_TOKENIZERS, perplexity)),
+    "val_bpb": Column("val_bpb", derived=Derived("val_loss", ("bytes",), lambda loss: loss / LN2)),
+    "test_loss": Column("test_loss", at_end=True),  # --eval-test
+    "test_ppl": Column("test_ppl", at_end=True),
+    "test_bpb": Column("test_bpb", at_end=True),
 }
-COLUMN_OWNERS = "language-model runs record val_loss and train_loss; val_acc and train_acc are --task modular's"
+COLUMN_OWNERS = ("language-model runs record val_loss and train_loss, val_ppl with GPT-2 tokens and val_bpb; "
+                 "test_loss, test_ppl and test_bpb with --eval-test; val_acc and train_acc are --task modular's")
 # The column `steps_to_target` reads: the run reached its --target-acc at its first evaluation at or above it.
 TARGET_COLUMN = "val_acc"
 
@@ -151,15 +172,54 @@ class Series:
     epochs_per_step: float
 
 
-def lacks_column(run: Run, column: Column) -> bool:
-    """Whether the run has evaluations but none records `column` (an LM run asked for val_acc)."""
+def column_rows(run: Run, column: Column) -> list[dict[str, Any]]:
+    """The run's rows (`run_rows`) as `column` reads them. A unit column a row lacks is computed from its loss where
+    the run's tokenizer allows (a run recorded before the column existed); an `at_end` column is one row, at the
+    run's last epoch, holding the summary's value (none when the summary has none)."""
     rows = run_rows(run)
+    if column.at_end:
+        value = (run.summary or {}).get(column.name, _MISSING)
+        if value is _MISSING:
+            return []
+        last = rows[-1] if rows else {}
+        return [{"epoch": last_epoch(run), "step": (run.summary or {}).get("steps", last.get("step")),
+                 column.name: value}]
+    derived = column.derived
+    if derived is None or not _derivable(run, derived):
+        return rows
+    return [row if column.name in row or derived.loss not in row
+            else {**row, column.name: _convert(derived, row[derived.loss])} for row in rows]
+
+
+_MISSING = object()
+
+
+def _derivable(run: Run, derived: Derived) -> bool:
+    config = run.config
+    return config.get("task", "lm") == "lm" and config.get("tokenizer", "gpt2") in derived.tokenizers
+
+
+def _convert(derived: Derived, loss: Any) -> float | None:
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return derived.convert(float(loss))
+    return None  # a non-finite loss, written as null: the worst value, as the loss itself would be
+
+
+def lacks_column(run: Run, column: Column) -> bool:
+    """Whether the run never recorded `column`: it has evaluations but none records it (an LM run asked for
+    val_acc), or, for an `at_end` column, its summary has no value and it is not a language-model run that
+    diverged (which never reaches the end that evaluates the test split: it counts as the worst value, as it does
+    for every column, whether or not it asked for --eval-test)."""
+    if column.at_end:
+        diverged_lm = run.status == "diverged" and run.config.get("task", "lm") == "lm"
+        return not column_rows(run, column) and not diverged_lm
+    rows = column_rows(run, column)
     return bool(rows) and not any(column.name in r for r in rows)
 
 
 def run_series(run: Run, column: Column) -> Series:
     """The run's evaluations after training began: the untrained model's loss is no run's best or final value."""
-    rows = [r for r in run_rows(run) if after_training_began(r)]
+    rows = [r for r in column_rows(run, column) if after_training_began(r)]
     epochs = [float(r["epoch"]) for r in rows]
     values = [_value_or_worst(r.get(column.name), column) for r in rows]
     if run.status == "diverged" and not (values and math.isinf(values[-1])):

@@ -19,13 +19,14 @@ from torch import Tensor, nn
 
 from hlb_gpt import components, distributed
 from hlb_gpt.config import ConfigError, RunConfig
-from hlb_gpt.data import BatchSampler, data_source, eval_windows, get_tokenizer, load_data
+from hlb_gpt.data import TEST_SPLIT, BatchSampler, data_source, eval_windows, get_tokenizer, load_data
 from hlb_gpt.device import attention_for, resolve_precision
 from hlb_gpt.finetune import count_trainable, load_base, prepare_model
 from hlb_gpt.model import GPT, GPTConfig, gpt_config
 from hlb_gpt.optim import make_scheduler, param_groups
 from hlb_gpt.records import read_run
 from hlb_gpt.tasks import Batch
+from hlb_gpt.units import loss_units
 
 # hlb-gpt's sequence-length warmup: start short, double every SEQ_GROWTH_STEPS steps, same tokens per batch.
 SEQ_START = 32
@@ -159,21 +160,33 @@ class LanguageModel:
                               f"({cfg.grad_accum} x {ddp.world_size})")
         self.tokenizer = get_tokenizer(cfg.tokenizer)
         data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-        data = load_data(cfg.dataset, self.tokenizer, Path(cfg.data_cache), data_dir)
+        data = load_data(cfg.dataset, self.tokenizer, Path(cfg.data_cache), data_dir, test=cfg.eval_test)
         tokens = data.tokens
         self.n_train = len(tokens["train"])
         if self.n_train < cfg.seq_len + 1:  # the sampler needs one window, the schedule more than zero tokens
             raise ConfigError(f"the training text has {self.n_train} tokens, fewer than --seq-len + 1 = "
                               f"{cfg.seq_len + 1}; use a shorter --seq-len or more training text")
         self.data_source = data_source(cfg.dataset, cfg.data_dir)
-        self.text_sha256: dict[str, str] | None = data.text_sha256
+        self.text_sha256: dict[str, str] | None = {k: v for k, v in data.text_sha256.items() if k != TEST_SPLIT}
         self.schedule = BatchSchedule(cfg.seq_len, cfg.batch_size, cfg.seq_warmup)
         # The full length, which evaluation always has and training keeps after its warm-up: one specialised
         # graph for the rest of the run (no bounds checks, kernels for that size) instead of the dynamic one.
         self.static_sizes = {1: cfg.seq_len}
         self.sampler = BatchSampler(tokens["train"], seed=cfg.seed, device=device)
-        self.eval_x, self.eval_y = (t.to(device) for t in eval_windows(tokens["valid"], cfg.seq_len,
-                                                                        cfg.eval_tokens or None))
+        eval_x, eval_y = eval_windows(tokens["valid"], cfg.seq_len, cfg.eval_tokens or None)
+        self.eval_x, self.eval_y = eval_x.to(device), eval_y.to(device)
+        self.eval_units = functools.partial(loss_units, "val", tokenizer=cfg.tokenizer, n_tokens=eval_y.numel(),
+                                            n_bytes=self.tokenizer.n_bytes(eval_y))
+        # The test windows wait on the CPU for the end of the run; made now, so a test split too short for one
+        # window is refused before training, not after it.
+        self.test: tuple[Tensor, Tensor] | None = None
+        if cfg.eval_test:
+            try:
+                self.test = eval_windows(tokens[TEST_SPLIT], cfg.seq_len, None)
+            except ValueError:
+                raise ConfigError(f"--eval-test: the test split has {len(tokens[TEST_SPLIT])} tokens, fewer than "
+                                  f"--seq-len + 1 = {cfg.seq_len + 1}") from None
+            self.test_sha256 = data.text_sha256[TEST_SPLIT]
         # Evaluation goes in chunks of the per-rank micro-batch, which training has shown to fit.
         self.eval_batch = cfg.batch_size // (cfg.grad_accum * ddp.world_size)
         self.base: dict[str, Any] = {}  # a fine-tune's base (`finetune.Base.record`), once it is known
@@ -213,7 +226,18 @@ class LanguageModel:
 
     def evaluate(self, model: Callable[..., Tensor],
                  autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
-        return {"val_loss": evaluate(model, self.eval_x, self.eval_y, self.eval_batch, autocast).item()}
+        loss = evaluate(model, self.eval_x, self.eval_y, self.eval_batch, autocast).item()
+        return {"val_loss": loss, **self.eval_units(loss)}
+
+    def evaluate_end(self, model: Callable[..., Tensor],
+                     autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, Any]:
+        """With --eval-test, the loss over every whole window of the test split, in nats and in its units."""
+        if self.test is None:
+            return {}
+        x, y = self.test
+        loss = evaluate(model, x.to(self.device), y.to(self.device), self.eval_batch, autocast).item()
+        units = loss_units("test", loss, self.cfg.tokenizer, y.numel(), self.tokenizer.n_bytes(y))
+        return {"test_loss": loss, **units, "test_tokens": y.numel(), "test_text_sha256": self.test_sha256}
 
     def should_stop(self, row: dict[str, Any]) -> str | None:
         return None
