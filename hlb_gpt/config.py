@@ -325,6 +325,9 @@ class RunConfig:
         if limit < batch:
             raise ConfigError(f"--train-tokens {limit} is less than one step's batch, --batch-size x --seq-len = "
                               f"{self.batch_size} x {self.seq_len} = {batch} tokens")
+        if limit < self.seq_len + 1:  # a batch of one sequence still needs the token after it
+            raise ConfigError(f"--train-tokens {limit} is less than one sequence and the token after it, --seq-len + 1"
+                              f" = {self.seq_len + 1} tokens")
 
     def _validate_components(self, optimizer: Any) -> None:
         """Each optimizer's own settings (unset, None, for the others) and its refusals; the filter's."""

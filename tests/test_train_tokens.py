@@ -136,6 +136,7 @@ def test_a_run_s_config_json_given_back_keeps_its_train_tokens_not_the_recorded_
     (["--train-tokens", "many"], "--train-tokens"),
     (["--train-tokens", "4095"], "one step's batch"),  # tiny: 16 sequences of 256 tokens
     (["--train-tokens", "4096,100", "--grokfast"], "one step's batch"),  # any value of a grid
+    (["--batch-size", "1", "--train-tokens", "256"], "--seq-len + 1 = 257"),
     (["--train-tokens", f"{MINI_BYTES_TRAIN + 1}"], f"the {MINI_BYTES_TRAIN:,} tokens of the training split"),
     (["--train-tokens", f"4096,{10 ** 12}"], "tokens of the training split"),  # before the first run trains
     (["--task", "modular", "--train-tokens", "4096"], "--task modular"),
