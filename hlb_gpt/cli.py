@@ -69,6 +69,18 @@ class Duration(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class RenamedOption(click.Option):
+    """A setting whose flag is not its name (`--train-tokens` sets `train_tokens_limit`): read from the environment
+    as HLB_GPT_<FLAG>, as every other flag, and as HLB_GPT_<FIELD>, as every other setting."""
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        if ctx.auto_envvar_prefix is not None:
+            value = os.environ.get(f"{ctx.auto_envvar_prefix}_{self.opts[0][2:].upper().replace('-', '_')}")
+            if value:
+                return value
+        return super().resolve_envvar_value(ctx)
+
+
 LOCK_TIMEOUT = click.option(
     "--lock-timeout", type=Duration(), default="10m", show_default=True,
     help="A run whose process on another host has sent no heartbeat for this long (600, 90s, 10m, 1.5h) is taken "
@@ -98,7 +110,8 @@ def load_config_file(ctx: click.Context, param: click.Parameter, path: Path | No
     params = {p.name: p for p in ctx.command.params
               if isinstance(p, click.Option) and p.name not in NOT_IN_FILE and not p.hidden}
     grid = frozenset(name for name, p in params.items() if isinstance(p.type, CommaList))
-    settings = read_settings(path, {name: _file_kinds(p) for name, p in params.items()}, grid)
+    flag_names = {p.opts[0][2:].replace("-", "_"): name for name, p in params.items() if isinstance(p, RenamedOption)}
+    settings = read_settings(path, {name: _file_kinds(p) for name, p in params.items()}, grid, flag_names)
     defaults = {}
     for name, value in settings.items():
         option = params[name]
@@ -169,7 +182,8 @@ def field_option(field: dataclasses.Field, annotation: Any) -> Callable:
         value_type = CommaList(value_type)
         help_text += " List for a grid."
     return click.option(flag(field.name), field.name, type=value_type, default=field.default,
-                        show_default=field.default is not None, help=help_text)
+                        show_default=field.default is not None, help=help_text,
+                        cls=RenamedOption if meta.get("flag") else click.Option)
 
 
 def _options(fn: Callable) -> Callable:

@@ -109,18 +109,20 @@ MUON_MOMENTUM = 0.95
 
 def setting(default: Any, help: str, *, note: str | None = None,
             choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
-            grid: bool = False, negatable: bool = False, folder: bool = False, parse: type | None = None) -> Any:
+            grid: bool = False, negatable: bool = False, folder: bool = False, parse: type | None = None,
+            flag_name: str | None = None) -> Any:
     """A `RunConfig` field together with what its command-line flag needs, so a setting is described once.
 
     `help` is the flag's help text; `note` the default in words when it depends on other settings (shown as
     ``[note]``); `choices` the values allowed (checked here and offered by the flag), or a function giving them
     when they are the registered components (`hlb_gpt.components`); `grid` marks a setting whose
     flag takes a comma-separated list, one run per value; `negatable` gives a boolean its --no- form; `folder` makes
-    the flag a directory path; `parse` is the flag's value type when the field's annotation names several.
+    the flag a directory path; `parse` is the flag's value type when the field's annotation names several;
+    `flag_name` the flag when it cannot be the field's name (which a run's record already uses).
     """
     return dataclasses.field(default=default, metadata={
         "help": help, "note": note, "choices": choices, "grid": grid, "negatable": negatable, "folder": folder,
-        "parse": parse,
+        "parse": parse, "flag": flag_name,
     })
 
 
@@ -139,6 +141,10 @@ class RunConfig:
     data_cache: str = setting("data", "Where tokenized splits are cached.", folder=True)
     tokenizer: str = setting("gpt2", "gpt2: GPT-2 BPE (bundled ranks, no download); bytes: UTF-8 bytes, vocab 256.",
                              choices=TOKENIZERS, grid=True)
+    # config.json records the tokens a run trained on as `train_tokens`: the setting that cuts them has another name.
+    train_tokens_limit: int | None = setting(None, "Train on the first N tokens of the training split (a data-size "
+                                             "ablation); an epoch is a pass over them.", note="the whole split",
+                                             grid=True, flag_name="--train-tokens")
     # model and batch (None: the preset's value; the preset defaults to the task's)
     preset: str | None = setting(None, "hlb: hlb-gpt's 46M model (8 x 384); tiny: laptop scale (4 x 128, seq 256, "
                                  "batch 16); modular: the grokking benchmark's model.",
@@ -267,6 +273,7 @@ class RunConfig:
         if not self.gain >= 0:
             raise ConfigError(f"--gain must be >= 0 (got {self.gain})")
         _positive("--window", self.window)
+        self._validate_train_tokens()
         if self.task == "modular" and self.optimizer != _default("optimizer"):
             raise ConfigError("--task modular trains with Adam and L2 weight decay, as the published code; "
                               f"drop --optimizer {self.optimizer} (use --grokfast for the filter)")
@@ -325,6 +332,24 @@ class RunConfig:
                                   "add it or drop --eval-test")
             if test.stat().st_size == 0:
                 raise ConfigError(f"--eval-test: --data-dir {self.data_dir}: wiki.test.raw is empty")
+
+    def _validate_train_tokens(self) -> None:
+        """At least one step's batch: an epoch shorter than a step would end and begin inside one. The upper bound,
+        the split's size, is known once the data is (`data.first_tokens`)."""
+        limit = self.train_tokens_limit
+        if limit is None:
+            return
+        if self.task != "lm":
+            raise ConfigError(f"--task {self.task} trains on its table of equations, not on text; drop --train-tokens")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"--train-tokens must be an integer >= 1, the training tokens used (got {limit!r})")
+        batch = self.batch_size * self.seq_len
+        if limit < batch:
+            raise ConfigError(f"--train-tokens {limit} is less than one step's batch, --batch-size x --seq-len = "
+                              f"{self.batch_size} x {self.seq_len} = {batch} tokens")
+        if limit < self.seq_len + 1:  # a batch of one sequence still needs the token after it
+            raise ConfigError(f"--train-tokens {limit} is less than one sequence and the token after it, --seq-len + 1"
+                              f" = {self.seq_len + 1} tokens")
 
     def _validate_components(self, optimizer: Any) -> None:
         """Each optimizer's own settings (unset, None, for the others) and its refusals; the filter's."""
@@ -451,8 +476,10 @@ def _default(name: str) -> Any:
 
 
 def flag(name: str) -> str:
-    """The command-line flag of a `RunConfig` field: `filter_dtype` -> `--filter-dtype`."""
-    return "--" + name.replace("_", "-")
+    """The command-line flag of a `RunConfig` field: `filter_dtype` -> `--filter-dtype` (`train_tokens_limit`,
+    whose flag is named in its `setting`: `--train-tokens`)."""
+    field = RunConfig.__dataclass_fields__.get(name)
+    return (field.metadata.get("flag") if field is not None else None) or "--" + name.replace("_", "-")
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -3,7 +3,8 @@
 The file gives defaults, which the command line and HLB_GPT_* variables override; its values are checked here for
 their type only, then parsed by the flags' own types (see `cli`), so a value in a file passes the checks a flag's
 does. Keys are setting names (`weight_decay`; `weight-decay` as well); a list, or a comma string as on the
-command line, makes a grid wherever a flag takes a list.
+command line, makes a grid wherever a flag takes a list. A TOML file may also name a setting by its flag where the
+two differ (`train_tokens` for `train_tokens_limit`); in a run's config.json that name is what the run recorded.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ RECORDED = frozenset({
 KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def read_settings(path: Path, kinds: Mapping[str, tuple[type, ...]], grid: frozenset[str]) -> dict[str, Any]:
+def read_settings(path: Path, kinds: Mapping[str, tuple[type, ...]], grid: frozenset[str],
+                  flag_names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The settings `path` gives, by name, each value of one of its setting's `kinds` (or, for a setting in `grid`,
-    a list of them or a comma string). A JSON null (an unset setting of a config.json) is left out: the default."""
+    a list of them or a comma string). A JSON null (an unset setting of a config.json) is left out: the default.
+    `flag_names` maps the flag of a setting named otherwise to the setting, for TOML files."""
     settings: dict[str, Any] = {}
+    aliases = {} if path.suffix.lower() == ".json" else dict(flag_names or {})
     for key, value in parse(path).items():
-        name = key.replace("-", "_")
+        name = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
         if name in RECORDED:
             continue
         if name not in kinds:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hlb_gpt.config import DATASETS, MINI_HAS_NO_TEST, TOKENIZERS
+from hlb_gpt.config import DATASETS, MINI_HAS_NO_TEST, TOKENIZERS, ConfigError
 from hlb_gpt.durable import write_durably
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class Tokenizer:
     _encode: Callable[[str], np.ndarray] = field(repr=False, compare=False)
     _decode: Callable[[list[int]], str] = field(repr=False, compare=False)
     _token_bytes: Callable[[], np.ndarray] = field(repr=False, compare=False)  # UTF-8 bytes of each token id
+    _decode_bytes: Callable[[list[int]], bytes] = field(repr=False, compare=False)
 
     @property
     def dtype(self) -> np.dtype:
@@ -96,6 +97,13 @@ class Tokenizer:
             ids = ids.detach().cpu().numpy()
         return int(self._token_bytes()[np.asarray(ids).reshape(-1)].sum(dtype=np.int64))
 
+    def decode_bytes(self, ids: Any) -> bytes:
+        """The UTF-8 bytes token ids spell: those of the text they were encoded from, even where a cut falls
+        inside a character."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        return self._decode_bytes(np.asarray(ids).reshape(-1).tolist())
+
 
 def get_tokenizer(name: str) -> Tokenizer:
     """The tokenizer called `name` (one of TOKENIZERS). Never touches the network."""
@@ -107,10 +115,11 @@ def get_tokenizer(name: str) -> Tokenizer:
             _encode=functools.partial(_encode_gpt2, encoding),
             _decode=encoding.decode,
             _token_bytes=_gpt2_token_bytes,
+            _decode_bytes=encoding.decode_bytes,
         )
     if name == "bytes":
         return Tokenizer(name="bytes", n_vocab=256, _encode=_encode_bytes, _decode=_decode_bytes,
-                         _token_bytes=functools.partial(np.ones, 256, dtype=np.int64))
+                         _token_bytes=functools.partial(np.ones, 256, dtype=np.int64), _decode_bytes=bytes)
     raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
 
 
@@ -357,6 +366,25 @@ def load_data(dataset: str, tokenizer: Tokenizer, cache_dir: Path, data_dir: Pat
         tokens[split] = torch.from_numpy(ids.astype(np.int32))
         text_sha256[split] = key["text_sha256"]
     return Data(tokens, text_sha256)
+
+
+def first_tokens(data: Data, n: int | None, tokenizer: Tokenizer) -> Data:
+    """`data` with its training split cut to its first `n` tokens (--train-tokens; None: all of them), and the sha256
+    of the training text those tokens spell in place of the whole split's, so that a run records the text it trained
+    on (the whole split asked for by its size is the split's text). ConfigError if the split has fewer tokens."""
+    if n is None:
+        return data
+    train = data.tokens["train"]
+    check_train_tokens(n, len(train))
+    spelled = tokenizer.decode_bytes(train[:n])
+    return Data({**data.tokens, "train": train[:n]}, {**data.text_sha256, "train": hashlib.sha256(spelled).hexdigest()})
+
+
+def check_train_tokens(n: int | None, available: int) -> None:
+    """Refuse --train-tokens `n` beyond the `available` tokens of the training split (ConfigError, one line)."""
+    if n is not None and n > available:
+        raise ConfigError(f"--train-tokens {n} is more than the {available:,} tokens of the training split; "
+                          f"ask for at most {available}, or leave it unset for the whole split")
 
 
 def _read_cache(bin_path: Path, meta_path: Path, key: dict) -> np.ndarray | None:

@@ -40,7 +40,7 @@ PER_RUN = frozenset({"seed", "grokfast"}) | MAY_CHANGE_ON_RESUME
 SHORT_NAMES = {"depth": "d", "width": "w", "gate": "gate-", "lora_rank": "r", "lr": "lr", "weight_decay": "wd",
                "warmup_steps": "warmup", "batch_size": "b", "seq_len": "seq", "muon_lr": "mlr",
                "muon_momentum": "mmom", "grok_kappa": "kappa", "grok_gamma": "gamma", "filter_dtype": "fd-",
-               "lora_alpha": "la", "dataset": "", "tokenizer": "tok-"}
+               "lora_alpha": "la", "dataset": "", "tokenizer": "tok-", "train_tokens_limit": "train"}
 
 
 def expand_grid(base: RunConfig, grid: dict[str, Sequence[Any]], grokfast: bool, baseline: bool) -> list[RunConfig]:

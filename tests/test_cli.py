@@ -147,7 +147,7 @@ def test_every_training_flag_can_come_from_hlb_gpt_flag_in_the_environment(monke
 # Generic samples that no setting accepts on its own; any other value of env_sample's kind would do.
 VALID_SAMPLES = {"width": ("64", [64]), "grad_accum": ("4", 4), "eval_tokens": ("0", 0),
                  "checkpoint_every": ("30m", "30m"), "lora_targets": ("head,in", "in,head"),
-                 "train_only": ("head", "head")}
+                 "train_only": ("head", "head"), "train_tokens_limit": ("65536", [65536])}  # hlb: 64 x 1024 a step
 # Settings that are refused unless another one is set too.
 COMPANIONS = {"muon_lr": {"HLB_GPT_OPTIMIZER": "muon"}, "muon_momentum": {"HLB_GPT_OPTIMIZER": "muon"}}
 

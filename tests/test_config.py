@@ -116,7 +116,7 @@ def test_every_scalar_experiment_setting_is_a_grid_but_the_length_and_the_bookke
     assert set(GRID_KEYS) == {"dataset", "tokenizer", "depth", "width", "gate", "seq_len", "batch_size", "optimizer",
                               "lr", "weight_decay", "warmup_steps", "clip", "grok_kappa", "grok_gamma", "muon_lr",
                               "muon_momentum", "filter", "alpha", "gain", "window", "filter_dtype", "seed",
-                              "lora_rank", "lora_alpha"}
+                              "lora_rank", "lora_alpha", "train_tokens_limit"}
     assert not set(GRID_KEYS) & (BOOKKEEPING | {"epochs", "max_steps"})
 
 

@@ -170,4 +170,5 @@ def _format_value(key: str, value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-_DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING and f.default is not None}
+# Unset (None) included: a run recorded before --train-tokens existed is one configuration with a new run without it.
+_DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}

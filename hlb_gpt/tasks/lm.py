@@ -1,7 +1,8 @@
 """WikiText language modelling: the GPT, its batch schedule, parameter groups and validation windows.
 
 An epoch is one pass's worth of training tokens (windows are sampled at random offsets, so not literally one
-pass); `tokens` in the records counts training tokens seen.
+pass): of the first --train-tokens of the split when it is given. `tokens` in the records counts training tokens
+seen.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 
 from hlb_gpt import components, distributed
 from hlb_gpt.config import ConfigError, RunConfig
-from hlb_gpt.data import TEST_SPLIT, BatchSampler, data_source, eval_windows, get_tokenizer, load_data
+from hlb_gpt.data import (TEST_SPLIT, BatchSampler, check_train_tokens, data_source, eval_windows, first_tokens,
+                          get_tokenizer, load_data)
 from hlb_gpt.device import attention_for, resolve_precision
 from hlb_gpt.finetune import count_trainable, load_base, prepare_model
 from hlb_gpt.model import GPT, GPTConfig, gpt_config
@@ -115,6 +117,13 @@ def check_optimizer(cfg: RunConfig) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def _train_split_size(dataset: str, tokenizer: str, cache: str, data_dir: str | None) -> int:
+    """Tokens of a training split, read once per process: every run of a sweep with --train-tokens asks."""
+    data = load_data(dataset, get_tokenizer(tokenizer), Path(cache), Path(data_dir) if data_dir else None)
+    return len(data.tokens["train"])
+
+
+@functools.lru_cache(maxsize=None)
 def _count_params(config: GPTConfig) -> int:
     with torch.device("meta"):
         return GPT(config).num_params()
@@ -146,6 +155,9 @@ class LanguageModel:
     def check(cfg: RunConfig, device: torch.device, compile: bool) -> None:
         attention(cfg, device, compile)
         check_optimizer(cfg)
+        if cfg.train_tokens_limit is not None:  # before a sweep's first run, not once the runs before it trained
+            check_train_tokens(cfg.train_tokens_limit,
+                               _train_split_size(cfg.dataset, cfg.tokenizer, cfg.data_cache, cfg.data_dir))
 
     def __init__(self, cfg: RunConfig, device: torch.device, ddp: distributed.Dist, compile: bool) -> None:
         self.cfg, self.device, self.compile = cfg, device, compile
@@ -161,6 +173,7 @@ class LanguageModel:
         self.tokenizer = get_tokenizer(cfg.tokenizer)
         data_dir = Path(cfg.data_dir) if cfg.data_dir else None
         data = load_data(cfg.dataset, self.tokenizer, Path(cfg.data_cache), data_dir, test=cfg.eval_test)
+        data = first_tokens(data, cfg.train_tokens_limit, self.tokenizer)  # its sha256: the text trained on
         tokens = data.tokens
         self.n_train = len(tokens["train"])
         if self.n_train < cfg.seq_len + 1:  # the sampler needs one window, the schedule more than zero tokens
