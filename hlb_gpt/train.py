@@ -36,6 +36,7 @@ from hlb_gpt.compiling import (FallbackCompiled, Lap, check_compile_support, com
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
                             resolve_device, resolve_precision, synchronize)
+from hlb_gpt.flops import peak_flops, throughput
 from hlb_gpt.grokfast import GradFilter, NoFilter
 from hlb_gpt.locks import RunLock
 from hlb_gpt.records import RecordWriteError, RunWriter
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 # How often the progress bar reads the loss (one host sync each time) when no evaluation falls due.
 REFRESH_STEPS = 20
+# tqdm's line without its own rate, which counts steps: the postfix gives tokens/s, the figure runs are compared by.
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 
 
 class Diverged(RuntimeError):
@@ -373,6 +376,8 @@ class LoopState:
     steady_steps: int = 0
     steady_tokens: int = 0
     compile_time: float = 0.0
+    flops: float = 0.0  # training FLOPs so far (`Batch.flops`), and those of the steady intervals; NaN if uncounted
+    steady_flops: float = 0.0
     mark_tokens: int = 0  # steady tokens and time at the last metrics row
     mark_time: float = 0.0
     loss_count: int = 0
@@ -420,6 +425,7 @@ class LoopState:
             self.steady_time += seconds
             self.steady_steps += self.step - lap.step
             self.steady_tokens += self.tokens - lap.tokens
+            self.steady_flops += self.flops - lap.flops
 
     def add_evaluation(self, lap: Lap) -> None:
         """Count an evaluation that compiled a graph (the one before training, the first at a new shape) as compile
@@ -434,7 +440,9 @@ class LoopState:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> LoopState:
-        """The loop's counters from a checkpoint's loop state, which also holds the task's."""
+        """The loop's counters from a checkpoint's loop state, which also holds the task's. A checkpoint written
+        before FLOPs were counted leaves them unknown (NaN) for the rest of the run, rather than undercounted."""
+        state = {"flops": math.nan, "steady_flops": math.nan, **state}
         return cls(**{f.name: state[f.name] for f in fields(cls)})
 
 
@@ -638,14 +646,17 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                                    data_source=task.data_source, text_sha256=task.text_sha256,
                                    attention=task.attention, extra=task.record()), metrics)
     tracker = make_tracker(cfg, run_dir) if ddp.is_main else NoTracker()
+    device_peak = peak_flops(device)  # MFU's denominator: every rank's device together
+    flops_peak = device_peak * ddp.world_size if device_peak else None
     say(f"{run_dir.name}: {n_params:,} parameters on {device}{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, "
         f"{task.describe(total_steps)}{f', resumed at step {loop.step:,}' if checkpoint is not None else ''}")
 
     memory: dict[str, Any] = {}
     outcome = RunStatus(run_dir.name, say)
     last_val, last_columns = loop.final, {}
-    bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step",
+    bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step", bar_format=BAR_FORMAT,
                disable=not (progress and ddp.is_main), dynamic_ncols=True, leave=True)
+    rate, rate_mark = throughput(0, 0.0, 0.0, flops_peak), (loop.steady_tokens, loop.steady_flops, loop.steady_time)
 
     def save(reason: str) -> None:
         if writer is not None:  # rank 0 alone writes
@@ -694,6 +705,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                 micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
                 before = loop.tokens
                 loop.tokens += batch.items
+                loop.flops += batch.flops
                 loop.step += 1
                 evaluate_now = eval_due(before, loop.tokens, tokens_per_eval) or loop.step == total_steps
                 checkpoint_now = eval_due(before, loop.tokens, tokens_per_checkpoint)
@@ -735,7 +747,11 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                         save("signal" if stopping else "periodic")
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")
-                    bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val, last_columns),
+                    if loop.steady_time > rate_mark[2]:  # the rate since the last refresh, if any of it was steady
+                        rate = throughput(loop.steady_tokens - rate_mark[0], loop.steady_flops - rate_mark[1],
+                                          loop.steady_time - rate_mark[2], flops_peak)
+                        rate_mark = (loop.steady_tokens, loop.steady_flops, loop.steady_time)
+                    bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val, last_columns, rate),
                                         refresh=False)
                     lap = Lap.begin(loop)
             save("final")  # so that a completed run can be extended with more --epochs or --max-steps
@@ -746,7 +762,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
             **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory,
                           compile_record(compile_model, [net.error if compile_model else None,
                                                          grad_filter.compile_error, getattr(eval_net, "error", None)],
-                                         graphs_at_start)),
+                                         graphs_at_start), flops_peak),
             "attention_fallback": getattr(model, "attention_fallback", None),
             **task.summary(metrics),
         }
@@ -768,9 +784,10 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
 
 def run_summary(status: str, error: str | None, loop: LoopState, n_train: int, wall_time: float,
-                memory: dict[str, Any], compiled: dict[str, Any]) -> dict[str, Any]:
+                memory: dict[str, Any], compiled: dict[str, Any], peak: float | None = None) -> dict[str, Any]:
     """The keys every summary.json has, whatever the task. `step_time_s` is the steady time per step (None if
-    every interval compiled something); `compiled` is `compile_record`'s."""
+    every interval compiled something), and tokens/s, FLOP/s and MFU (over `peak`, the FLOP/s of the run's
+    devices; None without one) are steady too; `compiled` is `compile_record`'s."""
     return {
         "status": status,
         "error": error,
@@ -784,6 +801,7 @@ def run_summary(status: str, error: str | None, loop: LoopState, n_train: int, w
         "step_time_s": loop.steady_time / loop.steady_steps if loop.steady_steps else None,
         "steady_steps": loop.steady_steps,
         "compile_time_s": loop.compile_time,
+        **throughput(loop.steady_tokens, loop.steady_flops, loop.steady_time, peak),
         **compiled,
         "memory": memory,
     }
@@ -807,7 +825,11 @@ def filter_checksum(grad_filter: GradFilter) -> float:
     return torch.stack(sums).sum().item() if sums else 0.0
 
 
-def _postfix(epoch: float, train_loss: float, val_loss: float, columns: dict[str, float]) -> str:
+def _postfix(epoch: float, train_loss: float, val_loss: float, columns: dict[str, float],
+             rate: dict[str, float | None]) -> str:
+    """The progress bar's text after its counts: `rate` is `flops.throughput`'s since the last refresh."""
     val = "val -" if math.isnan(val_loss) else f"val {val_loss:.3f}"
     extra = "".join(f" | {name.replace('_', ' ')} {value:.3f}" for name, value in columns.items())
-    return f"epoch {epoch:.3f} | loss {train_loss:.3f} | {val}{extra}"
+    speed = "tokens/s -" if rate["tokens_per_s"] is None else f"{rate['tokens_per_s']:,.0f} tokens/s"
+    mfu = "" if rate["mfu"] is None else f" | MFU {100 * rate['mfu']:.1f}%"
+    return f"epoch {epoch:.3f} | loss {train_loss:.3f} | {val}{extra} | {speed}{mfu}"
