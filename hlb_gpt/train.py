@@ -645,7 +645,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         writer.begin(config_record(cfg, device, n_params, n_train, ddp.world_size, precision=task.precision,
                                    data_source=task.data_source, text_sha256=task.text_sha256,
                                    attention=task.attention, extra=task.record()), metrics)
-    tracker = make_tracker(cfg, run_dir) if ddp.is_main else NoTracker()
+    tracker = make_tracker(cfg, run_dir, resumed=checkpoint is not None) if ddp.is_main else NoTracker()
     device_peak = peak_flops(device)  # MFU's denominator: every rank's device together
     flops_peak = device_peak * ddp.world_size if device_peak else None
     say(f"{run_dir.name}: {n_params:,} parameters on {device}{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, "
