@@ -39,6 +39,7 @@ from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_me
 from hlb_gpt.flops import peak_flops, throughput
 from hlb_gpt.grokfast import GradFilter, NoFilter
 from hlb_gpt.locks import RunLock
+from hlb_gpt.profiling import StepProfiler, profile_window
 from hlb_gpt.records import RecordWriteError, RunWriter
 from hlb_gpt.tasks import Batch
 from hlb_gpt.tasks.lm import LanguageModel
@@ -415,13 +416,14 @@ class LoopState:
         self.mark_tokens, self.mark_time = self.steady_tokens, self.steady_time
         return row
 
-    def add_lap(self, lap: Lap) -> None:
-        """Count the training time of the loop since its last host sync, as steady or as compile time."""
+    def add_lap(self, lap: Lap, profiled: bool = False) -> None:
+        """Count the training time of the loop since its last host sync, as steady or as compile time; a traced
+        interval (--profile) is neither: the profiler's overhead is not the run's speed."""
         seconds, compiled = lap.end()
         self.train_time += seconds
         if compiled:
             self.compile_time += seconds
-        else:
+        elif not profiled:
             self.steady_time += seconds
             self.steady_steps += self.step - lap.step
             self.steady_tokens += self.tokens - lap.tokens
@@ -434,6 +436,10 @@ class LoopState:
         if compiled:
             self.train_time += seconds
             self.compile_time += seconds
+
+    def steady_marks(self) -> tuple[int, int, float, float]:
+        """(steps, tokens, FLOPs, seconds) of the steady intervals so far: a rate is the difference of two."""
+        return self.steady_steps, self.steady_tokens, self.steady_flops, self.steady_time
 
     def state_dict(self) -> dict[str, Any]:
         return {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
@@ -650,13 +656,17 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
     flops_peak = device_peak * ddp.world_size if device_peak else None
     say(f"{run_dir.name}: {n_params:,} parameters on {device}{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, "
         f"{task.describe(total_steps)}{f', resumed at step {loop.step:,}' if checkpoint is not None else ''}")
+    window, no_window = profile_window(cfg.profile, loop.step, total_steps)
+    if no_window:
+        say(f"{run_dir.name}: {no_window}")
+    profiler = StepProfiler(window, run_dir, device, trace=ddp.is_main)
 
     memory: dict[str, Any] = {}
     outcome = RunStatus(run_dir.name, say)
     last_val, last_columns = loop.final, {}
     bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step", bar_format=BAR_FORMAT,
                disable=not (progress and ddp.is_main), dynamic_ncols=True, leave=True)
-    rate, rate_mark = throughput(0, 0.0, 0.0, flops_peak), (loop.steady_tokens, loop.steady_flops, loop.steady_time)
+    rate, rate_mark = throughput(0, 0.0, 0.0, flops_peak), loop.steady_marks()
 
     def save(reason: str) -> None:
         if writer is not None:  # rank 0 alone writes
@@ -696,10 +706,12 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         with outcome, StopSignals() as stop:
             if cfg.eval_at_start and loop.step == 0 and not metrics:  # not when a run continues
                 log_point(math.nan, None)
+            profiler.at(loop.step)
             lap = Lap.begin(loop)
             while loop.step < total_steps:
                 if lock is not None:
                     lock.check(look=False)  # what the heartbeat found: a lost lock stops the run at once
+                profiler.begin_step(loop.step + 1)
                 batch = task.batch(loop.step)
                 x, y = batch.x.chunk(ddp.world_size)[ddp.rank], batch.y.chunk(ddp.world_size)[ddp.rank]
                 micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
@@ -723,7 +735,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                     stopping = loop.step % REFRESH_STEPS == 0 and distributed.broadcast_flag(stopping, ddp, device)
                 if evaluate_now or checkpoint_now or stopping or loop.step % REFRESH_STEPS == 0 or loop.step == 1:
                     synchronize(device)
-                    loop.add_lap(lap)
+                    loop.add_lap(lap, profiled=profiler.tracing)
                     if change := nonfinite_fallback(model, result.found_inf, batch.x.shape[-1], loop.step):
                         say(f"{run_dir.name}: non-finite gradients at step {loop.step}: {change} from now on")
                         loop.bad_run.zero_()  # the steps the fallback answers do not count towards divergence
@@ -747,15 +759,21 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                         save("signal" if stopping else "periodic")
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")
-                    if loop.steady_time > rate_mark[2]:  # the rate since the last refresh, if any of it was steady
-                        rate = throughput(loop.steady_tokens - rate_mark[0], loop.steady_flops - rate_mark[1],
-                                          loop.steady_time - rate_mark[2], flops_peak)
-                        rate_mark = (loop.steady_tokens, loop.steady_flops, loop.steady_time)
+                    if loop.steady_steps > rate_mark[0]:  # the rate since the last refresh, if a step of it was steady
+                        now = loop.steady_marks()
+                        rate = throughput(*(a - b for a, b in zip(now[1:], rate_mark[1:])), flops_peak)
+                        rate_mark = now
                     bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val, last_columns, rate),
                                         refresh=False)
                     lap = Lap.begin(loop)
+                if profiler.boundary(loop.step):  # a sync of its own: the traced steps' time is kept apart
+                    synchronize(device)
+                    loop.add_lap(lap, profiled=profiler.tracing)
+                    profiler.at(loop.step)
+                    lap = Lap.begin(loop)
             save("final")  # so that a completed run can be extended with more --epochs or --max-steps
     finally:
+        profiler.close()
         bar.close()
         memory = final_memory(memory, model, optimizer, grad_filter, peak)
         summary = {
