@@ -62,8 +62,13 @@ class StepProfiler:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self._profiler = torch.profiler.profile(activities=activities)
-            self._profiler.start()
+            profiler = torch.profiler.profile(activities=activities)
+            try:
+                profiler.start()
+            except Exception as exc:  # a trace is bookkeeping: the run goes on without it
+                logger.warning("%s: could not start the profiler (%s): no %s", self.run_dir.name, exc, PROFILE)
+                return
+            self._profiler = profiler
         elif step == self.window[1]:
             self.close()
 
@@ -83,19 +88,19 @@ class StepProfiler:
 
     def close(self) -> None:
         """Stop tracing and write what was traced (a run that ended inside the window: the steps it took). A trace
-        that cannot be written is reported, and the run is not failed for it."""
+        that cannot be written is reported, and the run is not failed for it: it still writes its summary."""
         profiler, self._profiler = self._profiler, None
         if profiler is None:
             return
-        self._end_mark()
-        profiler.stop()
         path = self.run_dir / PROFILE
         exported = temporary_name(path)  # the profiler writes by name; the trace appears whole, durably
         try:
+            self._end_mark()
+            profiler.stop()
             profiler.export_chrome_trace(str(exported))
             with open(exported, "rb") as src:
                 write_durably(path, lambda f: shutil.copyfileobj(src, f))
-        except OSError as exc:
+        except Exception as exc:  # OSError (a full disk), or the profiler's own
             logger.warning("%s: could not write %s (%s)", self.run_dir.name, path, exc)
         finally:
             exported.unlink(missing_ok=True)

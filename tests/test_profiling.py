@@ -83,3 +83,22 @@ def test_profile_is_bookkeeping_a_resumed_run_may_change():
         RunConfig(profile=0)
     assert "profile" in BOOKKEEPING  # compare never separates runs by it, and a resumed run may change it
     assert RunConfig(profile=3).differences(RunConfig(), ignore=BOOKKEEPING) == []
+
+
+def test_a_run_that_fails_among_the_traced_steps_writes_the_trace_of_those_it_took_and_its_summary(
+        tmp_path, token_cache, monkeypatch):
+    step = train_module.optimizer_step
+    calls = []
+
+    def failing_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", failing_at_step_3)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(small(token_cache, profile=2), tmp_path / "run", progress=False)
+    assert read_run(tmp_path / "run").summary["status"] == "failed"
+    trace = json.loads((tmp_path / "run" / PROFILE).read_text())
+    assert {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("step ")} == {"step 2", "step 3"}

@@ -4,9 +4,10 @@ for every task, because one loop runs them all."""
 import math
 
 import pytest
+import torch
 from tqdm import tqdm
 
-from hlb_gpt import checkpoint, data
+from hlb_gpt import checkpoint, data, flops
 from hlb_gpt import train as train_module
 from hlb_gpt.checkpoint import list_checkpoints, load_checkpoint
 from hlb_gpt.config import Cadence, RunConfig
@@ -253,10 +254,13 @@ def test_the_summary_records_tokens_and_flops_per_second_and_no_mfu_on_the_cpu(t
     assert summary["mfu"] is None
 
 
-def test_the_summary_records_mfu_over_the_device_s_peak_when_it_has_one(tmp_path, token_cache, monkeypatch):
-    monkeypatch.setattr(train_module, "peak_flops", lambda device: 1e12)
+def test_the_summary_records_mfu_over_the_peak_of_a_known_cuda_device(tmp_path, token_cache, monkeypatch):
+    # The run trains on the CPU, with the peak its device would have if it were this GPU.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(train_module, "peak_flops", lambda device: flops.peak_flops(torch.device("cuda")))
     summary = train(small("lm", token_cache), tmp_path / "run", progress=False)
-    assert summary["mfu"] == pytest.approx(summary["flops_per_s"] / 1e12)
+    assert summary["flops_per_s"] > 0
+    assert summary["mfu"] == pytest.approx(summary["flops_per_s"] / 312e12)
     assert read_run(tmp_path / "run").summary["mfu"] == summary["mfu"]
 
 
