@@ -37,8 +37,8 @@ def profile_window(first: int | None, start_step: int, total_steps: int) -> tupl
 
 
 class StepProfiler:
-    """Traces the steps of `window` into `run_dir`/profile.json (only if `trace`: on rank 0). `boundary` is the
-    same on every rank, since the syncs around the traced steps are taken by all of them."""
+    """Traces the steps of `window` (first, last) into `run_dir`/profile.json, if `trace` (rank 0). Without a
+    window (no --profile, or nothing to trace) every method does nothing, so the loop needs no `if`."""
 
     def __init__(self, window: tuple[int, int] | None, run_dir: Path, device: torch.device, trace: bool) -> None:
         self.window, self.run_dir, self.device, self.trace = window, Path(run_dir), device, trace
