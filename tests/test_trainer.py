@@ -12,8 +12,8 @@ from hlb_gpt import train as train_module
 from hlb_gpt.checkpoint import list_checkpoints, load_checkpoint
 from hlb_gpt.config import Cadence, RunConfig
 from hlb_gpt.flops import flops_per_token
-from hlb_gpt.records import read_run
 from hlb_gpt.model import gpt_config
+from hlb_gpt.records import read_run
 from hlb_gpt.train import train
 
 TASKS = ["lm", "modular"]
