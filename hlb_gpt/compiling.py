@@ -151,11 +151,12 @@ class Lap:
     tokens: int
     start: float
     graphs: int
+    flops: float = 0.0
 
     @classmethod
     def begin(cls, loop: Any) -> Lap:
-        """Start timing at the loop's current step and token count (read right after a sync)."""
-        return cls(loop.step, loop.tokens, time.perf_counter(), graphs_compiled())
+        """Start timing at the loop's current step, token and FLOP count (read right after a sync)."""
+        return cls(loop.step, loop.tokens, time.perf_counter(), graphs_compiled(), loop.flops)
 
     def end(self) -> tuple[float, bool]:
         """(seconds since the start, whether a graph was compiled meanwhile); call it right after a sync."""

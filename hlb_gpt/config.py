@@ -226,6 +226,8 @@ class RunConfig:
     # logging
     wandb: bool = setting(False, "Also log to Weights & Biases (WANDB_MODE=offline works).")
     wandb_project: str = setting("hlb-gpt", "wandb project.")
+    profile: int | None = setting(None, "Write a torch.profiler Chrome trace of the 3 training steps from this one "
+                                  "(N, N+1, N+2; the first step is 1) to the run folder's profile.json.", note="off")
 
     def __post_init__(self) -> None:
         _choice("--task", self.task, TASKS)  # before the preset, which defaults to the task's
@@ -307,6 +309,8 @@ class RunConfig:
         _positive("--keep-checkpoints", self.keep_checkpoints)
         if self.max_steps is not None:
             _positive("--max-steps", self.max_steps)
+        if self.profile is not None and not self.profile >= 1:
+            raise ConfigError(f"--profile must be a step >= 1 (got {self.profile})")
         if self.target_acc is not None and not (0 < self.target_acc <= 1):
             raise ConfigError(f"--target-acc must be in (0, 1] (got {self.target_acc})")
         self._validate_finetune()
@@ -439,11 +443,11 @@ class RunConfig:
 # The settings whose flag takes a list: one run per value (per combination, see `sweep.expand_grid`).
 GRID_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("grid"))
 
-# Settings that do not change the experiment: how a run is checkpointed and logged, where its files go, and whether
-# its end also reads the test split (which no number of training reads: a run extended later evaluates it at its new
+# Settings that do not change the experiment: how a run is checkpointed, logged and profiled, where its files go,
+# whether its end also reads the test split (which no number of training reads: a run extended later evaluates it at its new
 # end). `compare` never separates runs by them, and a resumed run may change them.
 BOOKKEEPING = frozenset({"checkpoint_every", "keep_checkpoints", "wandb", "wandb_project", "data_cache",
-                         "eval_test"})
+                         "eval_test", "profile"})
 # A resumed run may also change how long it runs (the length and its stopping rules), the device and compile, and
 # where its data lives (paths differ across machines; the data itself is checked by its sha256). Every one of
 # these but the bookkeeping separates configurations in `compare`.

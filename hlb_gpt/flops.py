@@ -9,6 +9,7 @@ other reports. Elementwise work (norms, GELU, softmax, the loss) is left out: it
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -76,3 +77,13 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> floa
     if peak is None or peak <= 0:
         return None
     return tokens_per_s * flops_per_token / peak
+
+
+def throughput(tokens: int, flops: float, seconds: float, peak: float | None) -> dict[str, float | None]:
+    """Tokens and FLOPs per second over `seconds` of training, and MFU over `peak` (the FLOP/s of every device the
+    run trains on together). None where unknown: no time measured, FLOPs not counted (NaN), or no peak."""
+    if not seconds > 0:
+        return {"tokens_per_s": None, "flops_per_s": None, "mfu": None}
+    flops_per_s = flops / seconds if math.isfinite(flops) else None
+    utilisation = flops_per_s / peak if flops_per_s is not None and peak else None
+    return {"tokens_per_s": tokens / seconds, "flops_per_s": flops_per_s, "mfu": utilisation}

@@ -1,14 +1,21 @@
 """Optional mirroring of a run's records to Weights & Biases; the run folder stays the record.
 
-wandb is imported only with `--wandb`; `WANDB_MODE=offline` keeps the run under `<run folder>/wandb/`.
+wandb is imported only with `--wandb`; `WANDB_MODE=offline` keeps the run under `<run folder>/wandb/`. One run
+folder is one wandb run: the folder keeps its wandb run's id, and a run that continues from its checkpoint
+(resumed, extended, requeued) logs to that run again.
 """
 
 from __future__ import annotations
 
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
 from hlb_gpt.config import RunConfig
+from hlb_gpt.durable import write_durably
+
+WANDB_RUN_ID = "wandb-run-id"  # in the run folder: the id of the wandb run it logs to
 
 
 class NoTracker:
@@ -21,8 +28,23 @@ class NoTracker:
         pass
 
 
+def wandb_run_id(run_dir: Path, resumed: bool) -> str:
+    """The id of the wandb run the run in `run_dir` logs to: the one the folder keeps, if the run continues from a
+    checkpoint (`resumed`); otherwise a new one, kept in the folder (written durably) before wandb is started, so a
+    run killed at any moment continues its wandb run. A run trained again from its first step gets a new wandb run:
+    the old one already holds rows at those steps."""
+    path = Path(run_dir) / WANDB_RUN_ID
+    if resumed and path.exists() and (kept := path.read_text().strip()):
+        return kept
+    alphabet = string.ascii_lowercase + string.digits  # wandb's own ids: 8 characters of these
+    new = "".join(secrets.choice(alphabet) for _ in range(8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_durably(path, lambda f: f.write(new.encode()))
+    return new
+
+
 class WandbTracker(NoTracker):
-    def __init__(self, cfg: RunConfig, run_dir: Path):
+    def __init__(self, cfg: RunConfig, run_dir: Path, resumed: bool = False):
         import wandb
 
         self._wandb = wandb
@@ -33,7 +55,9 @@ class WandbTracker(NoTracker):
             group=run_dir.parent.name,  # the sweep
             config=cfg.to_dict(),
             dir=str(run_dir),
-            reinit="finish_previous",
+            id=wandb_run_id(run_dir, resumed),
+            resume="allow",  # the folder's wandb run if wandb has it, else a new one with that id
+            reinit="finish_previous",  # a sweep trains its runs one after another in one process
         )
 
     def log(self, row: dict[str, Any]) -> None:
@@ -46,5 +70,6 @@ class WandbTracker(NoTracker):
         self._run.finish(exit_code=0 if summary.get("status") == "completed" else 1)
 
 
-def make_tracker(cfg: RunConfig, run_dir: Path) -> NoTracker:
-    return WandbTracker(cfg, run_dir) if cfg.wandb else NoTracker()
+def make_tracker(cfg: RunConfig, run_dir: Path, resumed: bool = False) -> NoTracker:
+    """The run's tracker; `resumed`: the run continues from a checkpoint, so it continues its wandb run too."""
+    return WandbTracker(cfg, run_dir, resumed) if cfg.wandb else NoTracker()

@@ -36,8 +36,10 @@ from hlb_gpt.compiling import (FallbackCompiled, Lap, check_compile_support, com
 from hlb_gpt.config import ConfigError, RunConfig, check_resumable
 from hlb_gpt.device import (PeakMemory, autocast_for, available_memory, final_memory, format_memory, memory_breakdown,
                             resolve_device, resolve_precision, synchronize)
+from hlb_gpt.flops import peak_flops, throughput
 from hlb_gpt.grokfast import GradFilter, NoFilter
 from hlb_gpt.locks import RunLock
+from hlb_gpt.profiling import StepProfiler, profile_window
 from hlb_gpt.records import RecordWriteError, RunWriter
 from hlb_gpt.tasks import Batch
 from hlb_gpt.tasks.lm import LanguageModel
@@ -48,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 # How often the progress bar reads the loss (one host sync each time) when no evaluation falls due.
 REFRESH_STEPS = 20
+# tqdm's line without its own rate, which counts steps: the postfix gives tokens/s, the figure runs are compared by.
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 
 
 class Diverged(RuntimeError):
@@ -377,6 +381,8 @@ class LoopState:
     steady_steps: int = 0
     steady_tokens: int = 0
     compile_time: float = 0.0
+    flops: float = 0.0  # training FLOPs so far (`Batch.flops`), and those of the steady intervals; NaN if uncounted
+    steady_flops: float = 0.0
     mark_tokens: int = 0  # steady tokens and time at the last metrics row
     mark_time: float = 0.0
     loss_count: int = 0
@@ -414,16 +420,18 @@ class LoopState:
         self.mark_tokens, self.mark_time = self.steady_tokens, self.steady_time
         return row
 
-    def add_lap(self, lap: Lap) -> None:
-        """Count the training time of the loop since its last host sync, as steady or as compile time."""
+    def add_lap(self, lap: Lap, profiled: bool = False) -> None:
+        """Count the training time of the loop since its last host sync, as steady or as compile time; a traced
+        interval (--profile) is neither: the profiler's overhead is not the run's speed."""
         seconds, compiled = lap.end()
         self.train_time += seconds
         if compiled:
             self.compile_time += seconds
-        else:
+        elif not profiled:
             self.steady_time += seconds
             self.steady_steps += self.step - lap.step
             self.steady_tokens += self.tokens - lap.tokens
+            self.steady_flops += self.flops - lap.flops
 
     def add_evaluation(self, lap: Lap) -> None:
         """Count an evaluation that compiled a graph (the one before training, the first at a new shape) as compile
@@ -433,12 +441,18 @@ class LoopState:
             self.train_time += seconds
             self.compile_time += seconds
 
+    def steady_marks(self) -> tuple[int, int, float, float]:
+        """(steps, tokens, FLOPs, seconds) of the steady intervals so far: a rate is the difference of two."""
+        return self.steady_steps, self.steady_tokens, self.steady_flops, self.steady_time
+
     def state_dict(self) -> dict[str, Any]:
         return {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> LoopState:
-        """The loop's counters from a checkpoint's loop state, which also holds the task's."""
+        """The loop's counters from a checkpoint's loop state, which also holds the task's. A checkpoint written
+        before FLOPs were counted leaves them unknown (NaN) for the rest of the run, rather than undercounted."""
+        state = {"flops": math.nan, "steady_flops": math.nan, **state}
         return cls(**{f.name: state[f.name] for f in fields(cls)})
 
 
@@ -641,16 +655,23 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         writer.begin(config_record(cfg, device, n_params, n_train, ddp.world_size, precision=task.precision,
                                    data_source=task.data_source, text_sha256=task.text_sha256,
                                    attention=task.attention, extra=task.record()), metrics)
-    tracker = make_tracker(cfg, run_dir) if ddp.is_main else NoTracker()
+    tracker = make_tracker(cfg, run_dir, resumed=checkpoint is not None) if ddp.is_main else NoTracker()
+    device_peak = peak_flops(device)  # MFU's denominator: every rank's device together
+    flops_peak = device_peak * ddp.world_size if device_peak else None
     say(f"{run_dir.name}: {n_params:,} parameters on {device}{f' x {ddp.world_size} ranks' if ddp.enabled else ''}, "
         f"{task.describe(total_steps)}{f', resumed at step {loop.step:,}' if checkpoint is not None else ''}")
+    window, no_window = profile_window(cfg.profile, loop.step, total_steps)
+    if no_window:
+        say(f"{run_dir.name}: {no_window}")
+    profiler = StepProfiler(window, run_dir, device, trace=ddp.is_main)
 
     memory: dict[str, Any] = {}
     outcome = RunStatus(run_dir.name, say)
     last_val, last_columns = loop.final, {}
     end_columns: dict[str, Any] = {}
-    bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step",
+    bar = tqdm(total=total_steps, initial=min(loop.step, total_steps), unit="step", bar_format=BAR_FORMAT,
                disable=not (progress and ddp.is_main), dynamic_ncols=True, leave=True)
+    rate, rate_mark = throughput(0, 0.0, 0.0, flops_peak), loop.steady_marks()
 
     def save(reason: str) -> None:
         if writer is not None:  # rank 0 alone writes
@@ -690,15 +711,18 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
         with outcome, StopSignals() as stop:
             if cfg.eval_at_start and loop.step == 0 and not metrics:  # not when a run continues
                 log_point(math.nan, None)
+            profiler.at(loop.step)
             lap = Lap.begin(loop)
             while loop.step < total_steps:
                 if lock is not None:
                     lock.check(look=False)  # what the heartbeat found: a lost lock stops the run at once
+                profiler.begin_step(loop.step + 1)
                 batch = task.batch(loop.step)
                 x, y = batch.x.chunk(ddp.world_size)[ddp.rank], batch.y.chunk(ddp.world_size)[ddp.rank]
                 micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
                 before = loop.tokens
                 loop.tokens += batch.items
+                loop.flops += batch.flops
                 loop.step += 1
                 evaluate_now = eval_due(before, loop.tokens, tokens_per_eval) or loop.step == total_steps
                 checkpoint_now = eval_due(before, loop.tokens, tokens_per_checkpoint)
@@ -716,7 +740,7 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                     stopping = loop.step % REFRESH_STEPS == 0 and distributed.broadcast_flag(stopping, ddp, device)
                 if evaluate_now or checkpoint_now or stopping or loop.step % REFRESH_STEPS == 0 or loop.step == 1:
                     synchronize(device)
-                    loop.add_lap(lap)
+                    loop.add_lap(lap, profiled=profiler.tracing)
                     if change := nonfinite_fallback(model, result.found_inf, batch.x.shape[-1], loop.step):
                         say(f"{run_dir.name}: non-finite gradients at step {loop.step}: {change} from now on")
                         loop.bad_run.zero_()  # the steps the fallback answers do not count towards divergence
@@ -740,20 +764,30 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                         save("signal" if stopping else "periodic")
                     if stopping:
                         raise Interrupted(f"stopped by {stop.requested or 'rank 0'} at step {loop.step}")
-                    bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val, last_columns),
+                    if loop.steady_steps > rate_mark[0]:  # the rate since the last refresh, if a step of it was steady
+                        now = loop.steady_marks()
+                        rate = throughput(*(a - b for a, b in zip(now[1:], rate_mark[1:])), flops_peak)
+                        rate_mark = now
+                    bar.set_postfix_str(_postfix(loop.tokens / n_train, train_loss, last_val, last_columns, rate),
                                         refresh=False)
+                    lap = Lap.begin(loop)
+                if profiler.boundary(loop.step):  # a sync of its own: the traced steps' time is kept apart
+                    synchronize(device)
+                    loop.add_lap(lap, profiled=profiler.tracing)
+                    profiler.at(loop.step)
                     lap = Lap.begin(loop)
             save("final")  # so that a completed run can be extended with more --epochs or --max-steps
             if ddp.is_main:  # after the checkpoint: a failure here costs no training
                 end_columns = task.evaluate_end(eval_net, autocast)
     finally:
+        profiler.close()
         bar.close()
         memory = final_memory(memory, model, optimizer, grad_filter, peak)
         summary = {
             **run_summary(outcome.status, outcome.error, loop, n_train, time.perf_counter() - wall_start, memory,
                           compile_record(compile_model, [net.error if compile_model else None,
                                                          grad_filter.compile_error, getattr(eval_net, "error", None)],
-                                         graphs_at_start)),
+                                         graphs_at_start), flops_peak),
             "attention_fallback": getattr(model, "attention_fallback", None),
             **task.summary(metrics),
             **end_columns,
@@ -776,9 +810,10 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
 
 
 def run_summary(status: str, error: str | None, loop: LoopState, n_train: int, wall_time: float,
-                memory: dict[str, Any], compiled: dict[str, Any]) -> dict[str, Any]:
+                memory: dict[str, Any], compiled: dict[str, Any], peak: float | None = None) -> dict[str, Any]:
     """The keys every summary.json has, whatever the task. `step_time_s` is the steady time per step (None if
-    every interval compiled something); `compiled` is `compile_record`'s."""
+    every interval compiled something), and tokens/s, FLOP/s and MFU (over `peak`, the FLOP/s of the run's
+    devices; None without one) are steady too; `compiled` is `compile_record`'s."""
     return {
         "status": status,
         "error": error,
@@ -792,6 +827,7 @@ def run_summary(status: str, error: str | None, loop: LoopState, n_train: int, w
         "step_time_s": loop.steady_time / loop.steady_steps if loop.steady_steps else None,
         "steady_steps": loop.steady_steps,
         "compile_time_s": loop.compile_time,
+        **throughput(loop.steady_tokens, loop.steady_flops, loop.steady_time, peak),
         **compiled,
         "memory": memory,
     }
@@ -815,7 +851,11 @@ def filter_checksum(grad_filter: GradFilter) -> float:
     return torch.stack(sums).sum().item() if sums else 0.0
 
 
-def _postfix(epoch: float, train_loss: float, val_loss: float, columns: dict[str, float]) -> str:
+def _postfix(epoch: float, train_loss: float, val_loss: float, columns: dict[str, float],
+             rate: dict[str, float | None]) -> str:
+    """The progress bar's text after its counts: `rate` is `flops.throughput`'s since the last refresh."""
     val = "val -" if math.isnan(val_loss) else f"val {val_loss:.3f}"
     extra = "".join(f" | {name.replace('_', ' ')} {value:.3f}" for name, value in columns.items())
-    return f"epoch {epoch:.3f} | loss {train_loss:.3f} | {val}{extra}"
+    speed = "tokens/s -" if rate["tokens_per_s"] is None else f"{rate['tokens_per_s']:,.0f} tokens/s"
+    mfu = "" if rate["mfu"] is None else f" | MFU {100 * rate['mfu']:.1f}%"
+    return f"epoch {epoch:.3f} | loss {train_loss:.3f} | {val}{extra} | {speed}{mfu}"

@@ -1,10 +1,12 @@
 """hlb_gpt.flops: FLOPs per token from the architecture, the GPUs' bf16 peaks, and MFU."""
 
+import math
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hlb_gpt.flops import flops_per_token, matmul_params, mfu, peak_flops, peak_flops_of
+from hlb_gpt.flops import flops_per_token, matmul_params, mfu, peak_flops, peak_flops_of, throughput
 from hlb_gpt.model import GPT, GPTConfig
 
 
@@ -56,3 +58,18 @@ def test_mfu_is_absent_on_the_cpu_and_read_from_the_gpus_name_on_cuda(monkeypatc
     peak = peak_flops(torch.device("cuda"))
     assert peak == 989e12
     assert mfu(1e6, 3e8, peak) == pytest.approx(3e14 / 989e12)
+
+
+def test_throughput_gives_flops_per_second_everywhere_and_mfu_only_with_a_peak():
+    on_cpu = throughput(tokens=1000, flops=3e11, seconds=2.0, peak=None)
+    assert on_cpu == {"tokens_per_s": 500.0, "flops_per_s": 1.5e11, "mfu": None}
+    on_h100 = throughput(tokens=1000, flops=3e11, seconds=2.0, peak=peak_flops_of("NVIDIA H100 80GB HBM3"))
+    assert on_h100["mfu"] == pytest.approx(1.5e11 / 989e12)
+
+
+def test_throughput_of_an_interval_without_steady_time_or_a_count_is_unknown():
+    assert throughput(tokens=0, flops=0.0, seconds=0.0, peak=312e12) == {
+        "tokens_per_s": None, "flops_per_s": None, "mfu": None}
+    # FLOPs not counted (a checkpoint written before they were): the rate is unknown, not zero
+    unknown = throughput(tokens=1000, flops=math.nan, seconds=2.0, peak=312e12)
+    assert unknown == {"tokens_per_s": 500.0, "flops_per_s": None, "mfu": None}

@@ -1,12 +1,18 @@
 """The trainer, whatever the task: same seed, divergence, a crash, a full disk, resuming and checkpoint cadences hold
 for every task, because one loop runs them all."""
 
-import pytest
+import math
 
-from hlb_gpt import checkpoint, data
+import pytest
+import torch
+from tqdm import tqdm
+
+from hlb_gpt import checkpoint, data, flops
 from hlb_gpt import train as train_module
 from hlb_gpt.checkpoint import list_checkpoints, load_checkpoint
 from hlb_gpt.config import Cadence, RunConfig
+from hlb_gpt.flops import flops_per_token
+from hlb_gpt.model import gpt_config
 from hlb_gpt.records import read_run
 from hlb_gpt.train import train
 
@@ -232,3 +238,58 @@ def test_without_checkpoint_every_a_tiny_corpus_checkpoints_at_most_every_ten_mi
     train(cfg.replace(checkpoint_every=1.0), tmp_path / "asked", progress=False)
     asked = checkpoint_steps(tmp_path / "asked")
     assert len(asked) >= 9 and min(b - a for a, b in zip(asked, asked[1:])) <= 5, asked
+
+
+# ----------------------------------------------------------------------------------------------- throughput
+
+
+def test_the_summary_records_tokens_and_flops_per_second_and_no_mfu_on_the_cpu(tmp_path, token_cache):
+    cfg = small("lm", token_cache)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary == read_run(tmp_path / "run").summary
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    assert summary["tokens_per_s"] == pytest.approx(tokens_per_step / summary["step_time_s"])
+    per_token = flops_per_token(gpt_config(cfg), cfg.seq_len)
+    assert summary["flops_per_s"] == pytest.approx(summary["tokens_per_s"] * per_token)
+    assert summary["mfu"] is None
+
+
+def test_the_summary_records_mfu_over_the_peak_of_a_known_cuda_device(tmp_path, token_cache, monkeypatch):
+    # The run trains on the CPU, with the peak its device would have if it were this GPU.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(train_module, "peak_flops", lambda device: flops.peak_flops(torch.device("cuda")))
+    summary = train(small("lm", token_cache), tmp_path / "run", progress=False)
+    assert summary["flops_per_s"] > 0
+    assert summary["mfu"] == pytest.approx(summary["flops_per_s"] / 312e12)
+    assert read_run(tmp_path / "run").summary["mfu"] == summary["mfu"]
+
+
+def test_a_task_without_a_flops_count_records_tokens_per_second_but_no_flops(tmp_path, token_cache):
+    summary = train(small("modular", token_cache), tmp_path / "run", progress=False)
+    assert summary["tokens_per_s"] > 0 and summary["flops_per_s"] is None and summary["mfu"] is None
+
+
+def test_the_progress_line_shows_tokens_per_second_and_mfu_when_the_device_has_a_peak():
+    rate = {"tokens_per_s": 27647.2, "flops_per_s": 1.3e14, "mfu": 0.4123}
+    assert train_module._postfix(0.2031, 2.4114, 2.3094, {}, rate) == (
+        "epoch 0.203 | loss 2.411 | val 2.309 | 27,647 tokens/s | MFU 41.2%")
+    on_cpu = {**rate, "mfu": None}
+    assert train_module._postfix(0.2031, 2.4114, float("nan"), {"val_acc": 0.5}, on_cpu) == (
+        "epoch 0.203 | loss 2.411 | val - | val acc 0.500 | 27,647 tokens/s")
+    unknown = {"tokens_per_s": None, "flops_per_s": None, "mfu": None}
+    assert train_module._postfix(0.0, 2.0, float("nan"), {}, unknown).endswith("| tokens/s -")
+
+
+def test_the_progress_bar_shows_no_rate_of_its_own_in_steps():
+    line = tqdm.format_meter(10, 64, 5.0, bar_format=train_module.BAR_FORMAT, unit="step",
+                             postfix="epoch 0.031 | loss 2.411 | val - | 8,192 tokens/s")
+    assert "step/s" not in line and "s/step" not in line and "it/s" not in line
+    assert line.endswith("10/64 [00:05<00:27, epoch 0.031 | loss 2.411 | val - | 8,192 tokens/s]")
+
+
+def test_a_checkpoint_from_before_flops_were_counted_resumes_with_them_unknown_not_undercounted():
+    loop = train_module.LoopState(step=3, tokens=384, steady_time=1.5, steady_tokens=384)
+    state = {k: v for k, v in loop.state_dict().items() if k not in ("flops", "steady_flops")}
+    resumed = train_module.LoopState.from_state_dict(state)
+    assert resumed.step == 3 and math.isnan(resumed.flops) and math.isnan(resumed.steady_flops)
+    assert train_module.run_summary("completed", None, resumed, 1000, 2.0, {}, {}, 1e12)["flops_per_s"] is None

@@ -5,6 +5,7 @@ Each task is one module with one class that `hlb_gpt.train.Task` describes; the 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from torch import Tensor
@@ -19,3 +20,6 @@ class Batch(NamedTuple):
     """What the step adds to the run's `tokens` count: tokens (lm), equations (modular)."""
     weight: int = 1
     """The weight of the step's mean loss in the training loss of the next metrics row (1: a mean over steps)."""
+    flops: float = math.nan
+    """The step's training FLOPs, every rank's together, counted from the architecture (`hlb_gpt.flops`); NaN
+    where the task does not count them (its FLOP/s and MFU are then unknown)."""

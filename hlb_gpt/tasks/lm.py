@@ -24,6 +24,7 @@ from hlb_gpt.data import (TEST_SPLIT, BatchSampler, check_train_tokens, data_sou
                           get_tokenizer, load_data)
 from hlb_gpt.device import attention_for, resolve_precision
 from hlb_gpt.finetune import count_trainable, load_base, prepare_model
+from hlb_gpt.flops import flops_per_token
 from hlb_gpt.model import GPT, GPTConfig, gpt_config
 from hlb_gpt.optim import make_scheduler, param_groups
 from hlb_gpt.records import read_run
@@ -171,6 +172,7 @@ class LanguageModel:
             raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --grad-accum x ranks "
                               f"({cfg.grad_accum} x {ddp.world_size})")
         self.tokenizer = get_tokenizer(cfg.tokenizer)
+        self.architecture = gpt_config(cfg)  # what a step's FLOPs are counted from
         data_dir = Path(cfg.data_dir) if cfg.data_dir else None
         data = load_data(cfg.dataset, self.tokenizer, Path(cfg.data_cache), data_dir, test=cfg.eval_test)
         data = first_tokens(data, cfg.train_tokens_limit, self.tokenizer)  # its sha256: the text trained on
@@ -232,7 +234,7 @@ class LanguageModel:
     def batch(self, step: int) -> Batch:
         length, batch = self.schedule.length_at(step), self.schedule.batch_at(step)
         x, y = self.sampler.sample(batch, length)
-        return Batch(x, y, items=batch * length)
+        return Batch(x, y, items=batch * length, flops=flops_per_token(self.architecture, length) * batch * length)
 
     def loss(self, model: Callable[..., Tensor], x: Tensor, y: Tensor) -> Tensor:
         return model(x, y)
