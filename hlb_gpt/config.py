@@ -444,8 +444,8 @@ class RunConfig:
 GRID_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("grid"))
 
 # Settings that do not change the experiment: how a run is checkpointed, logged and profiled, where its files go,
-# whether its end also reads the test split (which no number of training reads: a run extended later evaluates it at its new
-# end). `compare` never separates runs by them, and a resumed run may change them.
+# whether its end also reads the test split (which no number of training reads: a run extended later evaluates it
+# at its new end). `compare` never separates runs by them, and a resumed run may change them.
 BOOKKEEPING = frozenset({"checkpoint_every", "keep_checkpoints", "wandb", "wandb_project", "data_cache",
                          "eval_test", "profile"})
 # A resumed run may also change how long it runs (the length and its stopping rules), the device and compile, and
