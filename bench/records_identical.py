@@ -9,7 +9,9 @@ must equal a run this checkout trained to the same length from the start: old ru
 
 Compared: config.json, every metrics.jsonl row and summary.json, as JSON values (so a float must be bit for bit
 the same), without what measures the machine rather than the run: any key ending in `_s` (seconds, tokens per
-second), the peak memory and its kind, and the versions of the software. Exit 1 on any difference.
+second), the peak memory and its kind, and the versions of the software. A key the older commit did not write
+(a setting or a column added since) is listed, not compared; every key both wrote must be equal. Exit 1 on any
+difference.
 """
 
 from __future__ import annotations
@@ -55,7 +57,17 @@ def records(folder: Path) -> dict:
     return found
 
 
-def differences(a: Path, b: Path) -> list[str]:
+def shared(old, new, added: set[str], where: str = ""):
+    """`new` without the keys `old` lacks (collected in `added`), at any depth."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        added.update(f"{where}{k}" for k in new.keys() - old.keys())
+        return {k: shared(old[k], v, added, f"{where}{k}.") for k, v in new.items() if k in old}
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [shared(o, n, added, where) for o, n in zip(old, new)]
+    return new
+
+
+def differences(a: Path, b: Path, added: set[str]) -> list[str]:
     runs_a = sorted(p.name for p in a.iterdir() if (p / "config.json").exists())
     runs_b = sorted(p.name for p in b.iterdir() if (p / "config.json").exists())
     if runs_a != runs_b:
@@ -64,7 +76,7 @@ def differences(a: Path, b: Path) -> list[str]:
     for name in runs_a:
         ra, rb = records(a / name), records(b / name)
         for file in sorted(set(ra) | set(rb)):
-            if ra.get(file) != rb.get(file):
+            if file not in ra or file not in rb or ra[file] != shared(ra[file], rb[file], added, f"{file}: "):
                 found.append(f"{name}/{file} differs")
     return found
 
@@ -83,12 +95,14 @@ def main() -> int:
         cache = work / "data-cache"
         run(old_code, work / "old", STEPS, cache)
         run(ROOT, work / "new", STEPS, cache)
-        found = differences(work / "old", work / "new")
+        added: set[str] = set()
+        found = differences(work / "old", work / "new", added)
         print(f"{STEPS} steps, {args.against} vs this checkout: "
-              f"{'identical' if not found else '; '.join(found)}")
+              f"{'identical' if not found else '; '.join(found)}"
+              + (f" (keys {args.against} did not write, not compared: {', '.join(sorted(added))})" if added else ""))
         run(ROOT, work / "old", EXTENDED, cache)  # this checkout resumes the older commit's runs
         run(ROOT, work / "fresh", EXTENDED, cache)
-        extended = differences(work / "old", work / "fresh")
+        extended = differences(work / "old", work / "fresh", set())
         print(f"{args.against}'s runs resumed to {EXTENDED} steps by this checkout vs trained by it from the start: "
               f"{'identical' if not extended else '; '.join(extended)}")
         return 1 if found or extended else 0
