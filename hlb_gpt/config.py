@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hlb_gpt import components
+
 TASKS = ("lm", "modular")
 DATASETS = ("wikitext-103", "wikitext-2", "mini")
 TOKENIZERS = ("gpt2", "bytes")
@@ -97,10 +99,6 @@ PRESETS: dict[str, Preset] = {
                       weight_decay=0.0, warmup_steps=10, checkpoint_every=100.0),
 }
 DEFAULT_PRESET = {"lm": "hlb", "modular": "modular"}
-# --optimizer muon: Muon's lr for the block matrices, the best of 0.005, 0.01, 0.02, 0.03, 0.05 by val loss after
-# 150 steps on `tiny` (mini, bytes, batch 4); and torch's momentum.
-MUON_LR = 0.02
-MUON_MOMENTUM = 0.95
 
 
 def setting(default: Any, help: str, *, note: str | None = None,
@@ -148,9 +146,8 @@ class RunConfig:
     seq_warmup: bool = setting(True, "hlb-gpt's schedule: sequences start at 32 tokens and double every 80 steps, "
                                "same tokens per step.", negatable=True)
     # optimisation
-    optimizer: str = setting("adamw", "grokadamw: AdamW with a built-in Grokfast EMA (uses --alpha, --gain); "
-                             "muon: Muon for the block matrices, AdamW for the rest.", choices=lambda: _registered("OPTIMIZERS"),
-                             grid=True)
+    optimizer: str = setting(components.optimizers.DEFAULT, components.described(components.OPTIMIZERS),
+                             choices=lambda: tuple(components.OPTIMIZERS), grid=True)
     lr: float | None = setting(None, "Base learning rate of the block matrices.", note="preset", grid=True)
     weight_decay: float | None = setting(None, "Weight decay of the block matrices, constant (not loss-dependent as "
                                          "in hlb-gpt).", note="0.01; modular 0", grid=True)
@@ -159,13 +156,14 @@ class RunConfig:
     grok_kappa: float = setting(0.1, "GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal).", grid=True)
     grok_gamma: float = setting(0.1, "GrokAdamW: layer-wise beta1_l = beta1 * (1 - gamma)^l.", grid=True)
     # --optimizer muon only; other optimizers record None
-    muon_lr: float | None = setting(None, "Muon: lr of the block matrices, on the --lr schedule.", note=f"{MUON_LR}",
-                                    grid=True)
-    muon_momentum: float | None = setting(None, "Muon: Nesterov momentum.", note=f"{MUON_MOMENTUM}", grid=True)
+    muon_lr: float | None = setting(None, "Muon: lr of the block matrices, on the --lr schedule.",
+                                    note=f"{components.optimizers.MUON_LR}", grid=True)
+    muon_momentum: float | None = setting(None, "Muon: Nesterov momentum.",
+                                          note=f"{components.optimizers.MUON_MOMENTUM}", grid=True)
     # Grokfast
     grokfast: bool = setting(False, "Filter gradients with Grokfast (the filtered configurations).")
-    filter: str = setting("ema", "ema: exponential moving average; ma: mean of the last --window gradients.",
-                          choices=lambda: _registered("FILTERS"), grid=True)
+    filter: str = setting(components.filters.DEFAULT, components.described(components.FILTERS),
+                          choices=lambda: tuple(components.FILTERS), grid=True)
     alpha: float = setting(0.98, "EMA momentum in [0, 1).", grid=True)
     gain: float = setting(2.0, "Amplification (lambda) >= 0.", grid=True)
     window: int = setting(100, "MA window in steps.", grid=True)
@@ -226,16 +224,12 @@ class RunConfig:
         for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens", "weight_decay", "warmup_steps"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
-        from hlb_gpt import components  # imported here: the components read this module
-
         for name, value in components.optimizer_of(vars(self)).defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self._validate()
 
     def _validate(self) -> None:
-        from hlb_gpt import components
-
         _positive("--depth", self.depth)
         _positive("--width", self.width)
         if self.width % 8:
@@ -306,8 +300,6 @@ class RunConfig:
 
     def _validate_components(self, optimizer: Any) -> None:
         """Each optimizer's own settings (unset, None, for the others) and its refusals; the filter's."""
-        from hlb_gpt import components
-
         for other in components.OPTIMIZERS.values():
             given = [flag(name) for name in other.defaults
                      if name not in optimizer.defaults and getattr(self, name) is not None]
@@ -369,8 +361,6 @@ class RunConfig:
         """A copy with `changes`; another optimizer drops the settings the old one alone owned (Muon's), so they
         are unset again unless the new one owns them too."""
         if changes.get("optimizer", self.optimizer) != self.optimizer:
-            from hlb_gpt import components
-
             owned = components.optimizer_of(changes).defaults
             changes = {**{key: None for key in components.owned_settings() if key not in owned}, **changes}
         return dataclasses.replace(self, **changes)
@@ -384,8 +374,6 @@ class RunConfig:
     def kind_of(settings: Mapping[str, Any]) -> str:
         """`kind` of any settings, a RunConfig's or a recorded config.json's (where a missing key has its
         default): `compare` and `plots` read it from records without building a config."""
-        from hlb_gpt import components
-
         return components.kind_of(settings)
 
 
@@ -414,12 +402,6 @@ def choices_of(field: dataclasses.Field) -> tuple[str, ...]:
     """The values a setting with `choices` allows, now (components registered since import included)."""
     choices = field.metadata["choices"]
     return tuple(choices()) if callable(choices) else choices
-
-
-def _registered(registry: str) -> tuple[str, ...]:
-    from hlb_gpt import components  # imported here: the components read this module
-
-    return tuple(getattr(components, registry))
 
 
 def _default(name: str) -> Any:

@@ -3,6 +3,9 @@ estimated, paired with its baseline and labelled by compare with no file of the 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 
 import pytest
@@ -135,3 +138,12 @@ def test_an_unregistered_filter_or_optimizer_is_refused(capsys, tmp_path):
         code, _, err = run_main(TINY + args + ["--out", str(tmp_path)], capsys)
         assert code == 2 and "is not one of 'ema', 'ma'" in err or "is not one of 'adamw', 'grokadamw', 'muon'" in err, err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_no_module_outside_the_components_spells_a_component_name():
+    package = Path(components.__file__).parent.parent
+    names = re.compile(r'"(muon|ema|ma|grokadamw)"')
+    spelled = [f"{path.relative_to(package)}:{n}: {line.strip()}"
+               for path in sorted(package.rglob("*.py")) if path.parent.name != "components"
+               for n, line in enumerate(path.read_text().splitlines(), 1) if names.search(line)]
+    assert spelled == []

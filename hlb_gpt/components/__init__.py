@@ -4,15 +4,17 @@ A component declares in one place which settings it reads, how it is checked and
 part of the run-folder name and of compare's label, and its plain counterpart (the baseline `--baseline` adds).
 Everything outside `filters.py` and `optimizers.py` asks this registry, never a component's name. A new one is a
 `Filter` or `Optimizer` passed to `register`, from any module (tests register a sign filter and SGD this way).
+`hlb_gpt.config` reads the defaults and help of --filter and --optimizer here: these modules import it only where
+they use it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+from hlb_gpt.components import filters, optimizers
 from hlb_gpt.components.filters import FILTERS, Filter
 from hlb_gpt.components.optimizers import OPTIMIZERS, Optimizer
-from hlb_gpt.config import RunConfig
 
 __all__ = ["FILTERS", "OPTIMIZERS", "Filter", "Optimizer", "register", "filter_of", "optimizer_of", "kind_of",
            "unused_settings", "identity_settings", "folder_part", "label", "plain_counterpart"]
@@ -29,13 +31,13 @@ def register(component: Filter | Optimizer) -> None:
 def optimizer_of(settings: Mapping[str, Any]) -> Optimizer:
     """The optimizer of a RunConfig's or a recorded config.json's settings (a missing key: the default). Records of
     one this process has not registered still read: by its name, as its own plain counterpart."""
-    name = settings.get("optimizer") or _default("optimizer")
+    name = settings.get("optimizer") or optimizers.DEFAULT
     return OPTIMIZERS.get(name) or Optimizer(name, _unregistered, plain=name)
 
 
 def filter_of(settings: Mapping[str, Any]) -> Filter:
     """The filter of settings, as `optimizer_of`; an unregistered one is known by its name alone."""
-    name = settings.get("filter") or _default("filter")
+    name = settings.get("filter") or filters.DEFAULT
     return FILTERS.get(name) or Filter(name, tuple(component_settings()), (), _unregistered, lambda cfg: 0)
 
 
@@ -64,7 +66,7 @@ def _labelled(settings: Mapping[str, Any]) -> tuple[str, tuple[tuple[str, str, s
 def _plain_prefix(settings: Mapping[str, Any]) -> list[str]:
     """A non-default, non-filtering optimizer names itself first: `muon-…`."""
     optimizer = optimizer_of(settings)
-    return [] if optimizer.filters or optimizer.name == _default("optimizer") else [optimizer.name]
+    return [] if optimizer.filters or optimizer.name == optimizers.DEFAULT else [optimizer.name]
 
 
 def folder_part(settings: Mapping[str, Any]) -> str:
@@ -135,9 +137,10 @@ def identity_settings() -> set[str]:
     return {"grokfast", "optimizer", "filter"} | shown
 
 
+def described(registry: Mapping[str, Filter | Optimizer]) -> str:
+    """`ema: exponential moving average; ma: …`: the help of --filter or --optimizer, from the components."""
+    return "; ".join(f"{c.name}: {c.help}" for c in registry.values() if c.help) + "."
+
+
 def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _default(name: str) -> Any:
-    return RunConfig.__dataclass_fields__[name].default
