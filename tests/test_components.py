@@ -52,7 +52,7 @@ SIGN = Filter("sign", settings=("gain",), shown=(("gain", "g", "g"),),
               build=lambda cfg, named_params, dtype, compile: SignFilter(named_params, cfg.gain),
               copies=lambda cfg: 1)
 SGD = Optimizer("sgd", build=lambda cfg, groups, device_type, compile: torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9),
-                plain="sgd", title="SGD")
+                plain="sgd", title="SGD", state_copies=1)  # its momentum
 
 
 @pytest.fixture
@@ -114,6 +114,9 @@ def test_an_optimizer_registered_from_a_test_gets_its_own_baseline_folder_and_la
     filtered = read_run(out / "sgd-ema-a0.9-g1-s0").config
     assert short_label(filtered) == "sgd ema α0.9 g1" and short_label(baseline) == "sgd baseline"
     assert baseline_config(filtered) == normalise_config(baseline)
+    # Weights, gradients and the momentum; the EMA filter's mu beside them.
+    need = footprint.estimate(RunConfig.from_dict(filtered), 1000, 256, "fp32", False)
+    assert (need.training_state, need.filter_state) == (1000 * 3 * 4, 1000 * 4)
     lines = compare_lines(out, capsys)
     for label in ("sgd ema α0.9 g0.1", "sgd ema α0.9 g1"):
         assert float(delta(lines, label)) != 0
@@ -147,3 +150,20 @@ def test_no_module_outside_the_components_spells_a_component_name():
                for path in sorted(package.rglob("*.py")) if path.parent.name != "components"
                for n, line in enumerate(path.read_text().splitlines(), 1) if names.search(line)]
     assert spelled == []
+
+
+def test_the_training_state_estimate_counts_the_copies_each_optimizer_keeps(registered):
+    def state(**changes) -> int:
+        return footprint.estimate(RunConfig(**changes), 1000, 256, "fp32", False).training_state
+
+    # Weights and gradients, then AdamW's two moments, GrokAdamW's EMA besides, SGD's momentum.
+    assert state() == 1000 * 4 * (2 + 2)
+    assert state(optimizer="grokadamw") == 1000 * 4 * (2 + 3)
+    assert state(optimizer="sgd") == 1000 * 4 * (2 + 1)
+    # Muon's matrices keep one copy, the rest AdamW's two: two is its bound.
+    assert state(optimizer="muon") == 1000 * 4 * (2 + 2)
+    components.register(Optimizer("plain", build=SGD.build, plain="plain"))
+    try:  # one that does not say: as many as AdamW
+        assert state(optimizer="plain") == 1000 * 4 * (2 + 2)
+    finally:
+        del components.OPTIMIZERS["plain"]
