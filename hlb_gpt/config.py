@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from hlb_gpt import components
+from hlb_gpt.components.tasks import Preset
 
-TASKS = ("lm", "modular")
 DATASETS = ("wikitext-103", "wikitext-2", "mini")
 TOKENIZERS = ("gpt2", "bytes")
 GATES = ("none", "relu", "sigmoid")
@@ -74,31 +74,8 @@ def parse_cadence(value: float | str) -> Cadence:
     return Cadence(seconds=number * TIME_UNITS[unit]) if unit else Cadence(epochs=number)
 
 
-@dataclass(frozen=True)
-class Preset:
-    depth: int
-    width: int
-    seq_len: int
-    batch_size: int
-    lr: float
-    eval_tokens: int
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    checkpoint_every: float = 1.0  # epochs (see `parse_cadence`)
-
-
-PRESETS: dict[str, Preset] = {
-    # hlb-gpt v0.4's 46M model. Its base lr follows hlb-gpt's fit 9e7 / ln(n_params)^8.8 * 2.62 at 46M
-    # parameters; its batch of 64 x 1024 tokens is about what hlb-gpt fits on a 40 GB A100.
-    "hlb": Preset(depth=8, width=384, seq_len=1024, batch_size=64, lr=2.5e-3, eval_tokens=153_600),
-    # Laptop scale: an epoch of `mini` with --tokenizer bytes in well under a minute on 2 CPU cores.
-    "tiny": Preset(depth=4, width=128, seq_len=256, batch_size=16, lr=2e-3, eval_tokens=65_536),
-    # The grokking benchmark (after Lee et al. 2024): 2 layers of width 128, batches of 512,
-    # Adam lr 1e-3 with a 10-step warmup, no weight decay unless given; sequences are `x op y =`.
-    "modular": Preset(depth=2, width=128, seq_len=4, batch_size=512, lr=1e-3, eval_tokens=0,
-                      weight_decay=0.0, warmup_steps=10, checkpoint_every=100.0),
-}
-DEFAULT_PRESET = {"lm": "hlb", "modular": "modular"}
+# --preset's choices: the presets every task brings.
+PRESETS: dict[str, Preset] = {name: p for task in components.TASKS.values() for name, p in task.presets.items()}
 
 
 def setting(default: Any, help: str, *, note: str | None = None,
@@ -123,8 +100,8 @@ class RunConfig:
     """One training run. Every field is also a flag of the same name (underscores become dashes) and an
     environment variable HLB_GPT_<FIELD>; `setting` holds the flag's help."""
 
-    task: str = setting("lm", "lm: WikiText language modelling; modular: the (x * y) mod 97 grokking benchmark.",
-                        choices=TASKS)
+    task: str = setting(components.tasks.DEFAULT, components.described(components.TASKS),
+                        choices=lambda: tuple(components.TASKS))
     # data
     dataset: str = setting("wikitext-103", "Training corpus. `mini` is bundled (WikiText-2 test as train, valid as "
                            "valid) and works offline.", choices=DATASETS, grid=True)
@@ -213,9 +190,9 @@ class RunConfig:
     wandb_project: str = setting("hlb-gpt", "wandb project.")
 
     def __post_init__(self) -> None:
-        _choice("--task", self.task, TASKS)  # before the preset, which defaults to the task's
+        _choice("--task", self.task, tuple(components.TASKS))  # before the preset, which defaults to the task's
         if self.preset is None:
-            self.preset = DEFAULT_PRESET[self.task]
+            self.preset = components.TASKS[self.task].preset
         for f in dataclasses.fields(self):
             if f.metadata.get("choices"):
                 _choice(flag(f.name), getattr(self, f.name), choices_of(f))
@@ -254,13 +231,7 @@ class RunConfig:
         if not self.gain >= 0:
             raise ConfigError(f"--gain must be >= 0 (got {self.gain})")
         _positive("--window", self.window)
-        if self.task == "modular" and self.optimizer != _default("optimizer"):
-            raise ConfigError("--task modular trains with Adam and L2 weight decay, as the published code; "
-                              f"drop --optimizer {self.optimizer} (use --grokfast for the filter)")
-        if self.task == "modular" and self.gate != "none":
-            raise ConfigError(f"--task modular has no gated blocks; drop --gate {self.gate}")
-        if self.task == "modular" and self.attention == "flex":
-            raise ConfigError("--task modular attends over 4 tokens with its own model; drop --attention flex")
+        components.TASKS[self.task].check(self)
         optimizer = components.optimizer_of(vars(self))
         if self.grokfast and optimizer.filters:
             raise ConfigError(f"--optimizer {self.optimizer} filters gradients itself; drop --grokfast "
@@ -274,9 +245,6 @@ class RunConfig:
         _positive("--evals-per-epoch", self.evals_per_epoch)
         if self.eval_tokens < 0:
             raise ConfigError(f"--eval-tokens must be >= 0, 0 meaning the whole validation split (got {self.eval_tokens})")
-        if self.task == "lm" and 0 < self.eval_tokens < self.seq_len + 1:  # one window needs seq_len + 1 tokens
-            raise ConfigError(f"--eval-tokens ({self.eval_tokens}) must be at least --seq-len + 1 = {self.seq_len + 1}, "
-                              "or 0 for the whole validation split")
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0 (got {self.seed})")
         _positive("--max-bad-steps", self.max_bad_steps)
@@ -323,7 +291,7 @@ class RunConfig:
                                   f"among {', '.join(TRAIN_ONLY)} (the attention's own parameter is position)")
             self.train_only = _names("--train-only", self.train_only, TRAIN_ONLY)
         fine_tunes = self.lora_rank > 0 or self.train_only is not None
-        if self.task != "lm" and (fine_tunes or self.init_from is not None):
+        if not components.TASKS[self.task].fine_tunes and (fine_tunes or self.init_from is not None):
             raise ConfigError(f"--task {self.task} trains its own model from scratch; drop --init-from, --lora-rank "
                               "and --train-only")
         if self.lora_rank > 0 and self.gate == "none" and "gate" in _split(self.lora_targets):

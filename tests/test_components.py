@@ -4,6 +4,7 @@ estimated, paired with its baseline and labelled by compare with no file of the 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from hlb_gpt import components, footprint
 from hlb_gpt.components import Filter, Optimizer
 from hlb_gpt.compare import group_key, short_label
 from hlb_gpt.compare.configurations import baseline_config, normalise_config
-from hlb_gpt.config import RunConfig
+from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.grokfast import NoFilter
 from hlb_gpt.records import read_run
 from hlb_gpt.sweep import expand_grid, run_folder_name
@@ -143,13 +144,28 @@ def test_an_unregistered_filter_or_optimizer_is_refused(capsys, tmp_path):
         assert len(err.strip().splitlines()) == 1, err
 
 
-def test_no_module_outside_the_components_spells_a_component_name():
+def spelled(names: str, allowed: tuple[str, ...]) -> list[str]:
+    """The lines of the package outside the `allowed` folders that spell one of `names` as a string."""
     package = Path(components.__file__).parent.parent
-    names = re.compile(r'"(muon|ema|ma|grokadamw)"')
-    spelled = [f"{path.relative_to(package)}:{n}: {line.strip()}"
-               for path in sorted(package.rglob("*.py")) if path.parent.name != "components"
-               for n, line in enumerate(path.read_text().splitlines(), 1) if names.search(line)]
-    assert spelled == []
+    pattern = re.compile(rf'"({names})"')
+    return [f"{path.relative_to(package)}:{n}: {line.strip()}"
+            for path in sorted(package.rglob("*.py")) if path.parent.name not in allowed
+            for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+
+
+def test_no_module_outside_the_components_spells_a_filter_or_optimizer_name():
+    assert spelled("muon|ema|ma|grokadamw", ("components",)) == []
+
+
+def test_no_module_outside_the_components_and_the_tasks_spells_a_task_name():
+    assert spelled("lm|modular", ("components", "tasks")) == []
+
+
+def test_a_task_s_refusals_are_its_declaration_s(monkeypatch):
+    with pytest.raises(ConfigError, match="--task modular has no gated blocks; drop --gate relu"):
+        RunConfig(task="modular", gate="relu")
+    monkeypatch.setitem(components.TASKS, "modular", replace(components.TASKS["modular"], check=lambda cfg: None))
+    assert RunConfig(task="modular", gate="relu").gate == "relu"
 
 
 def test_the_training_state_estimate_counts_the_copies_each_optimizer_keeps(registered):
