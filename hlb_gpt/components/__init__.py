@@ -5,8 +5,8 @@ part of the run-folder name and of compare's label, and its plain counterpart (t
 A task (`tasks.py`) declares its presets, its refusals and what its runs support. Everything outside `filters.py`,
 `optimizers.py` and `tasks.py` asks this registry, never a component's name. A new one is a `Task`, `Filter` or
 `Optimizer` passed to `register`, from any module (tests register a sign filter and SGD this way).
-`hlb_gpt.config` reads the defaults and help of --task, --filter and --optimizer here: these modules import it only where
-they use it.
+`hlb_gpt.config` reads the defaults and help of --task, --filter and --optimizer here: these modules import it only
+where they use it.
 """
 
 from __future__ import annotations
