@@ -29,7 +29,7 @@ VALUE_BYTES = 4  # float32: the weights, their gradients and every copy of optim
 class Footprint:
     """The bytes a run holds at its peak step, by what holds them."""
 
-    training_state: int  # weights, gradients, the optimizer's state (AdamW's two moments)
+    training_state: int  # weights, gradients, the optimizer's state (its component's `state_copies`)
     filter_state: int  # the Grokfast filter's buffers (the MA ring: allocated at the first step)
     activations: int  # what the blocks keep for the backward of one micro-batch
     logits: int  # the logits, their float32 log-softmax and its gradient
@@ -99,7 +99,8 @@ def refusal(cfg: RunConfig, need: Footprint, n_params: int, available: int, devi
 def checkpoint_bytes(cfg: RunConfig, n_params: int) -> int:
     """The size of one checkpoint file: the weights, the optimizer's state and the filter's (the MA ring), all as
     the run holds them; the metrics rows, sampler and RNG states are small beside them."""
-    return (1 + optimizer_copies(cfg)) * VALUE_BYTES * n_params + filter_copies(cfg) * n_params * filter_value_bytes(cfg)
+    optimizer = (1 + optimizer_copies(cfg)) * VALUE_BYTES * n_params
+    return optimizer + filter_copies(cfg) * n_params * filter_value_bytes(cfg)
 
 
 def checkpoint_disk_bytes(cfg: RunConfig, n_params: int) -> int:
