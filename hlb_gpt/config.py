@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TASKS = ("lm", "modular")
+from hlb_gpt import components
+from hlb_gpt.components.tasks import Preset
+
 DATASETS = ("wikitext-103", "wikitext-2", "mini")
 TOKENIZERS = ("gpt2", "bytes")
 GATES = ("none", "relu", "sigmoid")
@@ -76,35 +78,8 @@ def parse_cadence(value: float | str) -> Cadence:
     return Cadence(seconds=number * TIME_UNITS[unit]) if unit else Cadence(epochs=number)
 
 
-@dataclass(frozen=True)
-class Preset:
-    depth: int
-    width: int
-    seq_len: int
-    batch_size: int
-    lr: float
-    eval_tokens: int
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    checkpoint_every: float = 1.0  # epochs (see `parse_cadence`)
-
-
-PRESETS: dict[str, Preset] = {
-    # hlb-gpt v0.4's 46M model. Its base lr follows hlb-gpt's fit 9e7 / ln(n_params)^8.8 * 2.62 at 46M
-    # parameters; its batch of 64 x 1024 tokens is about what hlb-gpt fits on a 40 GB A100.
-    "hlb": Preset(depth=8, width=384, seq_len=1024, batch_size=64, lr=2.5e-3, eval_tokens=153_600),
-    # Laptop scale: an epoch of `mini` with --tokenizer bytes in well under a minute on 2 CPU cores.
-    "tiny": Preset(depth=4, width=128, seq_len=256, batch_size=16, lr=2e-3, eval_tokens=65_536),
-    # The grokking benchmark (after Lee et al. 2024): 2 layers of width 128, batches of 512,
-    # Adam lr 1e-3 with a 10-step warmup, no weight decay unless given; sequences are `x op y =`.
-    "modular": Preset(depth=2, width=128, seq_len=4, batch_size=512, lr=1e-3, eval_tokens=0,
-                      weight_decay=0.0, warmup_steps=10, checkpoint_every=100.0),
-}
-DEFAULT_PRESET = {"lm": "hlb", "modular": "modular"}
-# --optimizer muon: Muon's lr for the block matrices, the best of 0.005, 0.01, 0.02, 0.03, 0.05 by val loss after
-# 150 steps on `tiny` (mini, bytes, batch 4); and torch's momentum.
-MUON_LR = 0.02
-MUON_MOMENTUM = 0.95
+# --preset's choices: the presets every task brings.
+PRESETS: dict[str, Preset] = {name: p for task in components.TASKS.values() for name, p in task.presets.items()}
 
 
 def setting(default: Any, help: str, *, note: str | None = None,
@@ -131,8 +106,8 @@ class RunConfig:
     """One training run. Every field is also a flag of the same name (underscores become dashes) and an
     environment variable HLB_GPT_<FIELD>; `setting` holds the flag's help."""
 
-    task: str = setting("lm", "lm: WikiText language modelling; modular: the (x * y) mod 97 grokking benchmark.",
-                        choices=TASKS)
+    task: str = setting(components.tasks.DEFAULT, components.described(components.TASKS),
+                        choices=lambda: tuple(components.TASKS))
     # data
     dataset: str = setting("wikitext-103", "Training corpus. `mini` is bundled (WikiText-2 test as train, valid as "
                            "valid) and works offline.", choices=DATASETS, grid=True)
@@ -158,9 +133,8 @@ class RunConfig:
     seq_warmup: bool = setting(True, "hlb-gpt's schedule: sequences start at 32 tokens and double every 80 steps, "
                                "same tokens per step.", negatable=True)
     # optimisation
-    optimizer: str = setting("adamw", "grokadamw: AdamW with a built-in Grokfast EMA (uses --alpha, --gain); "
-                             "muon: Muon for the block matrices, AdamW for the rest.", choices=lambda: _registered("OPTIMIZERS"),
-                             grid=True)
+    optimizer: str = setting(components.optimizers.DEFAULT, components.described(components.OPTIMIZERS),
+                             choices=lambda: tuple(components.OPTIMIZERS), grid=True)
     lr: float | None = setting(None, "Base learning rate of the block matrices.", note="preset", grid=True)
     weight_decay: float | None = setting(None, "Weight decay of the block matrices, constant (not loss-dependent as "
                                          "in hlb-gpt).", note="0.01; modular 0", grid=True)
@@ -169,13 +143,14 @@ class RunConfig:
     grok_kappa: float = setting(0.1, "GrokAdamW: alpha_t = alpha * exp(-kappa * grokking signal).", grid=True)
     grok_gamma: float = setting(0.1, "GrokAdamW: layer-wise beta1_l = beta1 * (1 - gamma)^l.", grid=True)
     # --optimizer muon only; other optimizers record None
-    muon_lr: float | None = setting(None, "Muon: lr of the block matrices, on the --lr schedule.", note=f"{MUON_LR}",
-                                    grid=True)
-    muon_momentum: float | None = setting(None, "Muon: Nesterov momentum.", note=f"{MUON_MOMENTUM}", grid=True)
+    muon_lr: float | None = setting(None, "Muon: lr of the block matrices, on the --lr schedule.",
+                                    note=f"{components.optimizers.MUON_LR}", grid=True)
+    muon_momentum: float | None = setting(None, "Muon: Nesterov momentum.",
+                                          note=f"{components.optimizers.MUON_MOMENTUM}", grid=True)
     # Grokfast
     grokfast: bool = setting(False, "Filter gradients with Grokfast (the filtered configurations).")
-    filter: str = setting("ema", "ema: exponential moving average; ma: mean of the last --window gradients.",
-                          choices=lambda: _registered("FILTERS"), grid=True)
+    filter: str = setting(components.filters.DEFAULT, components.described(components.FILTERS),
+                          choices=lambda: tuple(components.FILTERS), grid=True)
     alpha: float = setting(0.98, "EMA momentum in [0, 1).", grid=True)
     gain: float = setting(2.0, "Amplification (lambda) >= 0.", grid=True)
     window: int = setting(100, "MA window in steps.", grid=True)
@@ -230,9 +205,9 @@ class RunConfig:
                                   "(N, N+1, N+2; the first step is 1) to the run folder's profile.json.", note="off")
 
     def __post_init__(self) -> None:
-        _choice("--task", self.task, TASKS)  # before the preset, which defaults to the task's
+        _choice("--task", self.task, tuple(components.TASKS))  # before the preset, which defaults to the task's
         if self.preset is None:
-            self.preset = DEFAULT_PRESET[self.task]
+            self.preset = components.TASKS[self.task].preset
         for f in dataclasses.fields(self):
             if f.metadata.get("choices"):
                 _choice(flag(f.name), getattr(self, f.name), choices_of(f))
@@ -241,16 +216,12 @@ class RunConfig:
         for name in ("depth", "width", "seq_len", "batch_size", "lr", "eval_tokens", "weight_decay", "warmup_steps"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
-        from hlb_gpt import components  # imported here: the components read this module
-
         for name, value in components.optimizer_of(vars(self)).defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self._validate()
 
     def _validate(self) -> None:
-        from hlb_gpt import components
-
         _positive("--depth", self.depth)
         _positive("--width", self.width)
         if self.width % 8:
@@ -276,13 +247,7 @@ class RunConfig:
             raise ConfigError(f"--gain must be >= 0 (got {self.gain})")
         _positive("--window", self.window)
         self._validate_train_tokens()
-        if self.task == "modular" and self.optimizer != _default("optimizer"):
-            raise ConfigError("--task modular trains with Adam and L2 weight decay, as the published code; "
-                              f"drop --optimizer {self.optimizer} (use --grokfast for the filter)")
-        if self.task == "modular" and self.gate != "none":
-            raise ConfigError(f"--task modular has no gated blocks; drop --gate {self.gate}")
-        if self.task == "modular" and self.attention == "flex":
-            raise ConfigError("--task modular attends over 4 tokens with its own model; drop --attention flex")
+        components.TASKS[self.task].check(self)
         optimizer = components.optimizer_of(vars(self))
         if self.grokfast and optimizer.filters:
             raise ConfigError(f"--optimizer {self.optimizer} filters gradients itself; drop --grokfast "
@@ -296,9 +261,6 @@ class RunConfig:
         _positive("--evals-per-epoch", self.evals_per_epoch)
         if self.eval_tokens < 0:
             raise ConfigError(f"--eval-tokens must be >= 0, 0 meaning the whole validation split (got {self.eval_tokens})")
-        if self.task == "lm" and 0 < self.eval_tokens < self.seq_len + 1:  # one window needs seq_len + 1 tokens
-            raise ConfigError(f"--eval-tokens ({self.eval_tokens}) must be at least --seq-len + 1 = {self.seq_len + 1}, "
-                              "or 0 for the whole validation split")
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0 (got {self.seed})")
         _positive("--max-bad-steps", self.max_bad_steps)
@@ -325,7 +287,7 @@ class RunConfig:
             self._validate_eval_test()
 
     def _validate_eval_test(self) -> None:
-        if self.task != "lm":
+        if not components.TASKS[self.task].holds_text:
             raise ConfigError(f"--eval-test: --task {self.task} has no test split; drop --eval-test")
         if self.data_dir is None and self.dataset == "mini":
             raise ConfigError(MINI_HAS_NO_TEST)
@@ -343,7 +305,7 @@ class RunConfig:
         limit = self.train_tokens_limit
         if limit is None:
             return
-        if self.task != "lm":
+        if not components.TASKS[self.task].holds_text:
             raise ConfigError(f"--task {self.task} trains on its table of equations, not on text; drop --train-tokens")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"--train-tokens must be an integer >= 1, the training tokens used (got {limit!r})")
@@ -357,8 +319,6 @@ class RunConfig:
 
     def _validate_components(self, optimizer: Any) -> None:
         """Each optimizer's own settings (unset, None, for the others) and its refusals; the filter's."""
-        from hlb_gpt import components
-
         for other in components.OPTIMIZERS.values():
             given = [flag(name) for name in other.defaults
                      if name not in optimizer.defaults and getattr(self, name) is not None]
@@ -382,7 +342,7 @@ class RunConfig:
                                   f"among {', '.join(TRAIN_ONLY)} (the attention's own parameter is position)")
             self.train_only = _names("--train-only", self.train_only, TRAIN_ONLY)
         fine_tunes = self.lora_rank > 0 or self.train_only is not None
-        if self.task != "lm" and (fine_tunes or self.init_from is not None):
+        if not components.TASKS[self.task].fine_tunes and (fine_tunes or self.init_from is not None):
             raise ConfigError(f"--task {self.task} trains its own model from scratch; drop --init-from, --lora-rank "
                               "and --train-only")
         if self.lora_rank > 0 and self.gate == "none" and "gate" in _split(self.lora_targets):
@@ -420,8 +380,6 @@ class RunConfig:
         """A copy with `changes`; another optimizer drops the settings the old one alone owned (Muon's), so they
         are unset again unless the new one owns them too."""
         if changes.get("optimizer", self.optimizer) != self.optimizer:
-            from hlb_gpt import components
-
             owned = components.optimizer_of(changes).defaults
             changes = {**{key: None for key in components.owned_settings() if key not in owned}, **changes}
         return dataclasses.replace(self, **changes)
@@ -435,8 +393,6 @@ class RunConfig:
     def kind_of(settings: Mapping[str, Any]) -> str:
         """`kind` of any settings, a RunConfig's or a recorded config.json's (where a missing key has its
         default): `compare` and `plots` read it from records without building a config."""
-        from hlb_gpt import components
-
         return components.kind_of(settings)
 
 
@@ -467,12 +423,6 @@ def choices_of(field: dataclasses.Field) -> tuple[str, ...]:
     """The values a setting with `choices` allows, now (components registered since import included)."""
     choices = field.metadata["choices"]
     return tuple(choices()) if callable(choices) else choices
-
-
-def _registered(registry: str) -> tuple[str, ...]:
-    from hlb_gpt import components  # imported here: the components read this module
-
-    return tuple(getattr(components, registry))
 
 
 def _default(name: str) -> Any:

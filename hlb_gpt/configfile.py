@@ -15,13 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hlb_gpt import components
 from hlb_gpt.config import ConfigError
 
-# What a run's config.json records besides its settings (see `train.config_record` and the tasks' `record`): how
-# the run was resolved and where it ran. Given back with --config, they are what the run recorded, not settings.
+# What a run's config.json records besides its settings (see `train.config_record`; the tasks' own, their
+# components' `records`): how the run was resolved and where it ran. Given back with --config, they are what the
+# run recorded, not settings.
 RECORDED = frozenset({
     "data_source", "checkpoint_cadence", "resolved_device", "resolved_precision", "resolved_attention", "world_size",
-    "n_params", "train_tokens", "text_sha256", "versions", "init_checkpoint", "init_step", "init_sha256", "modular",
+    "n_params", "train_tokens", "text_sha256", "versions", "init_checkpoint", "init_step", "init_sha256",
 })
 
 KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -36,7 +38,7 @@ def read_settings(path: Path, kinds: Mapping[str, tuple[type, ...]], grid: froze
     aliases = {} if path.suffix.lower() == ".json" else dict(flag_names or {})
     for key, value in parse(path).items():
         name = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
-        if name in RECORDED:
+        if name in RECORDED or any(name in task.records for task in components.TASKS.values()):
             continue
         if name not in kinds:
             raise ConfigError(f"--config {path}: unknown setting {key}{_suggestion(name, kinds)}")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from hlb_gpt.components import task_of
 from hlb_gpt.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from hlb_gpt.config import LORA_TARGETS, TRAIN_ONLY, ConfigError, RunConfig
 from hlb_gpt.durable import write_durably
@@ -174,7 +175,7 @@ def read_run_config(run_dir: Path | str) -> dict[str, Any]:
         raise ConfigError(f"--init-from {run_dir}: not a run folder (it has no config.json)") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--init-from {run_dir}: cannot read its config.json ({exc})") from None
-    if config.get("task", "lm") != "lm":
+    if not task_of(config).fine_tunes:
         raise ConfigError(f"--init-from {run_dir}: a --task {config.get('task')} run; only language-model runs "
                           "can be fine-tuned")
     return config

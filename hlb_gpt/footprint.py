@@ -22,14 +22,14 @@ BLOCK_BYTES = {("fp32", False): 72, ("bf16", False): 58, ("fp32", True): 52, ("b
 LOGIT_BYTES = {("fp32", False): 12, ("bf16", False): 12, ("fp32", True): 4, ("bf16", True): 4}
 # What a run holds besides: its data and evaluation windows, kernels' workspaces, the allocator's slack.
 OVERHEAD_BYTES = 100 * 2**20
-STATE_BYTES = 16  # per trained parameter: weights, gradients and AdamW's two moments, in float32
+VALUE_BYTES = 4  # float32: the weights, their gradients and every copy of optimizer state
 
 
 @dataclass(frozen=True)
 class Footprint:
     """The bytes a run holds at its peak step, by what holds them."""
 
-    training_state: int  # weights, gradients, optimizer moments
+    training_state: int  # weights, gradients, the optimizer's state (its component's `state_copies`)
     filter_state: int  # the Grokfast filter's buffers (the MA ring: allocated at the first step)
     activations: int  # what the blocks keep for the backward of one micro-batch
     logits: int  # the logits, their float32 log-softmax and its gradient
@@ -49,6 +49,11 @@ def filter_copies(cfg: RunConfig) -> int:
     return components.filter_of(vars(cfg)).copies(cfg) if cfg.grokfast else 0
 
 
+def optimizer_copies(cfg: RunConfig) -> int:
+    """Parameter-sized copies of state the optimizer keeps, as its component says."""
+    return components.optimizer_of(vars(cfg)).state_copies
+
+
 def filter_value_bytes(cfg: RunConfig) -> int:
     return 2 if cfg.filter_dtype == "bfloat16" else 4  # "param": the model's float32 parameters
 
@@ -64,7 +69,7 @@ def estimate(cfg: RunConfig, n_params: int, vocab: int, precision: str, compiled
     tokens = cfg.batch_size // (cfg.grad_accum * world_size) * cfg.seq_len
     key = (precision, compiled)
     return Footprint(
-        training_state=STATE_BYTES * n_params,
+        training_state=(2 + optimizer_copies(cfg)) * VALUE_BYTES * n_params,
         filter_state=filter_copies(cfg) * n_params * filter_value_bytes(cfg),
         activations=BLOCK_BYTES[key] * tokens * cfg.depth * cfg.width,
         logits=LOGIT_BYTES[key] * tokens * vocab,
@@ -92,9 +97,10 @@ def refusal(cfg: RunConfig, need: Footprint, n_params: int, available: int, devi
 
 
 def checkpoint_bytes(cfg: RunConfig, n_params: int) -> int:
-    """The size of one checkpoint file: the weights, AdamW's two moments and the filter's state (the MA ring), all
-    as the run holds them; the metrics rows, sampler and RNG states are small beside them."""
-    return 12 * n_params + filter_copies(cfg) * n_params * filter_value_bytes(cfg)
+    """The size of one checkpoint file: the weights, the optimizer's state and the filter's (the MA ring), all as
+    the run holds them; the metrics rows, sampler and RNG states are small beside them."""
+    optimizer = (1 + optimizer_copies(cfg)) * VALUE_BYTES * n_params
+    return optimizer + filter_copies(cfg) * n_params * filter_value_bytes(cfg)
 
 
 def checkpoint_disk_bytes(cfg: RunConfig, n_params: int) -> int:

@@ -77,12 +77,15 @@ class GradFilter:
     """Base of the gradient filters: parameter bookkeeping, state_dict, nbytes, dispatch of step()."""
 
     kind = "none"
+    """The tag of its checkpointed state: the name of the component that built it (`hlb_gpt.components`), which
+    the records hold, else its class's name."""
     _buffers: tuple[str, ...] = ()  # names of the parameter-sized state tensors
 
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
-                 dtype: torch.dtype | None = torch.float32, compile: bool = False) -> None:
+                 dtype: torch.dtype | None = torch.float32, compile: bool = False, kind: str | None = None) -> None:
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"--filter-dtype must be a floating dtype (got {dtype})")
+        self.kind = kind or type(self).__name__
         self.params, self._keys = _split_named(params)
         self.dtype = dtype
         self.state: dict[Tensor, dict[str, Any]] = {}
@@ -248,16 +251,16 @@ class EMAFilter(GradFilter):
     """``mu = alpha * mu + (1 - alpha) * g; g += gain * mu``; at a parameter's first step ``mu = g``
     (a copy) and the gradient is left unchanged."""
 
-    kind = "ema"
     _buffers = ("mu",)
 
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]], alpha: float = 0.98,
-                 gain: float = 2.0, dtype: torch.dtype | None = torch.float32, compile: bool = False) -> None:
+                 gain: float = 2.0, dtype: torch.dtype | None = torch.float32, compile: bool = False,
+                 kind: str | None = None) -> None:
         if not 0 <= alpha < 1:
             raise ValueError(f"--alpha must be in [0, 1) for the EMA filter (got {alpha})")
         self.alpha = float(alpha)
         self.gain = _check_gain(gain)
-        super().__init__(params, dtype, compile)
+        super().__init__(params, dtype, compile, kind)
 
     def _hyper(self) -> dict:
         return {"alpha": self.alpha, "gain": self.gain}
@@ -335,7 +338,6 @@ class MAFilter(GradFilter):
     most recent gradients -- the current one included -- is added to it.
     """
 
-    kind = "ma"
     _buffers = ("ring", "sum")
     # Re-summing every K attempted steps: measured float32 drift |sum - exact| / |exact| after K
     # random-gradient updates is ~1e-7 (K=10), 3e-7 (K=100), 6e-7 (K=300), growing like sqrt(K);
@@ -344,7 +346,7 @@ class MAFilter(GradFilter):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]], window: int = 100,
                  gain: float = 5.0, dtype: torch.dtype | None = torch.float32, compile: bool = False,
-                 resum_every: int | None = None) -> None:
+                 resum_every: int | None = None, kind: str | None = None) -> None:
         if isinstance(window, bool) or not isinstance(window, int):
             raise ValueError(f"--window must be an integer >= 1 (got {window!r})")
         if window < 1:
@@ -354,7 +356,7 @@ class MAFilter(GradFilter):
         self.window = window
         self.gain = _check_gain(gain)
         self.resum_every = min(window, self.MAX_RESUM_EVERY) if resum_every is None else resum_every
-        super().__init__(params, dtype, compile)
+        super().__init__(params, dtype, compile, kind)
 
     def _hyper(self) -> dict:
         return {"window": self.window, "gain": self.gain}

@@ -135,22 +135,12 @@ def _fused_device_types() -> frozenset[str]:
     return frozenset(_get_fused_kernels_supported_devices())
 
 
-def make_optimizer(
-    groups: list[dict], kind: str = "adamw", device_type: str = "cpu", compile: bool = False, **grok_kwargs: Any
-) -> torch.optim.Optimizer:
-    """The optimizer for `groups` (from `param_groups`): ``"adamw"`` or ``"grokadamw"``.
-
-    AdamW is fused where torch has fused kernels for `device_type` (only the fused kernel honours
-    ``optimizer.found_inf``, which the trainer uses to skip non-finite steps without a host sync),
-    else multi-tensor (foreach). The extra group keys ``name``/``names`` are kept by both.
-    `compile` gives GrokAdamW its compiled step; fused AdamW is one pass already and ignores it.
+def make_optimizer(groups: list[dict], device_type: str = "cpu") -> torch.optim.Optimizer:
+    """AdamW for `groups` (from `param_groups`), fused where torch has fused kernels for `device_type` (only the
+    fused kernel honours ``optimizer.found_inf``, which the trainer uses to skip non-finite steps without a host
+    sync), else multi-tensor (foreach). The extra group keys ``name``/``names`` are kept. Fused AdamW is one pass
+    already: it has no compiled form. The other optimizers are built by their components (`hlb_gpt.components`).
     """
-    if kind == "grokadamw":
-        return GrokAdamW(groups, compile=compile, **grok_kwargs)
-    if kind != "adamw":
-        raise ValueError(f"--optimizer must be 'adamw' or 'grokadamw' (got {kind!r})")
-    if grok_kwargs:
-        raise ValueError(f"options {sorted(grok_kwargs)} only apply to --optimizer grokadamw")
     if device_type in _fused_device_types():
         try:
             return torch.optim.AdamW(groups, fused=True)
@@ -190,7 +180,7 @@ class MuonAdamW(torch.optim.Optimizer):
     The loop, the scheduler and the checkpoints see one optimizer: ``param_groups`` are the Muon groups then
     the AdamW groups -- the very dicts the two optimizers read, so the scheduler's LambdaLR sets the lr of
     both with the same multiplier, each from its own base lr. ``state`` holds both optimizers' state
-    (memory accounting reads it), ``state_dict()`` both, under ``"muon"`` and ``"adamw"``.
+    (memory accounting reads it), ``state_dict()`` both, under the two `keys` its component names them by.
 
     It honours ``found_inf`` (a 0-dim tensor, nonzero = skip the step) when its AdamW is fused, the only AdamW
     that does, or absent: `GatedMuon` and fused AdamW then both skip a non-finite step on the device, with no host
@@ -200,8 +190,9 @@ class MuonAdamW(torch.optim.Optimizer):
     its state is then None too.
     """
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.Optimizer | None) -> None:
-        self.muon, self.adamw = muon, adamw
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.Optimizer | None,
+                 keys: tuple[str, str] = ("matrices", "rest")) -> None:
+        self.muon, self.adamw, self.keys = muon, adamw, keys
         self._inner = tuple(o for o in (muon, adamw) if o is not None)
         # The base class registers the inner optimizers' group dicts as they are (it adds no defaults).
         super().__init__([g for o in self._inner for g in o.param_groups], defaults={})
@@ -229,20 +220,24 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": None if self.adamw is None else self.adamw.state_dict()}
+        muon, adamw = self.keys
+        return {muon: self.muon.state_dict(), adamw: None if self.adamw is None else self.adamw.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if set(state_dict) != {"muon", "adamw"} or (state_dict["adamw"] is None) != (self.adamw is None):
+        muon, adamw = self.keys
+        if set(state_dict) != set(self.keys) or (state_dict[adamw] is None) != (self.adamw is None):
             raise ValueError(f"not a Muon + AdamW optimizer state of these parameters (keys {sorted(state_dict)})")
-        self.muon.load_state_dict(state_dict["muon"])
+        self.muon.load_state_dict(state_dict[muon])
         if self.adamw is not None:
-            self.adamw.load_state_dict(state_dict["adamw"])
+            self.adamw.load_state_dict(state_dict[adamw])
         self._share()  # loading made new group dicts: the scheduler must write the lr into those
 
 
-def make_muon(groups: list[dict], lr: float, momentum: float, device_type: str = "cpu") -> MuonAdamW:
+def make_muon(groups: list[dict], lr: float, momentum: float, device_type: str = "cpu",
+              keys: tuple[str, str] = ("matrices", "rest")) -> MuonAdamW:
     """Muon (lr `lr`, `momentum`, Nesterov) for the 2-D parameters of the ``matrices`` group, AdamW (as
-    `make_optimizer` makes it) for the rest of `groups` (from `param_groups`), in one `MuonAdamW`.
+    `make_optimizer` makes it) for the rest of `groups` (from `param_groups`), in one `MuonAdamW` whose state_dict
+    names their states by `keys`.
 
     Muon keeps the group's weight decay, decoupled as in AdamW (``p *= 1 - lr * weight_decay``), and torch's
     default ("original") lr adjustment: ``lr * sqrt(max(1, rows / cols))`` per matrix.
@@ -263,7 +258,7 @@ def make_muon(groups: list[dict], lr: float, momentum: float, device_type: str =
     if not muon_groups:  # `RunConfig` refuses the fine-tunes that train no matrix before any work
         raise ValueError("--optimizer muon needs block matrices (or LoRA adapters) to train")
     return MuonAdamW(GatedMuon(muon_groups, lr=lr, momentum=momentum),
-                     make_optimizer(adamw_groups, kind="adamw", device_type=device_type) if adamw_groups else None)
+                     make_optimizer(adamw_groups, device_type=device_type) if adamw_groups else None, keys)
 
 
 class GatedMuon(torch.optim.Muon):

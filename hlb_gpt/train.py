@@ -42,8 +42,6 @@ from hlb_gpt.locks import RunLock
 from hlb_gpt.profiling import StepProfiler, profile_window
 from hlb_gpt.records import RecordWriteError, RunWriter
 from hlb_gpt.tasks import Batch
-from hlb_gpt.tasks.lm import LanguageModel
-from hlb_gpt.tasks.modular import ModularArithmetic
 from hlb_gpt.tracking import NoTracker, make_tracker
 
 logger = logging.getLogger(__name__)
@@ -62,7 +60,7 @@ class Diverged(RuntimeError):
 
 
 class Task(Protocol):
-    """What one kind of run supplies to the trainer; `TASKS` maps each --task name to its class.
+    """What one kind of run supplies to the trainer; its component (`components.TASKS`) names its class.
 
     The class is built as `Task(cfg, device, ddp, compile)`: it checks its settings and loads its data, and
     writes nothing (a ConfigError here leaves no run folder). The trainer then seeds torch with `cfg.seed` and
@@ -149,11 +147,8 @@ class Task(Protocol):
         """Restore `state_dict()`'s counters from a checkpoint's loop state (which also holds the loop's)."""
 
 
-TASKS: dict[str, type[Task]] = {"lm": LanguageModel, "modular": ModularArithmetic}
-
-
 def task_type(cfg: RunConfig) -> type[Task]:
-    return TASKS[cfg.task]
+    return components.TASKS[cfg.task].load()
 
 
 def planned_steps(cfg: RunConfig, n_train: int) -> int:

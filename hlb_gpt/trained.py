@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from hlb_gpt import components
 from hlb_gpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from hlb_gpt.config import MAY_CHANGE_ON_RESUME, ConfigError, RunConfig, flag
 from hlb_gpt.data import Tokenizer, get_tokenizer
@@ -42,9 +43,9 @@ def read_lm_run(run_dir: Path) -> Run:
         raise ConfigError(str(exc)) from None
     if not isinstance(run.config, dict):
         raise ConfigError(f"{run_dir}/config.json is not a JSON object")
-    task = run.config.get("task", "lm")
-    if task != "lm":
-        raise ConfigError(f"{run_dir} is a --task {task} run; only language-model runs (--task lm) hold text")
+    task = components.task_of(run.config)
+    if not task.holds_text:
+        raise ConfigError(f"{run_dir} is a --task {task.name} run; only language-model runs (--task lm) hold text")
     return run
 
 

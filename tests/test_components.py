@@ -3,6 +3,10 @@ estimated, paired with its baseline and labelled by compare with no file of the 
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+from pathlib import Path
+
 import torch
 
 import pytest
@@ -11,7 +15,7 @@ from hlb_gpt import components, footprint
 from hlb_gpt.components import Filter, Optimizer
 from hlb_gpt.compare import group_key, short_label
 from hlb_gpt.compare.configurations import baseline_config, normalise_config
-from hlb_gpt.config import RunConfig
+from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.grokfast import NoFilter
 from hlb_gpt.records import read_run
 from hlb_gpt.sweep import expand_grid, run_folder_name
@@ -49,7 +53,7 @@ SIGN = Filter("sign", settings=("gain",), shown=(("gain", "g", "g"),),
               build=lambda cfg, named_params, dtype, compile: SignFilter(named_params, cfg.gain),
               copies=lambda cfg: 1)
 SGD = Optimizer("sgd", build=lambda cfg, groups, device_type, compile: torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9),
-                plain="sgd", title="SGD")
+                plain="sgd", title="SGD", state_copies=1)  # its momentum
 
 
 @pytest.fixture
@@ -111,6 +115,9 @@ def test_an_optimizer_registered_from_a_test_gets_its_own_baseline_folder_and_la
     filtered = read_run(out / "sgd-ema-a0.9-g1-s0").config
     assert short_label(filtered) == "sgd ema α0.9 g1" and short_label(baseline) == "sgd baseline"
     assert baseline_config(filtered) == normalise_config(baseline)
+    # Weights, gradients and the momentum; the EMA filter's mu beside them.
+    need = footprint.estimate(RunConfig.from_dict(filtered), 1000, 256, "fp32", False)
+    assert (need.training_state, need.filter_state) == (1000 * 3 * 4, 1000 * 4)
     lines = compare_lines(out, capsys)
     for label in ("sgd ema α0.9 g0.1", "sgd ema α0.9 g1"):
         assert float(delta(lines, label)) != 0
@@ -135,3 +142,44 @@ def test_an_unregistered_filter_or_optimizer_is_refused(capsys, tmp_path):
         code, _, err = run_main(TINY + args + ["--out", str(tmp_path)], capsys)
         assert code == 2 and "is not one of 'ema', 'ma'" in err or "is not one of 'adamw', 'grokadamw', 'muon'" in err, err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def spelled(names: str, allowed: tuple[str, ...]) -> list[str]:
+    """The lines of the package outside the `allowed` folders that spell one of `names` as a string."""
+    package = Path(components.__file__).parent.parent
+    pattern = re.compile(rf'"({names})"')
+    return [f"{path.relative_to(package)}:{n}: {line.strip()}"
+            for path in sorted(package.rglob("*.py")) if path.parent.name not in allowed
+            for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+
+
+def test_no_module_outside_the_components_spells_a_filter_or_optimizer_name():
+    assert spelled("muon|ema|ma|grokadamw", ("components",)) == []
+
+
+def test_no_module_outside_the_components_and_the_tasks_spells_a_task_name():
+    assert spelled("lm|modular", ("components", "tasks")) == []
+
+
+def test_a_task_s_refusals_are_its_declaration_s(monkeypatch):
+    with pytest.raises(ConfigError, match="--task modular has no gated blocks; drop --gate relu"):
+        RunConfig(task="modular", gate="relu")
+    monkeypatch.setitem(components.TASKS, "modular", replace(components.TASKS["modular"], check=lambda cfg: None))
+    assert RunConfig(task="modular", gate="relu").gate == "relu"
+
+
+def test_the_training_state_estimate_counts_the_copies_each_optimizer_keeps(registered):
+    def state(**changes) -> int:
+        return footprint.estimate(RunConfig(**changes), 1000, 256, "fp32", False).training_state
+
+    # Weights and gradients, then AdamW's two moments, GrokAdamW's EMA besides, SGD's momentum.
+    assert state() == 1000 * 4 * (2 + 2)
+    assert state(optimizer="grokadamw") == 1000 * 4 * (2 + 3)
+    assert state(optimizer="sgd") == 1000 * 4 * (2 + 1)
+    # Muon's matrices keep one copy, the rest AdamW's two: two is its bound.
+    assert state(optimizer="muon") == 1000 * 4 * (2 + 2)
+    components.register(Optimizer("plain", build=SGD.build, plain="plain"))
+    try:  # one that does not say: as many as AdamW
+        assert state(optimizer="plain") == 1000 * 4 * (2 + 2)
+    finally:
+        del components.OPTIMIZERS["plain"]

@@ -127,10 +127,11 @@ def test_the_checkpoint_size_estimate_is_the_written_file_s_size_within_a_few_pe
     from hlb_gpt import footprint
     from hlb_gpt.checkpoint import latest_checkpoint
 
-    for changes in ({"grokfast": True, "filter": "ma", "window": 30}, {"grokfast": True}, {}):
+    for changes in ({"grokfast": True, "filter": "ma", "window": 30}, {"grokfast": True}, {},
+                    {"optimizer": "grokadamw", "lr": 1e-3}):
         cfg = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", depth=2, width=64, seq_len=32,
                         batch_size=4, eval_tokens=64, max_steps=1, data_cache=str(tmp_path / "cache"), **changes)
-        run = tmp_path / str(len(changes))
+        run = tmp_path / "-".join(map(str, changes.values()))
         train_module.train(cfg, run, progress=False)
         written = latest_checkpoint(run).stat().st_size
         assert footprint.checkpoint_bytes(cfg, train_module.count_params(cfg)) == pytest.approx(written, rel=0.05)

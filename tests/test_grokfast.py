@@ -333,7 +333,7 @@ def test_load_state_dict_rejects_other_filter_kind_and_window():
     params = make_params()
     ma = MAFilter(params, window=4, gain=1.0)
     run(ma, params, random_schedule(2, holes=False))
-    with pytest.raises(ValueError, match="'ma' filter state"):
+    with pytest.raises(ValueError, match="'MAFilter' filter state"):
         EMAFilter(make_params(), alpha=0.9, gain=1.0).load_state_dict(ma.state_dict())
     with pytest.raises(ValueError, match="--window 4"):
         MAFilter(make_params(), window=5, gain=1.0).load_state_dict(ma.state_dict())

@@ -10,12 +10,12 @@ from host_reads import HostReads
 
 from hlb_gpt.grokfast import EMAFilter, MAFilter, NoFilter
 from hlb_gpt.model import GPT, GPTConfig
-from hlb_gpt.optim import make_muon, make_optimizer, make_scheduler, param_groups
+from hlb_gpt.optim import GrokAdamW, make_muon, make_optimizer, make_scheduler, param_groups
 from hlb_gpt.train import optimizer_step, skips_on_device
 
 OPTIMIZERS = {
     "adamw": lambda groups, device: make_optimizer(groups, device_type=device.type),
-    "grokadamw": lambda groups, device: make_optimizer(groups, kind="grokadamw", device_type=device.type),
+    "grokadamw": lambda groups, device: GrokAdamW(groups),
     "muon": lambda groups, device: make_muon(groups, lr=0.02, momentum=0.95, device_type=device.type),
 }
 FILTERS = {

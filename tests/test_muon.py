@@ -8,7 +8,8 @@ import subprocess
 import pytest
 import torch
 
-from hlb_gpt.config import MUON_LR, MUON_MOMENTUM, ConfigError, RunConfig
+from hlb_gpt.components.optimizers import MUON_LR, MUON_MOMENTUM
+from hlb_gpt.config import ConfigError, RunConfig
 from hlb_gpt.device import PeakMemory, memory_breakdown
 from hlb_gpt.grokfast import NoFilter
 from hlb_gpt.model import GPT, GPTConfig

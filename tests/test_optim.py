@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from hlb_gpt import components
+from hlb_gpt.config import RunConfig
 from hlb_gpt.optim import (
     GROUP_NAMES,
     GrokAdamW,
@@ -172,7 +174,7 @@ def test_make_scheduler_applies_same_multiplier_to_every_group():
 def test_make_optimizer_picks_fused_adamw_on_cpu_and_it_steps():
     model = TinyGPT()
     before = [p.detach().clone() for p in model.parameters()]
-    opt = make_optimizer(param_groups(model.named_parameters(), 1e-3, 0.1), "adamw", "cpu")
+    opt = make_optimizer(param_groups(model.named_parameters(), 1e-3, 0.1), "cpu")
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["fused"] is True
     _random_grads(model.parameters(), torch.Generator().manual_seed(0))
@@ -184,14 +186,6 @@ def test_make_optimizer_falls_back_to_foreach_without_fused_kernels():
     opt = make_optimizer(param_groups(TinyGPT().named_parameters(), 1e-3, 0.1), device_type="no-such-device")
     assert opt.defaults["foreach"] is True
     assert not opt.defaults["fused"]
-
-
-def test_make_optimizer_rejects_unknown_kind_and_misplaced_options():
-    groups = param_groups(TinyGPT().named_parameters(), 1e-3, 0.1)
-    with pytest.raises(ValueError, match="grokadamw"):
-        make_optimizer(groups, kind="sgd")
-    with pytest.raises(ValueError, match="lamb"):
-        make_optimizer(groups, kind="adamw", lamb=1.0)
 
 
 def test_adamw_keeps_group_names_through_state_dict_and_weights_only_load():
@@ -230,10 +224,9 @@ def test_fused_adamw_skips_step_when_found_inf_is_set():
     assert not torch.equal(params[1], before[0][1])
 
 
-def test_make_optimizer_builds_grokadamw_with_the_groups_hyperparameters():
+def test_grokadamw_takes_the_groups_hyperparameters():
     groups = param_groups(TinyGPT().named_parameters(), 1e-3, 0.1)
-    opt = make_optimizer(groups, kind="grokadamw", lamb=0.5, foreach=False)
-    assert isinstance(opt, GrokAdamW)
+    opt = GrokAdamW(groups, lamb=0.5, foreach=False)
     head = opt.param_groups[-1]
     assert (head["name"], head["betas"], head["eps"], head["lamb"], head["foreach"]) == (
         "head",
@@ -244,11 +237,13 @@ def test_make_optimizer_builds_grokadamw_with_the_groups_hyperparameters():
     )
 
 
-def test_make_optimizer_compiles_grokadamw_only_when_asked_and_fused_adamw_ignores_it():
+def test_the_grokadamw_component_compiles_its_step_only_when_asked_and_adamw_is_fused_either_way():
     groups = lambda: param_groups(TinyGPT().named_parameters(), 1e-3, 0.1)  # noqa: E731
-    assert make_optimizer(groups(), kind="grokadamw", compile=True).compile is True
-    assert make_optimizer(groups(), kind="grokadamw").compile is False
-    assert make_optimizer(groups(), kind="adamw", compile=True).defaults["fused"] is True
+    cfg = RunConfig(optimizer="grokadamw", alpha=0.9, gain=0.5)
+    grok = components.OPTIMIZERS["grokadamw"].build(cfg, groups(), "cpu", True)
+    assert isinstance(grok, GrokAdamW) and grok.compile is True and grok.param_groups[0]["lamb"] == 0.5
+    assert components.OPTIMIZERS["grokadamw"].build(cfg, groups(), "cpu", False).compile is False
+    assert components.OPTIMIZERS["adamw"].build(RunConfig(), groups(), "cpu", True).defaults["fused"] is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,9 +503,7 @@ def test_grokadamw_without_filter_or_layer_momentum_equals_torch_adamw(foreach):
     torch.manual_seed(0)
     model = TinyGPT(depth=3)
     twin = copy.deepcopy(model)
-    grok = make_optimizer(
-        param_groups(model.named_parameters(), 3e-3, 0.1), "grokadamw", lamb=0.0, gamma=0.0, foreach=foreach
-    )
+    grok = GrokAdamW(param_groups(model.named_parameters(), 3e-3, 0.1), lamb=0.0, gamma=0.0, foreach=foreach)
     adamw = torch.optim.AdamW(param_groups(twin.named_parameters(), 3e-3, 0.1), foreach=False)
     generator = torch.Generator().manual_seed(1)
     for step in range(10):

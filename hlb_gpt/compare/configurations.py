@@ -75,7 +75,7 @@ def _old_precision(config: dict[str, Any], device: str) -> Any:
     precision = config.get("precision")
     if precision != "auto":
         return precision
-    return "bf16" if device == "cuda" and config.get("task", "lm") == "lm" else "fp32"
+    return "bf16" if device == "cuda" and components.task_of(config).bf16 else "fp32"
 
 
 def data_id(config: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy import stats
 
+from hlb_gpt import components
 from hlb_gpt.compare.loading import after_training_began, last_epoch, run_rows
 from hlb_gpt.records import Run
 from hlb_gpt.units import LN2, PERPLEXITY_TOKENIZERS, perplexity
@@ -196,7 +197,7 @@ _MISSING = object()
 
 def _derivable(run: Run, derived: Derived) -> bool:
     config = run.config
-    return config.get("task", "lm") == "lm" and config.get("tokenizer", "gpt2") in derived.tokenizers
+    return components.task_of(config).holds_text and config.get("tokenizer", "gpt2") in derived.tokenizers
 
 
 def _convert(derived: Derived, loss: Any) -> float | None:
@@ -211,7 +212,7 @@ def lacks_column(run: Run, column: Column) -> bool:
     diverged (which never reaches the end that evaluates the test split: it counts as the worst value, as it does
     for every column, whether or not it asked for --eval-test)."""
     if column.at_end:
-        diverged_lm = run.status == "diverged" and run.config.get("task", "lm") == "lm"
+        diverged_lm = run.status == "diverged" and components.task_of(run.config).holds_text
         return not column_rows(run, column) and not diverged_lm
     rows = column_rows(run, column)
     return bool(rows) and not any(column.name in r for r in rows)

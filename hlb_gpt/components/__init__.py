@@ -1,41 +1,53 @@
-"""The registered components of a run: its gradient filter and its optimizer (tasks: `train.TASKS`).
+"""The registered components of a run: its task, its gradient filter and its optimizer.
 
 A component declares in one place which settings it reads, how it is checked and built, its state's memory, its
 part of the run-folder name and of compare's label, and its plain counterpart (the baseline `--baseline` adds).
-Everything outside `filters.py` and `optimizers.py` asks this registry, never a component's name. A new one is a
-`Filter` or `Optimizer` passed to `register`, from any module (tests register a sign filter and SGD this way).
+A task (`tasks.py`) declares its presets, its refusals and what its runs support. Everything outside `filters.py`,
+`optimizers.py` and `tasks.py` asks this registry, never a component's name. A new one is a `Task`, `Filter` or
+`Optimizer` passed to `register`, from any module (tests register a sign filter and SGD this way).
+`hlb_gpt.config` reads the defaults and help of --task, --filter and --optimizer here: these modules import it only
+where they use it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+from hlb_gpt.components import filters, optimizers, tasks
 from hlb_gpt.components.filters import FILTERS, Filter
 from hlb_gpt.components.optimizers import OPTIMIZERS, Optimizer
-from hlb_gpt.config import RunConfig
+from hlb_gpt.components.tasks import TASKS, Task
 
-__all__ = ["FILTERS", "OPTIMIZERS", "Filter", "Optimizer", "register", "filter_of", "optimizer_of", "kind_of",
+__all__ = ["FILTERS", "OPTIMIZERS", "TASKS", "Filter", "Optimizer", "Task", "register", "filter_of", "optimizer_of",
+           "task_of", "kind_of",
            "unused_settings", "identity_settings", "folder_part", "label", "plain_counterpart"]
 
 # The settings of the filter itself whatever its kind; each component names the others it reads.
 FILTER_COMMON = ("filter", "filter_dtype")
 
 
-def register(component: Filter | Optimizer) -> None:
-    """Make `component` a choice of --filter or --optimizer (a later one of the same name replaces it)."""
-    (FILTERS if isinstance(component, Filter) else OPTIMIZERS)[component.name] = component
+def register(component: Task | Filter | Optimizer) -> None:
+    """Make `component` a choice of --task, --filter or --optimizer (a later one of the same name replaces it)."""
+    registry = TASKS if isinstance(component, Task) else FILTERS if isinstance(component, Filter) else OPTIMIZERS
+    registry[component.name] = component  # type: ignore[index]
+
+
+def task_of(settings: Mapping[str, Any]) -> Task:
+    """The task of settings, as `optimizer_of`; an unregistered one supports nothing."""
+    name = settings.get("task") or tasks.DEFAULT
+    return TASKS.get(name) or Task(name, _unregistered, preset="")
 
 
 def optimizer_of(settings: Mapping[str, Any]) -> Optimizer:
     """The optimizer of a RunConfig's or a recorded config.json's settings (a missing key: the default). Records of
     one this process has not registered still read: by its name, as its own plain counterpart."""
-    name = settings.get("optimizer") or _default("optimizer")
+    name = settings.get("optimizer") or optimizers.DEFAULT
     return OPTIMIZERS.get(name) or Optimizer(name, _unregistered, plain=name)
 
 
 def filter_of(settings: Mapping[str, Any]) -> Filter:
     """The filter of settings, as `optimizer_of`; an unregistered one is known by its name alone."""
-    name = settings.get("filter") or _default("filter")
+    name = settings.get("filter") or filters.DEFAULT
     return FILTERS.get(name) or Filter(name, tuple(component_settings()), (), _unregistered, lambda cfg: 0)
 
 
@@ -64,7 +76,7 @@ def _labelled(settings: Mapping[str, Any]) -> tuple[str, tuple[tuple[str, str, s
 def _plain_prefix(settings: Mapping[str, Any]) -> list[str]:
     """A non-default, non-filtering optimizer names itself first: `muon-…`."""
     optimizer = optimizer_of(settings)
-    return [] if optimizer.filters or optimizer.name == _default("optimizer") else [optimizer.name]
+    return [] if optimizer.filters or optimizer.name == optimizers.DEFAULT else [optimizer.name]
 
 
 def folder_part(settings: Mapping[str, Any]) -> str:
@@ -135,9 +147,11 @@ def identity_settings() -> set[str]:
     return {"grokfast", "optimizer", "filter"} | shown
 
 
+def described(registry: Mapping[str, Task | Filter | Optimizer]) -> str:
+    """`ema: exponential moving average; ma: …`: the help of --task, --filter or --optimizer, from the
+    components."""
+    return "; ".join(f"{c.name}: {c.help}" for c in registry.values() if c.help) + "."
+
+
 def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _default(name: str) -> Any:
-    return RunConfig.__dataclass_fields__[name].default

@@ -31,23 +31,28 @@ class Filter:
     """Raises ConfigError for settings it refuses."""
     smaller: str = ""
     """The flag that shrinks its state, for the memory refusal: `a smaller --window`."""
+    help: str = ""
+    """What it does, for --filter's help: `exponential moving average`."""
 
 
 def _ema(cfg: RunConfig, named_params: list, dtype: Any, compile: bool) -> Any:
     from hlb_gpt.grokfast import EMAFilter
 
-    return EMAFilter(named_params, alpha=cfg.alpha, gain=cfg.gain, dtype=dtype, compile=compile)
+    return EMAFilter(named_params, alpha=cfg.alpha, gain=cfg.gain, dtype=dtype, compile=compile, kind="ema")
 
 
 def _ma(cfg: RunConfig, named_params: list, dtype: Any, compile: bool) -> Any:
     from hlb_gpt.grokfast import MAFilter
 
-    return MAFilter(named_params, window=cfg.window, gain=cfg.gain, dtype=dtype, compile=compile)
+    return MAFilter(named_params, window=cfg.window, gain=cfg.gain, dtype=dtype, compile=compile, kind="ma")
 
 
+# The kernels tag their checkpointed state with the name given here (`kind`): records hold these tags.
 FILTERS: dict[str, Filter] = {
-    "ema": Filter("ema", ("alpha", "gain"), (("alpha", "a", "α"), ("gain", "g", "g")), _ema, lambda cfg: 1),
+    "ema": Filter("ema", ("alpha", "gain"), (("alpha", "a", "α"), ("gain", "g", "g")), _ema, lambda cfg: 1,
+                  help="exponential moving average"),
     # The ring of `window` gradients and their sum.
     "ma": Filter("ma", ("window", "gain"), (("window", "w", "w"), ("gain", "g", "g")), _ma,
-                 lambda cfg: cfg.window + 1, smaller="a smaller --window"),
+                 lambda cfg: cfg.window + 1, smaller="a smaller --window", help="mean of the last --window gradients"),
 }
+DEFAULT = "ema"  # --filter's default
