@@ -60,6 +60,12 @@ def test_help_documents_every_training_option(capsys):
     ["--grokfast", "--filter", "ema,ma", "--window", "10,100000000"],  # one grid point too big is enough
     ["--checkpoint-every", "abc"],
     ["--checkpoint-every", "-2m"],
+    ["--target-loss", "nan"],
+    ["--target-loss", "inf"],
+    ["--target-loss", "0"],
+    ["--target-loss", "-1"],
+    ["--task", "modular", "--target-loss", "3"],
+    ["--target-acc", "0.9"],  # a language model has no accuracy
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, capsys, tmp_path):
     out_dir = tmp_path / "sweep"
