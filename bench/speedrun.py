@@ -3,15 +3,16 @@
     python bench/speedrun.py [--targets 2.0,1.9,1.8] [--repeats 3] [--evals-per-epoch 20] [--max-steps 2000]
     python bench/speedrun.py --only muon,muon+grokfast --muon-lr 0.01 --batch-size 4 --targets 2.4,2.2
 
-Every run is `train()` itself on `mini` (preset tiny, tokenizer bytes unless told), in this one process. Seconds
-are the run's `time_s` at the first evaluation at or below a target: training time only, evaluation excluded.
-Compile is excluded too: runs are eager unless --compile, and with --compile the compile time the run has
-accrued by then (its summary's `compile_time_s`, read after each chunk) is subtracted. Steps are the optimizer
-step of that evaluation, so their resolution is one evaluation interval (--evals-per-epoch).
+Every run is `train()` itself on `mini` (preset tiny, tokenizer bytes unless told), in this one process, with
+`--target-loss`: seconds and steps are its summary's `time_to_target_s` and `steps_to_target`, the `time_s` and
+step of the first evaluation at or below the target (training time only, evaluation excluded). Compile is
+excluded too: runs are eager unless --compile, and with --compile the compile time the run had accrued when it
+stopped there (its summary's `compile_time_s`) is subtracted. Steps resolve to one evaluation interval
+(--evals-per-epoch).
 
-A run stops soon after it has reached every target: it trains in chunks of --chunk-steps and resumes from its
-checkpoint for the next chunk (resume is bit-exact, so the chunks train exactly what one run would), until every
-target is reached or --max-steps. Each chunk ends with one more evaluation, which only adds resolution.
+A run stops at its last target: it trains to the loosest target, then resumes from its checkpoint with the next
+one (resume is bit-exact, so the legs train exactly what one run would; a target an earlier evaluation already
+reached trains nothing), until every target is reached or --max-steps.
 
 Settings run interleaved: repeat r runs every setting (in an order rotated by r) with seed `--seed + r`, so
 machine noise hits them alike; the table reports the median over repeats of seconds and steps. A target some
@@ -29,7 +30,6 @@ from typing import Any
 import torch
 
 from hlb_gpt.config import RunConfig
-from hlb_gpt.records import read_run
 from hlb_gpt.train import train
 
 GROKFAST = dict(grokfast=True, filter="ema", alpha=0.9, gain=0.1)
@@ -44,22 +44,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
 Reached = tuple[float, int] | None
 
 
-def run_to_targets(cfg: RunConfig, run_dir: Path, targets: list[float], chunk_steps: int,
-                   max_steps: int) -> dict[float, Reached]:
-    """Train `cfg` chunk by chunk until its validation loss has reached every target (or `max_steps`)."""
+def run_to_targets(cfg: RunConfig, run_dir: Path, targets: list[float], max_steps: int) -> dict[float, Reached]:
+    """Train `cfg` with --target-loss at each target, loosest first, resuming from where the last one stopped, until
+    it has reached every target (or `max_steps`)."""
     reached: dict[float, Reached] = {t: None for t in targets}
-    seen, planned = 0, 0
-    while planned < max_steps and any(v is None for v in reached.values()):
-        planned = min(planned + chunk_steps, max_steps)
-        summary = train(cfg.replace(max_steps=planned), run_dir, progress=False, resume=True)
-        rows = read_run(run_dir).metrics
-        for row in rows[seen:]:
-            for target in targets:
-                if reached[target] is None and row["val_loss"] <= target:
-                    reached[target] = (row["time_s"] - summary["compile_time_s"], row["step"])
-        seen = len(rows)
-        if summary["status"] != "completed" or summary["steps"] < planned:  # diverged, or out of --epochs
+    for target in sorted(set(targets), reverse=True):
+        summary = train(cfg.replace(max_steps=max_steps, target_loss=target), run_dir, progress=False, resume=True)
+        if summary["steps_to_target"] is None:  # diverged, or --max-steps first: the lower targets are not reached
             break
+        reached[target] = (summary["time_to_target_s"] - summary["compile_time_s"], summary["steps_to_target"])
     return reached
 
 
@@ -107,7 +100,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="[preset]")
     parser.add_argument("--evals-per-epoch", type=int, default=20, help="resolution of the steps to a target")
     parser.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per evaluation [preset]")
-    parser.add_argument("--chunk-steps", type=int, default=100, help="steps trained between checks of the targets")
     parser.add_argument("--max-steps", type=int, default=2000, help="give up on a target after this many steps")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time excluded)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
@@ -132,8 +124,7 @@ def main() -> None:
             shift = r % len(args.only)
             for name in args.only[shift:] + args.only[:shift]:
                 cfg = setting_config(base, name, args.seed + r, args.muon_lr)
-                reached = run_to_targets(cfg, out / f"{name}-s{cfg.seed}", args.targets, args.chunk_steps,
-                                         args.max_steps)
+                reached = run_to_targets(cfg, out / f"{name}-s{cfg.seed}", args.targets, args.max_steps)
                 results[name].append(reached)
                 print(f"  repeat {r} {name}: " + ", ".join(
                     f"{t:g}: " + ("-" if v is None else f"{v[0]:.1f} s / {v[1]} steps") for t, v in reached.items()),

@@ -272,8 +272,9 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
 @cli.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--metric", default="final", show_default=True,
-              help="Per-run statistic: final, best, best:N (mean of the N best evaluations), mean, or "
-                   "steps_to_target (--task modular: the step val_acc first reached the run's --target-acc).")
+              help="Per-run statistic: final, best, best:N (mean of the N best evaluations), mean, "
+                   "steps_to_target (--task modular: the step val_acc first reached the run's --target-acc), or "
+                   "steps_to:X and time_to:X (the step and the training seconds val_loss first reached X).")
 @click.option("--span", envvar="HLB_GPT_COMPARE_SPAN", default="all", show_default=True,
               help="Epochs the statistic covers: all, first:K or last:K (K in epochs).")
 # The old name of --span, which read as the MA filter's --window (in steps): still accepted, with a note.
@@ -331,7 +332,7 @@ def compare_command(ctx: click.Context, runs: tuple[Path, ...], metric: str, spa
         raise click.UsageError(f"--column {parsed[2].name}: none of these runs records it ({cmp.COLUMN_OWNERS})")
     try:
         comparison = cmp.compare(loaded, *parsed, notes=notes, resample=resample)
-    except ValueError as exc:  # --resample with steps_to_target, or too many points
+    except ValueError as exc:  # --resample with a steps_to/time_to metric, or too many points
         raise click.UsageError(str(exc)) from None
     if plot_dir is not None:
         from hlb_gpt.plots import check_plot_dir
@@ -505,7 +506,7 @@ def _fmt(x: float | None) -> str:
 
 
 def _result_line(name: str, status: str, summary: dict[str, Any]) -> str:
-    """One line per run: its status and validation loss, and for the grokking task its accuracy and target."""
+    """One line per run: its status and validation loss, for the grokking task its accuracy, and its target."""
     parts = [f"{name}: {status}", f"best val {_fmt(summary.get('best_val_loss'))}",
              f"final val {_fmt(summary.get('final_val_loss'))}"]
     if "best_val_acc" in summary:
@@ -514,6 +515,10 @@ def _result_line(name: str, status: str, summary: dict[str, Any]) -> str:
         reached = summary.get("steps_to_target")
         parts.append(f"val acc {summary['target_acc']:g} " +
                      ("not reached" if reached is None else f"reached at step {reached}"))
+    if summary.get("target_loss") is not None:
+        reached = summary.get("steps_to_target")
+        parts.append(f"val loss {summary['target_loss']:g} " + ("not reached" if reached is None else
+                     f"reached at step {reached} ({summary['time_to_target_s']:.1f} s of training)"))
     return ", ".join(parts)
 
 

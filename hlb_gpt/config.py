@@ -169,6 +169,8 @@ class RunConfig:
     seed: int = setting(0, "Seed(s); shared by all configurations.", grid=True)
     max_steps: int | None = setting(None, "Stop after this many optimizer steps.", note="no limit")
     target_acc: float | None = setting(None, "--task modular: stop once validation accuracy reaches this (e.g. 0.95).")
+    target_loss: float | None = setting(None, "--task lm: stop at the first evaluation whose validation loss is at or "
+                                        "below this (e.g. 3.5).")
     max_bad_steps: int = setting(10, "Consecutive non-finite steps before a run counts as diverged.")
     checkpoint_every: float | str | None = setting(  # epochs, or a time like "30m" (see `parse_cadence`)
         None, "Checkpoint interval: epochs (a number; 0: none) or wall time since the last checkpoint (30m, also 90s, "
@@ -275,6 +277,14 @@ class RunConfig:
             raise ConfigError(f"--profile must be a step >= 1 (got {self.profile})")
         if self.target_acc is not None and not (0 < self.target_acc <= 1):
             raise ConfigError(f"--target-acc must be in (0, 1] (got {self.target_acc})")
+        if self.target_acc is not None and self.task != "modular":
+            raise ConfigError(f"--target-acc is --task modular's (validation accuracy); a --task {self.task} run "
+                              "stops at a validation loss: use --target-loss")
+        if self.target_loss is not None and not (self.target_loss > 0 and math.isfinite(self.target_loss)):
+            raise ConfigError(f"--target-loss must be a positive number (got {self.target_loss})")
+        if self.target_loss is not None and self.task != "lm":
+            raise ConfigError(f"--target-loss is --task lm's; a --task {self.task} run stops at an accuracy: "
+                              "use --target-acc")
         self._validate_finetune()
         self._validate_components(optimizer)
         if self.data_dir is not None:
@@ -408,7 +418,7 @@ BOOKKEEPING = frozenset({"checkpoint_every", "keep_checkpoints", "wandb", "wandb
 # where its data lives (paths differ across machines; the data itself is checked by its sha256). Every one of
 # these but the bookkeeping separates configurations in `compare`.
 MAY_CHANGE_ON_RESUME = BOOKKEEPING | frozenset({
-    "epochs", "max_steps", "target_acc", "max_bad_steps", "device", "compile", "data_dir",
+    "epochs", "max_steps", "target_acc", "target_loss", "max_bad_steps", "device", "compile", "data_dir",
 })
 
 

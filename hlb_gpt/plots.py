@@ -178,7 +178,7 @@ def gain_figure(comparison: Comparison):
 
 
 def _statistic_name(c: Comparison) -> str:
-    return str(c.metric) if c.metric.kind == "steps_to_target" else f"{c.metric} {c.column.name}"
+    return str(c.metric) if c.metric.to_target else f"{c.metric} {c.column.name}"
 
 
 def _series_label(g: Group) -> str:
@@ -207,7 +207,8 @@ def plot(comparison: Comparison, out_dir: Path | str, log_x: bool = False, zoom:
     """Write the PNGs into `out_dir` and return their paths.
 
     `<column>_vs_epoch.png` always; `<column>_vs_epoch_first<K>.png` with `zoom`; `<column>_vs_gain.png`
-    (`steps_to_target_vs_gain.png` for that metric) when a filtered configuration has a finite statistic;
+    (`steps_to_target_vs_gain.png`, `steps_to_3.5_vs_gain.png`... for those metrics) when a filtered
+    configuration has a finite statistic;
     `forest.png` when a configuration has a paired difference to its baseline.
     """
     out_dir = Path(out_dir)
@@ -217,7 +218,7 @@ def plot(comparison: Comparison, out_dir: Path | str, log_x: bool = False, zoom:
     if zoom is not None:
         figures.append((f"{name}_vs_epoch_first{zoom:g}.png", curves_figure(comparison, log_x=log_x, zoom=zoom)))
     if any(not g.is_baseline and g.mean is not None and math.isfinite(g.mean) for g in comparison.groups):
-        statistic = "steps_to_target" if comparison.metric.kind == "steps_to_target" else name
+        statistic = str(comparison.metric).replace(":", "_") if comparison.metric.to_target else name
         figures.append((f"{statistic}_vs_gain.png", gain_figure(comparison)))
     if has_paired_difference(comparison):
         figures.append(("forest.png", forest_figure(comparison)))

@@ -304,9 +304,11 @@ def _join_process_group(configs: list[RunConfig]) -> distributed.Dist:
 
 
 def is_done(cfg: RunConfig, run: Run) -> bool:
-    """Completed with this length; a completed run asked for more epochs or steps continues instead. A summary
+    """Completed with this length and target; a completed run asked for more epochs or steps, or another target,
+    continues instead (one past its new target trains no further, and its summary is rewritten for it). A summary
     always belongs to the length config.json records: a run that continues removes it before its first step."""
-    return run.status == "completed" and all(run.config.get(k) == getattr(cfg, k) for k in ("epochs", "max_steps"))
+    return run.status == "completed" and all(run.config.get(k) == getattr(cfg, k)
+                                             for k in ("epochs", "max_steps", "target_acc", "target_loss"))
 
 
 def check_length(cfg: RunConfig, run_dir: Path) -> None:

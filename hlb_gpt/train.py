@@ -641,6 +641,12 @@ def train(cfg: RunConfig, run_dir: Path | str, progress: bool = True, resume: bo
                     if compile_model else model)
 
     total_steps = task.planned_steps(cfg, n_train)
+    # A run resumed after an evaluation that reached its target (--target-acc, --target-loss) trains no further:
+    # it stopped there, and an extension (more --epochs or --max-steps) would only run on to the next evaluation.
+    reached = next(filter(None, map(task.should_stop, metrics)), None) if ddp.is_main else None
+    if distributed.broadcast_flag(reached is not None, ddp, device):
+        total_steps = loop.step
+        say(f"{run_dir.name}: reached its target earlier ({reached}): not trained past step {loop.step:,}")
     tokens_per_eval = n_train / cfg.evals_per_epoch
     tokens_per_checkpoint = cfg.checkpoint_cadence.epochs * n_train or math.inf
 

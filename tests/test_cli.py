@@ -60,6 +60,12 @@ def test_help_documents_every_training_option(capsys):
     ["--grokfast", "--filter", "ema,ma", "--window", "10,100000000"],  # one grid point too big is enough
     ["--checkpoint-every", "abc"],
     ["--checkpoint-every", "-2m"],
+    ["--target-loss", "nan"],
+    ["--target-loss", "inf"],
+    ["--target-loss", "0"],
+    ["--target-loss", "-1"],
+    ["--task", "modular", "--target-loss", "3"],
+    ["--target-acc", "0.9"],  # a language model has no accuracy
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, capsys, tmp_path):
     out_dir = tmp_path / "sweep"
@@ -149,7 +155,8 @@ VALID_SAMPLES = {"width": ("64", [64]), "grad_accum": ("4", 4), "eval_tokens": (
                  "checkpoint_every": ("30m", "30m"), "lora_targets": ("head,in", "in,head"),
                  "train_only": ("head", "head"), "train_tokens_limit": ("65536", [65536])}  # hlb: 64 x 1024 a step
 # Settings that are refused unless another one is set too.
-COMPANIONS = {"muon_lr": {"HLB_GPT_OPTIMIZER": "muon"}, "muon_momentum": {"HLB_GPT_OPTIMIZER": "muon"}}
+COMPANIONS = {"muon_lr": {"HLB_GPT_OPTIMIZER": "muon"}, "muon_momentum": {"HLB_GPT_OPTIMIZER": "muon"},
+              "target_acc": {"HLB_GPT_TASK": "modular"}}
 
 
 def test_hlb_gpt_field_in_the_environment_sets_that_field_of_the_run(monkeypatch, tmp_path):
@@ -319,3 +326,14 @@ def test_data_dir_runs_are_named_and_recorded_by_their_folder(tmp_path):
     assert "wikitext-103" not in default_out(cfg, grokfast=False).name
     assert data_source(cfg.dataset, cfg.data_dir) == f"folder {folder.resolve()}"
     assert data_source("mini", None).startswith("mini, bundled")
+
+
+def test_a_runs_result_line_says_whether_and_when_it_reached_its_target_loss():
+    from hlb_gpt.cli import _result_line
+
+    summary = {"best_val_loss": 3.4, "final_val_loss": 3.4, "target_loss": 3.5, "steps_to_target": 120,
+               "time_to_target_s": 12.34}
+    assert _result_line("baseline-s0", "completed", summary).endswith(
+        ", val loss 3.5 reached at step 120 (12.3 s of training)")
+    missed = {**summary, "steps_to_target": None, "time_to_target_s": None}
+    assert _result_line("baseline-s0", "completed", missed).endswith(", val loss 3.5 not reached")

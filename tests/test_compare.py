@@ -707,7 +707,7 @@ def test_every_setting_but_the_seed_and_the_bookkeeping_separates_configurations
              "clip": 1.0, "grok_kappa": 0.5, "grok_gamma": 0.5, "muon_lr": 0.5, "muon_momentum": 0.5,
              "grokfast": False, "filter": "ma", "alpha": 0.5,
              "gain": 0.5, "window": 7, "filter_dtype": "bfloat16", "epochs": 2.0, "evals_per_epoch": 3,
-             "eval_tokens": 7, "seed": 9, "max_steps": 7, "target_acc": 0.5, "max_bad_steps": 3,
+             "eval_tokens": 7, "seed": 9, "max_steps": 7, "target_acc": 0.5, "target_loss": 3.5, "max_bad_steps": 3,
              "checkpoint_every": 0.5, "keep_checkpoints": 7, "device": "cuda", "precision": "bf16", "compile": True,
              "wandb": True, "wandb_project": "x", "data_dir": "/x", "resolved_device": "cuda",
              "resolved_precision": "bf16", "world_size": 2, "n_params": 7, "train_tokens": 7,
@@ -909,8 +909,8 @@ GROKKING = {"baseline": {}, "ema α0.98 g2": dict(grokfast=True, alpha=0.98, gai
 def write_accuracy_run(folder, settings, accuracy, seed, target_acc=0.95):
     """A modular-task run: an evaluation every 10 steps (one epoch) with the given val_acc."""
     epochs = [float(i + 1) for i in range(len(accuracy))]
-    write_run(folder, {"target_acc": target_acc, **settings}, [1.0] * len(accuracy), seed, epochs=epochs,
-              steps_per_epoch=10)
+    write_run(folder, {"task": "modular", "target_acc": target_acc, **settings}, [1.0] * len(accuracy), seed,
+              epochs=epochs, steps_per_epoch=10)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     (folder / "metrics.jsonl").write_text("".join(json.dumps({**r, "val_acc": a, "train_acc": 1.0}) + "\n"
                                                   for r, a in zip(rows, accuracy)))
@@ -1020,8 +1020,9 @@ def test_runs_without_the_column_are_left_out_with_a_note_beside_runs_that_have_
     lacking = [n for n in c.notes if n.startswith("no val_acc column in the metrics of 12 run(s), left out")]
     assert len(lacking) == 1 and "sweep/baseline-s0" in lacking[0]
     assert not any("diverged" in n for n in c.notes)
-    assert c.group("ema α0.98 g2 target_acc=0.95").values == [0.99, 0.99, 0.97]
-    assert c.group("baseline target_acc=None").n == 0  # not counted as -inf
+    # The grokking runs are --task modular's (the only task with --target-acc), the sweep's language models'.
+    assert c.group("ema α0.98 g2 target_acc=0.95 task=modular").values == [0.99, 0.99, 0.97]
+    assert c.group("baseline target_acc=None task=lm").n == 0  # not counted as -inf
 
 
 def test_the_old_window_flag_of_compare_still_sets_the_span_with_a_one_line_note(sweep, capsys):
@@ -1089,3 +1090,79 @@ def test_a_target_met_by_the_untrained_model_counts_from_the_first_trained_evalu
     write_accuracy_run(folder, {}, [0.005, 0.02, 0.03], 0, target_acc=0.01)
     with_step_0(folder, 4.6, val_acc=0.011, train_acc=None)
     assert compare(load_runs([tmp_path / "g"])[0], "steps_to_target", "all").group("baseline").values == [20.0]
+
+
+# ----------------------------------------------------------------------------------------------- steps_to:X, time_to:X
+
+# By hand from CURVES: the evaluation (epoch; 100 steps and, as written, 1 training second an epoch) at which each
+# seed's val_loss first reaches 3.6; the ema α0.99 g5 and ma w100 g5 runs never do.
+REACH_3_6 = {"baseline": [5, 6, 5], "ema α0.9 g0.1": [5, 6, 5]}
+
+
+def test_steps_to_and_time_to_a_loss_are_read_at_the_first_evaluation_at_or_below_it(sweep):
+    runs, _ = load_runs([sweep])
+    steps, seconds = compare(runs, "steps_to:3.6", "all"), compare(runs, "time_to:3.6", "all")
+    for label, epochs in REACH_3_6.items():
+        assert steps.group(label).values == [100.0 * e for e in epochs]
+        assert seconds.group(label).values == [float(e) for e in epochs]
+    assert steps.column.name == seconds.column.name == "val_loss"  # what their curves show
+    assert steps.metric == Metric("steps_to", target=3.6) and str(seconds.metric) == "time_to:3.6"
+    assert steps.groups[0].label == "baseline" and math.isinf(steps.groups[-1].mean)  # sooner is better
+
+
+@pytest.mark.parametrize("metric", ["steps_to:3.6", "time_to:3.6"])
+def test_a_run_that_never_reaches_the_loss_counts_as_infinite_as_steps_to_target_counts_it(sweep, metric):
+    c = compare(load_runs([sweep])[0], metric, "all")
+    for label in ("ema α0.99 g5", "ma w100 g5"):
+        g = c.group(label)
+        assert g.values == [math.inf] * 3 and g.mean == math.inf and g.std is None
+        assert f"{label}: 3 of 3 run(s) never reached the target (the longest ran 600 steps), so its mean is +inf " \
+               "and its std n/a" in c.notes
+        assert g.test.mean_diff is None and "target never reached" in g.test.reason
+
+
+def test_a_run_that_diverged_before_reaching_the_loss_counts_as_never_reaching_it(tmp_path):
+    write_run(tmp_path / "g" / "baseline-s0", {}, [5.0, 4.0, math.nan], 0, epochs=[1.0, 2.0, 3.0], status="diverged")
+    write_run(tmp_path / "g" / "baseline-s1", {}, [5.0, 3.0, math.nan], 1, epochs=[1.0, 2.0, 3.0], status="diverged")
+    c = compare(load_runs([tmp_path / "g"])[0], "steps_to:3.5", "all")
+    assert c.group("baseline").values == [math.inf, 200.0]
+
+
+@pytest.mark.parametrize("text", ["steps_to:abc", "steps_to:-1", "steps_to:0", "time_to:nan", "time_to:inf",
+                                  "steps_to:", "time_to"])
+def test_a_loss_target_of_compare_must_be_a_positive_number(text):
+    with pytest.raises(ValueError, match="--metric"):
+        parse_metric(text)
+
+
+@pytest.mark.parametrize("args", [["--metric", "steps_to:abc"], ["--metric", "steps_to:-1"],
+                                  ["--metric", "time_to:3.6", "--span", "last:2"],
+                                  ["--metric", "steps_to:3.6", "--resample", "10"]])
+def test_compare_command_refuses_a_bad_loss_target_in_one_line(sweep, capsys, args):
+    err = refused_in_one_line(*compare_main([sweep, *args], capsys))
+    assert "--metric" in err or "--span" in err
+
+
+def test_compare_command_tabulates_and_plots_the_time_to_a_loss(sweep, tmp_path, capsys):
+    code, out, err = compare_main([sweep, "--metric", "time_to:3.6", "--plot", tmp_path / "plots"], capsys)
+    assert code == 0
+    assert "training seconds to val_loss <= 3.6" in out and "lower is better" in out
+    assert "| baseline | 3 | 5.33 ± 0.58 |" in out and "never reached the target" in out
+    assert "time_to_3.6_vs_gain.png" in {p.name for p in (tmp_path / "plots").iterdir()}
+
+
+@pytest.mark.slow
+def test_steps_to_and_time_to_agree_with_the_summary_of_a_run_stopped_at_that_target_loss(tmp_path):
+    from hlb_gpt.records import read_run
+    from tiny_runs import train_tiny
+
+    fast = dict(lr=1e-2, evals_per_epoch=2000, max_steps=30)
+    reached = train_tiny(tmp_path / "g" / "baseline-s0", tmp_path / "cache", target_loss=4.5, **fast)
+    missed = train_tiny(tmp_path / "missed" / "baseline-s0", tmp_path / "cache", target_loss=1.0, **fast)
+    summary, never = read_run(reached).summary, read_run(missed).summary
+    assert summary["steps_to_target"] is not None and summary["steps_to_target"] < 30  # it stopped there
+    runs = load_runs([tmp_path / "g"])[0]
+    assert compare(runs, "steps_to:4.5", "all").group("baseline").values == [summary["steps_to_target"]]
+    assert compare(runs, "time_to:4.5", "all").group("baseline").values == [summary["time_to_target_s"]]
+    assert never["steps_to_target"] is None and never["steps"] == 30
+    assert compare(load_runs([tmp_path / "missed"])[0], "time_to:1", "all").group("baseline").values == [math.inf]

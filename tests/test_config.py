@@ -132,3 +132,24 @@ def test_a_runs_kind_is_read_alike_from_its_config_and_its_recorded_settings(set
     assert cfg.kind == kind
     assert RunConfig.kind_of(cfg.to_dict()) == kind
     assert RunConfig.kind_of(settings) == kind  # a config.json recorded before a setting existed lacks its key
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 0.0, -1.0])
+def test_a_target_loss_must_be_a_positive_finite_number(value):
+    with pytest.raises(ConfigError, match=r"--target-loss must be a positive number"):
+        RunConfig(preset="tiny", target_loss=value)
+
+
+def test_each_task_stops_at_its_own_kind_of_target():
+    assert RunConfig(preset="tiny", target_loss=3.5).target_loss == 3.5
+    assert RunConfig(task="modular", target_acc=0.95).target_acc == 0.95
+    with pytest.raises(ConfigError, match="--target-loss is --task lm's.*use --target-acc"):
+        RunConfig(task="modular", target_loss=3.5)
+    with pytest.raises(ConfigError, match="--target-acc is --task modular's.*use --target-loss"):
+        RunConfig(preset="tiny", target_acc=0.95)
+
+
+def test_a_target_loss_may_change_on_resume_like_the_run_length():
+    saved = RunConfig(preset="tiny", target_loss=3.5).to_dict()
+    check_resumable(RunConfig(preset="tiny", target_loss=3.0), saved, "run")
+    check_resumable(RunConfig(preset="tiny"), saved, "run")

@@ -72,6 +72,18 @@ def test_rerunning_a_sweep_skips_completed_runs_and_retries_the_rest(tmp_path):
     assert [r.status for r in results] == ["completed", "completed"]
 
 
+def test_a_completed_run_asked_for_another_target_loss_continues_instead_of_being_skipped(tmp_path):
+    configs = [BASE.replace(target_loss=3.5)]
+    train, _ = _fake_train()
+    run_sweep(configs, tmp_path, train_fn=train, progress=False)
+    train, calls = _fake_train()
+    run_sweep(configs, tmp_path, train_fn=train, progress=False)
+    assert calls == []  # the same target: done
+    run_sweep([BASE.replace(target_loss=3.0)], tmp_path, train_fn=train, progress=False)
+    assert calls == ["baseline-s0"]  # its summary was for 3.5: the trainer stops at once if 3.0 was reached too
+    assert read_run(tmp_path / "baseline-s0").config["target_loss"] == 3.0
+
+
 def test_a_real_grid_sweep_pairs_seeds_and_survives_one_broken_run(tmp_path):
     base = RunConfig(dataset="mini", preset="tiny", tokenizer="bytes", data_cache=str(tmp_path / "cache"),
                      depth=1, width=32, seq_len=32, batch_size=4, epochs=0.0003, evals_per_epoch=20_000,

@@ -352,3 +352,78 @@ def test_compare_reads_the_step_0_row_as_having_no_training_columns_not_as_a_mis
     for column in ("train_loss", "val_loss"):
         group = compare(runs, "mean", "all", column=column).groups[0]
         assert math.isfinite(group.mean), column
+
+
+# ----------------------------------------------------------------------------------------------- --target-loss
+
+
+def quick(tmp_path, **changes):
+    """A run whose validation loss falls fast: an evaluation every 5 steps, 30 steps."""
+    values = dict(dataset="mini", preset="tiny", tokenizer="bytes", data_cache=str(tmp_path / "cache"), depth=1,
+                  width=16, seq_len=32, batch_size=4, eval_tokens=1024, lr=1e-2, max_steps=30, evals_per_epoch=2000,
+                  device="cpu")
+    values.update(changes)
+    return RunConfig(**values)
+
+
+def reachable_target(cfg, run_dir):
+    """A loss the run first reaches at an evaluation before its last: (the loss, the step it is reached at)."""
+    train(cfg, run_dir, progress=False)
+    trained = [(row["step"], row["val_loss"]) for row in read_run(run_dir).metrics if row["step"] > 0]
+    target = trained[2][1]
+    return target, next(step for step, loss in trained if loss <= target)
+
+
+@pytest.mark.slow
+def test_target_loss_stops_the_run_at_the_first_evaluation_at_or_below_it_and_records_when(tmp_path):
+    cfg = quick(tmp_path)
+    target, expected = reachable_target(cfg, tmp_path / "free")
+
+    summary = train(cfg.replace(target_loss=target), tmp_path / "stopped", progress=False)
+    last = read_run(tmp_path / "stopped").metrics[-1]
+    assert summary["status"] == "completed" and summary["target_loss"] == target
+    assert summary["steps_to_target"] == expected == summary["steps"] == last["step"] < 30
+    assert last["val_loss"] <= target
+    assert summary["time_to_target_s"] == last["time_s"] > 0  # training seconds, the metrics rows' clock
+    assert read_run(tmp_path / "stopped").summary == summary
+
+
+def test_a_run_without_a_target_or_that_never_reaches_it_records_no_step_to_it(tmp_path):
+    untargeted = train(quick(tmp_path, max_steps=5), tmp_path / "free", progress=False)
+    assert untargeted["target_loss"] is None and untargeted["steps_to_target"] is None
+    missed = train(quick(tmp_path, max_steps=5, target_loss=0.01), tmp_path / "missed", progress=False)
+    assert missed["steps"] == 5 and missed["target_loss"] == 0.01
+    assert missed["steps_to_target"] is None and missed["time_to_target_s"] is None
+
+
+def test_the_untrained_model_reaches_no_target_even_below_its_loss(tmp_path):
+    summary = train(quick(tmp_path, max_steps=12, target_loss=100.0), tmp_path / "run", progress=False)
+    rows = read_run(tmp_path / "run").metrics
+    assert rows[0]["step"] == 0 and rows[0]["val_loss"] <= 100.0
+    assert summary["steps_to_target"] == rows[1]["step"] == summary["steps"] > 0
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_reaching_its_target_trains_no_further_even_when_extended(tmp_path):
+    cfg = quick(tmp_path)
+    target, expected = reachable_target(cfg, tmp_path / "free")
+    stopped = train(cfg.replace(target_loss=target), tmp_path / "run", progress=False)
+    rows = read_run(tmp_path / "run").metrics
+
+    again = train(cfg.replace(target_loss=target, max_steps=60), tmp_path / "run", progress=False, resume=True)
+    assert again["steps"] == again["steps_to_target"] == expected
+    assert again["time_to_target_s"] == stopped["time_to_target_s"]
+    assert read_run(tmp_path / "run").metrics == rows  # not one more step or evaluation
+
+
+@pytest.mark.slow
+def test_a_resumed_run_given_a_lower_target_trains_on_to_it(tmp_path):
+    cfg = quick(tmp_path)
+    target, expected = reachable_target(cfg, tmp_path / "free")
+    loose = read_run(tmp_path / "free").metrics[1]["val_loss"]
+    first = train(cfg.replace(target_loss=loose), tmp_path / "run", progress=False)
+    assert first["steps"] < expected
+
+    summary = train(cfg.replace(target_loss=target), tmp_path / "run", progress=False, resume=True)
+    assert summary["steps"] == summary["steps_to_target"] == expected and summary["target_loss"] == target
+    assert read_run(tmp_path / "run").config["target_loss"] == target

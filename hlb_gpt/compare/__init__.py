@@ -16,10 +16,12 @@ from hlb_gpt.compare.configurations import group_key, normalise_config, short_la
 from hlb_gpt.compare.loading import load_runs, run_label, run_rows
 from hlb_gpt.compare.report import format_notes, format_table
 from hlb_gpt.compare.statistics import (COLUMN_OWNERS, COLUMNS, Column, Metric, PairedTest, Span, lacks_column,
-                                        parse_choices, parse_column, parse_metric, parse_span, steps_to_target)
+                                        parse_choices, parse_column, parse_metric, parse_span, steps_to_target,
+                                        to_loss)
 
 __all__ = [
     "COLUMNS", "COLUMN_OWNERS", "Column", "Comparison", "Group", "Metric", "PairedTest", "Span", "compare",
     "format_notes", "format_table", "group_key", "lacks_column", "load_runs", "normalise_config", "parse_choices",
     "parse_column", "parse_metric", "parse_span", "run_label", "run_rows", "short_label", "steps_to_target",
+    "to_loss",
 ]

@@ -15,7 +15,7 @@ from hlb_gpt.compare import configurations
 from hlb_gpt.compare.loading import run_label, run_rows
 from hlb_gpt.compare.statistics import (COLUMN_OWNERS, Column, Metric, PairedTest, Series, Span, bh_adjusted,
                                         describe, holm_adjusted, lacks_column, paired_test, parse_choices, per_seed,
-                                        run_series, run_statistic, span_values, steps_to_target)
+                                        run_series, run_statistic, span_values, steps_to_target, to_loss)
 from hlb_gpt import components
 from hlb_gpt.records import Run
 from hlb_gpt.resample import epoch_grid, resample_curve
@@ -73,8 +73,8 @@ def compare(runs: Sequence[Run], metric: Metric | str, span: Span | str, column:
     short_spans, empty, no_target, lacking = [], [], [], []
     for g in groups.values():
         for run in g.runs:
-            if metric.kind == "steps_to_target":
-                steps = steps_to_target(run)
+            if metric.to_target:
+                steps = steps_to_target(run) if metric.kind == "steps_to_target" else to_loss(run, metric)
                 if steps is None:
                     no_target.append(run_label(run))
                 else:
@@ -158,8 +158,8 @@ def families(groups: Sequence[Group]) -> dict[str, list[Group]]:
 
 def _resample_grid(runs: Sequence[Run], metric: Metric, column: Column, n: int, notes: list[str]) -> np.ndarray:
     """The common epoch grid of `--resample n`, with a note saying so."""
-    if metric.kind == "steps_to_target":
-        raise ValueError("--resample does not apply to --metric steps_to_target (the step of an evaluation)")
+    if metric.to_target:
+        raise ValueError(f"--resample does not apply to --metric {metric} (the step or time of an evaluation)")
     if column.at_end:
         raise ValueError(f"--resample does not apply to --column {column.name} (one value, at the end of a run)")
     ends = [(s.epochs[-1], run.status == "diverged") for run in runs
@@ -259,7 +259,7 @@ def _infinite_notes(groups: list[Group], metric: Metric, lower_is_better: bool) 
         bad = sum(1 for v in g.values if math.isinf(v))
         if not bad:
             continue
-        if metric.kind == "steps_to_target":
+        if metric.to_target:
             longest = max((r.get("step", 0) for run in g.runs for r in run_rows(run)), default=0)
             why = f"never reached the target (the longest ran {longest:,} steps)"
         else:

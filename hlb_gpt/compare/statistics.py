@@ -70,30 +70,49 @@ COLUMN_OWNERS = ("language-model runs record val_loss and train_loss, val_ppl wi
                  "test_loss, test_ppl and test_bpb with --eval-test; val_acc and train_acc are --task modular's")
 # The column `steps_to_target` reads: the run reached its --target-acc at its first evaluation at or above it.
 TARGET_COLUMN = "val_acc"
+# The column `steps_to:X` and `time_to:X` read: a run reaches X at its first evaluation at or below it, as a run
+# with --target-loss X stops there.
+LOSS_COLUMN = "val_loss"
+# The metrics of when a run reached a target, not of the values of its column: lower (sooner) is better.
+TO_TARGET = ("steps_to_target", "steps_to", "time_to")
 
 
 @dataclass(frozen=True)
 class Metric:
-    """The per-run statistic: `final`, `best`, `best` with `n` (mean of the n best), `mean`, or
-    `steps_to_target` (the step at which val_acc first reached the run's --target-acc)."""
+    """The per-run statistic: `final`, `best`, `best` with `n` (mean of the n best), `mean`,
+    `steps_to_target` (the step at which val_acc first reached the run's --target-acc), or `steps_to` and
+    `time_to` with a `target` loss X (the step, the training seconds, at which val_loss first reached X)."""
 
     kind: str
     n: int | None = None
+    target: float | None = None
 
     def __str__(self) -> str:
+        if self.target is not None:
+            return f"{self.kind}:{self.target:g}"
         return f"{self.kind}:{self.n}" if self.n is not None else self.kind
 
+    @property
+    def to_target(self) -> bool:
+        """Whether the statistic is when a run reached a target (a step, seconds), read from the whole run."""
+        return self.kind in TO_TARGET
+
     def lower_is_better(self, column: Column) -> bool:
-        return self.kind == "steps_to_target" or column.lower_is_better
+        return self.to_target or column.lower_is_better
 
     @property
     def spec(self) -> str:
-        """How its values print: steps are whole numbers (means to a tenth), losses and accuracies to 4 places."""
-        return ".1f" if self.kind == "steps_to_target" else ".4f"
+        """How its values print: steps are whole numbers (means to a tenth), seconds to a hundredth, losses and
+        accuracies to 4 places."""
+        return {"steps_to_target": ".1f", "steps_to": ".1f", "time_to": ".2f"}.get(self.kind, ".4f")
 
     def describe(self, column: Column) -> str:
         if self.kind == "steps_to_target":
             return f"steps to {TARGET_COLUMN} >= the run's --target-acc"
+        if self.kind == "steps_to":
+            return f"steps to {LOSS_COLUMN} <= {self.target:g}"
+        if self.kind == "time_to":
+            return f"training seconds to {LOSS_COLUMN} <= {self.target:g}"
         if self.n is not None:
             return f"mean of the {self.n} {'lowest' if column.lower_is_better else 'highest'} {column.name}"
         return f"{self.kind} {column.name}"
@@ -122,7 +141,17 @@ def parse_metric(text: str) -> Metric:
         if not n.isdigit() or int(n) < 1:
             raise ValueError(f"--metric best:N needs a whole number N >= 1 (got {text!r})")
         return Metric("best", int(n))
-    raise ValueError(f"--metric must be final, best, best:N, mean or steps_to_target (got {text!r})")
+    kind, sep, target = text.partition(":")
+    if kind in ("steps_to", "time_to") and sep:
+        try:
+            loss = float(target)
+        except ValueError:
+            loss = math.nan
+        if not (loss > 0 and math.isfinite(loss)):
+            raise ValueError(f"--metric {kind}:X needs a validation loss X > 0, e.g. {kind}:3.5 (got {text!r})")
+        return Metric(kind, target=loss)
+    raise ValueError(f"--metric must be final, best, best:N, mean, steps_to_target, steps_to:X or time_to:X "
+                     f"(got {text!r})")
 
 
 def parse_span(text: str) -> Span:
@@ -156,8 +185,8 @@ def parse_choices(metric: Metric | str, span: Span | str,
     if column is None:
         column = TARGET_COLUMN if metric.kind == "steps_to_target" else "val_loss"
     column = parse_column(column) if isinstance(column, str) else column
-    if metric.kind == "steps_to_target" and span.kind != "all":
-        raise ValueError(f"--metric steps_to_target reads the whole run: drop --span {span}")
+    if metric.to_target and span.kind != "all":
+        raise ValueError(f"--metric {metric} reads the whole run: drop --span {span}")
     return metric, span, column
 
 
@@ -247,6 +276,22 @@ def steps_to_target(run: Run) -> float | None:
         if isinstance(value, (int, float)) and math.isfinite(value) and value >= target and isinstance(step, int):
             return float(step)
     return math.inf
+
+
+def to_loss(run: Run, metric: Metric) -> float:
+    """For `steps_to:X` the step, for `time_to:X` the training seconds (`time_s`, the clock of the summary's
+    `time_to_target_s`), of the run's first evaluation after training began with val_loss <= X; +inf if none
+    reached it (within its budget, or before it diverged or stopped), as `steps_to_target` counts it."""
+    field = "step" if metric.kind == "steps_to" else "time_s"
+    for row in filter(after_training_began, run_rows(run)):
+        loss, value = row.get(LOSS_COLUMN), row.get(field)
+        if _is_number(loss) and loss <= metric.target and _is_number(value):
+            return float(value)
+    return math.inf
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def span_values(series: Series, span: Span) -> np.ndarray:

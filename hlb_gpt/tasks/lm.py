@@ -133,6 +133,12 @@ def _count_params(config: GPTConfig) -> int:
 # ----------------------------------------------------------------------------------------------- the task
 
 
+def reached(row: dict[str, Any], target_loss: float | None) -> bool:
+    """Whether the evaluation that wrote `row` reached --target-loss: a validation loss at or below it, after
+    training began (the untrained model's evaluation at step 0 reaches no target, as with --target-acc)."""
+    return target_loss is not None and row["step"] > 0 and row.get("val_loss", math.nan) <= target_loss
+
+
 class LanguageModel:
     """WikiText (or a --data-dir) with the GPT: the `Task` the trainer runs for --task lm."""
 
@@ -255,10 +261,14 @@ class LanguageModel:
         return {"test_loss": loss, **units, "test_tokens": y.numel(), "test_text_sha256": self.test_sha256}
 
     def should_stop(self, row: dict[str, Any]) -> str | None:
-        return None
+        if not reached(row, self.cfg.target_loss):
+            return None
+        return f"validation loss {row['val_loss']:.4f} <= {self.cfg.target_loss:g}"
 
     def summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
-        return {}
+        first = next((row for row in metrics if reached(row, self.cfg.target_loss)), None)
+        return {"target_loss": self.cfg.target_loss, "steps_to_target": first["step"] if first else None,
+                "time_to_target_s": first["time_s"] if first else None}
 
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base} if self.base else {}
