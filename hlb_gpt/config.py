@@ -277,14 +277,13 @@ class RunConfig:
             raise ConfigError(f"--profile must be a step >= 1 (got {self.profile})")
         if self.target_acc is not None and not (0 < self.target_acc <= 1):
             raise ConfigError(f"--target-acc must be in (0, 1] (got {self.target_acc})")
-        if self.target_acc is not None and self.task != "modular":
-            raise ConfigError(f"--target-acc is --task modular's (validation accuracy); a --task {self.task} run "
-                              "stops at a validation loss: use --target-loss")
         if self.target_loss is not None and not (self.target_loss > 0 and math.isfinite(self.target_loss)):
             raise ConfigError(f"--target-loss must be a positive number (got {self.target_loss})")
-        if self.target_loss is not None and self.task != "lm":
-            raise ConfigError(f"--target-loss is --task lm's; a --task {self.task} run stops at an accuracy: "
-                              "use --target-acc")
+        target = components.TASKS[self.task].target  # the one stopping target its task evaluates
+        for other in ("target_acc", "target_loss"):
+            if other != target and getattr(self, other) is not None:
+                raise ConfigError(f"{flag(other)} is not a target of --task {self.task}, which stops at its "
+                                  f"{flag(target)}: use that")
         self._validate_finetune()
         self._validate_components(optimizer)
         if self.data_dir is not None:

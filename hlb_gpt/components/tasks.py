@@ -49,6 +49,8 @@ class Task:
     """Its runs are language models: `sample` and `export` read them."""
     bf16: bool = False
     """--precision auto trains it in bf16 on a CUDA GPU with native bf16 (else fp32 everywhere)."""
+    target: str = ""
+    """The setting that stops its runs at a validation figure (`--target-loss`, `--target-acc`)."""
     records: tuple[str, ...] = ()
     """The keys its trainer adds to config.json (`record`): not settings."""
 
@@ -93,12 +95,14 @@ TASKS: dict[str, Task] = {
         "hlb": Preset(depth=8, width=384, seq_len=1024, batch_size=64, lr=2.5e-3, eval_tokens=153_600),
         # Laptop scale: an epoch of `mini` with --tokenizer bytes in well under a minute on 2 CPU cores.
         "tiny": Preset(depth=4, width=128, seq_len=256, batch_size=16, lr=2e-3, eval_tokens=65_536),
-    }, help="WikiText language modelling", check=_check_lm, fine_tunes=True, holds_text=True, bf16=True),
+    }, help="WikiText language modelling", check=_check_lm, fine_tunes=True, holds_text=True, bf16=True,
+       target="target_loss"),
     "modular": Task("modular", _modular_arithmetic, preset="modular", presets={
         # The grokking benchmark (after Lee et al. 2024): 2 layers of width 128, batches of 512,
         # Adam lr 1e-3 with a 10-step warmup, no weight decay unless given; sequences are `x op y =`.
         "modular": Preset(depth=2, width=128, seq_len=4, batch_size=512, lr=1e-3, eval_tokens=0,
                           weight_decay=0.0, warmup_steps=10, checkpoint_every=100.0),
-    }, help="the (x * y) mod 97 grokking benchmark", check=_check_modular, records=("modular",)),
+    }, help="the (x * y) mod 97 grokking benchmark", check=_check_modular, records=("modular",),
+       target="target_acc"),
 }
 DEFAULT = "lm"  # --task's default
