@@ -435,8 +435,11 @@ def resume_run(ctx: click.Context, flags: dict[str, Any]) -> None:
         raise ConfigError(f"--resume {run_dir}: {exc}") from None
     given = {name for name in flags
              if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
-    command, _ = configs_from_flags(flags)
     recorded = RunConfig.from_dict(saved)
+    # The flags not given are the run's own settings, so a given one is checked against the run's preset and
+    # sizes (--train-tokens against its batch), not against the defaults'.
+    own = {k: [v] if k in GRID_KEYS else v for k, v in recorded.to_dict().items() if k in flags and k not in given}
+    command, _ = configs_from_flags({**flags, **own})
     changes = {k: getattr(command, k) for k in MAY_CHANGE_ON_RESUME if k in given}
     check_resumable(recorded.replace(**{k: getattr(command, k) for k in given & set(command.to_dict())}), saved,
                     run_dir)

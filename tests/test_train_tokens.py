@@ -99,6 +99,18 @@ def test_resume_with_another_train_tokens_is_refused_in_one_line(tmp_path, capsy
     assert code == 2 and err.count("\n") == 1 and "--train-tokens: 65536 vs 4096" in err, err
 
 
+def test_resume_checks_its_flags_against_the_run_s_own_settings_not_the_default_preset_s(tmp_path, capsys):
+    # 256 tokens are less than one step of the default preset (64 x 1024), but two steps of this run's (4 x 32).
+    cfg = RunConfig(**SMALL, train_tokens_limit=4096, max_steps=2, data_cache=str(tmp_path / "cache"))
+    train(cfg, tmp_path / "run", progress=False)
+    code, _, err = run_main(["--resume", str(tmp_path / "run"), "--train-tokens", "256"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--train-tokens: 256 vs 4096" in err, err
+    code, _, err = run_main(["--resume", str(tmp_path / "run"), "--train-tokens", "4096", "--max-steps", "3",
+                             "--quiet"], capsys)
+    assert code == 0, err
+    assert read_run(tmp_path / "run").summary["steps"] == 3
+
+
 def test_train_tokens_come_from_the_environment_and_from_a_config_file(planned, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HLB_GPT_TRAIN_TOKENS", "8192")
     code, _, err = run_main(TINY + ["--out", str(tmp_path / "a"), "--data-cache", str(tmp_path / "cache")], capsys)
