@@ -80,7 +80,7 @@ class GradFilter:
     _buffers: tuple[str, ...] = ()  # names of the parameter-sized state tensors
 
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
-                 dtype: torch.dtype | None = torch.float32, compile: bool = False) -> None:
+                 dtype: torch.dtype | None = torch.float32, compile: bool = False, foreach: bool = True) -> None:
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"--filter-dtype must be a floating dtype (got {dtype})")
         self.params, self._keys = _split_named(params)
@@ -88,8 +88,10 @@ class GradFilter:
         self.state: dict[Tensor, dict[str, Any]] = {}
         # torch.compile is lazy: nothing is traced until the first step. Every filter shares one kernel
         # function, so its graph must not depend on the hyperparameters: they enter as 0-dim tensors.
-        self._fused = (FallbackCompiled(self._kernel, f"the {self.kind.upper()} filter", fullgraph=True, dynamic=False)
-                       if compile else None)
+        # Uncompiled, `foreach=False` runs that same kernel eagerly (bench/filter.py compares the two paths).
+        self._fused: Callable[..., None] | None = (
+            FallbackCompiled(self._kernel, f"the {self.kind.upper()} filter", fullgraph=True, dynamic=False)
+            if compile else None if foreach else self._kernel)
         self._scalars: dict[torch.device, tuple[Tensor, ...]] = {}
 
     # -- public API -------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ class GradFilter:
     @property
     def compile_error(self) -> str | None:
         """Why the compiled step fell back to eager (None: it compiled, or was never asked to)."""
-        return None if self._fused is None else self._fused.error
+        return self._fused.error if isinstance(self._fused, FallbackCompiled) else None
 
     def _kernel_scalars(self, device: torch.device) -> tuple[Tensor, ...]:
         """The hyperparameters as the compiled kernel takes them: 0-dim tensors, made once per device."""
@@ -252,12 +254,13 @@ class EMAFilter(GradFilter):
     _buffers = ("mu",)
 
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]], alpha: float = 0.98,
-                 gain: float = 2.0, dtype: torch.dtype | None = torch.float32, compile: bool = False) -> None:
+                 gain: float = 2.0, dtype: torch.dtype | None = torch.float32, compile: bool = False,
+                 foreach: bool = True) -> None:
         if not 0 <= alpha < 1:
             raise ValueError(f"--alpha must be in [0, 1) for the EMA filter (got {alpha})")
         self.alpha = float(alpha)
         self.gain = _check_gain(gain)
-        super().__init__(params, dtype, compile)
+        super().__init__(params, dtype, compile, foreach)
 
     def _hyper(self) -> dict:
         return {"alpha": self.alpha, "gain": self.gain}
@@ -344,7 +347,7 @@ class MAFilter(GradFilter):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]], window: int = 100,
                  gain: float = 5.0, dtype: torch.dtype | None = torch.float32, compile: bool = False,
-                 resum_every: int | None = None) -> None:
+                 resum_every: int | None = None, foreach: bool = True) -> None:
         if isinstance(window, bool) or not isinstance(window, int):
             raise ValueError(f"--window must be an integer >= 1 (got {window!r})")
         if window < 1:
@@ -354,7 +357,7 @@ class MAFilter(GradFilter):
         self.window = window
         self.gain = _check_gain(gain)
         self.resum_every = min(window, self.MAX_RESUM_EVERY) if resum_every is None else resum_every
-        super().__init__(params, dtype, compile)
+        super().__init__(params, dtype, compile, foreach)
 
     def _hyper(self) -> dict:
         return {"window": self.window, "gain": self.gain}
