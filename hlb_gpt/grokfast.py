@@ -5,8 +5,8 @@ learning-rate scheduler accepts a filter by mistake. A step runs as `torch._fore
 or with `compile=True` as one torch.compile'd function of the tensor lists whose hyperparameters are 0-dim
 tensors, so one graph serves every alpha, gain and window of a sweep (`foreach=False` runs that function
 eagerly, which on the CPU is slower than the foreach ops: `bench/filter.py --paths`). Step counters are 0-dim
-device tensors: skipping a non-finite step (`found_inf`) needs no host sync. One eager path serves steps with and without
-`found_inf` (without it, nothing is skipped).
+device tensors: skipping a non-finite step (`found_inf`) needs no host sync. One eager path serves steps with
+and without `found_inf` (without it, nothing is skipped).
 
 Semantics, dtypes, state and checkpoints: see docs/DESIGN.md, section 5 (Grokfast filters).
 """
