@@ -1,6 +1,8 @@
 """Time one Grokfast filter step on a 46M-parameter set shaped like the hlb preset.
 
     python bench/filter.py [--steps 20] [--repeats 5]
+    python bench/filter.py --paths [--steps 20] [--repeats 5]
+
 
 Compares the filters (hlb_gpt.grokfast) against two yardsticks:
   (a) the memory-bandwidth floor, ``torch._foreach_copy_`` of the gradients into a same-size buffer
@@ -12,12 +14,23 @@ included amortised) and the table reports the median over rounds of the per-step
 The gradients are restored from a pristine copy before every step, outside the timer.
 MA at W=100 needs 101 parameter-sized float32 buffers (18.6 GB for 46M parameters), so the W=10 vs
 W=100 comparison runs on the transformer blocks only (7.4M parameters), next to their own copy floor.
+
+``--paths`` times instead, per filter, the three ways one step can run: the per-tensor kernel (the body that
+``compile=True`` compiles) run eagerly, the ``torch._foreach_*`` path, and the compiled kernel. One job per
+filter (EMA; MA with W=8) on the 7.4M block parameters, one thread, each job pinned with ``taskset`` to a core of
+its own (the jobs run at once, as many as there are cores); within a job the three paths run in interleaved
+rounds. The table gives each path's time as a multiple of the per-tensor kernel run eagerly.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -130,6 +143,56 @@ def ma_suite(work: Workload, compile: bool, windows: tuple[int, ...], gain: floa
     return suite
 
 
+PATHS = ("per-tensor eager", "foreach", "compiled")
+PATH_WINDOW = 8
+
+
+def build_path(kind: str, path: str, params: list[torch.nn.Parameter]) -> tuple[GradFilter, int]:
+    """A filter of `kind` that steps by `path`, and its period (the MA re-summation)."""
+    options = dict(compile=path == "compiled", foreach=path == "foreach")
+    if kind == "ema":
+        return EMAFilter(params, 0.98, 2.0, **options), 1
+    return MAFilter(params, PATH_WINDOW, 2.0, **options), PATH_WINDOW
+
+
+def path_job(kind: str, steps: int, repeats: int, warmup: int) -> dict[str, float]:
+    """ms/step of each path of one filter, on the block parameters (run inside one pinned process)."""
+    work = Workload(hlb_shapes(blocks_only=True), seed=1)
+    filters = {path: build_path(kind, path, work.params) for path in PATHS}
+    results = run_suite(work, {path: (filter_step(f), period) for path, (f, period) in filters.items()},
+                        steps, repeats, warmup)
+    if filters["compiled"][0].compile_error:
+        raise SystemExit(f"the compiled {kind} filter fell back to eager: {filters['compiled'][0].compile_error}")
+    return results
+
+
+def compare_paths(args: argparse.Namespace) -> None:
+    """One pinned, single-threaded job per filter, as many at once as there are cores; then the table."""
+    if shutil.which("taskset") is None:
+        raise SystemExit("--paths pins each job to a core with taskset (util-linux): install it")
+    cores = sorted(os.sched_getaffinity(0))
+    kinds, results = ["ema", "ma"], {}
+    for start in range(0, len(kinds), len(cores)):
+        jobs = {kind: subprocess.Popen(
+            ["taskset", "-c", str(core), sys.executable, __file__, "--path-job", kind, "--threads", "1",
+             "--steps", str(args.steps), "--repeats", str(args.repeats), "--warmup", str(args.warmup)],
+            stdout=subprocess.PIPE, text=True) for kind, core in zip(kinds[start:], cores)}
+        for kind, job in jobs.items():
+            out, _ = job.communicate()
+            if job.returncode != 0:
+                raise SystemExit(f"the {kind} job failed (exit {job.returncode})")
+            results[kind] = json.loads(out.splitlines()[-1])
+    numel = sum(torch.Size(s).numel() for s in hlb_shapes(blocks_only=True))
+    print(f"\nhlb preset blocks, {numel / 1e6:.1f}M parameters; one job per filter, one thread, one core each; "
+          f"median of {args.repeats} rounds of {args.steps} steps")
+    print(f"{'filter':<10}" + "".join(f"{p:>18}" for p in PATHS) + "   (ms/step, and x per-tensor eager)")
+    for kind in kinds:
+        ms = results[kind]
+        label = "EMA" if kind == "ema" else f"MA W={PATH_WINDOW}"
+        print(f"{label:<10}" + "".join(f"{ms[p]:>18.1f}" for p in PATHS))
+        print(f"{'':<10}" + "".join(f"{ms[p] / ms[PATHS[0]]:>17.2f}x" for p in PATHS))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round (per method)")
@@ -137,8 +200,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variants")
+    parser.add_argument("--paths", action="store_true",
+                        help="per filter: the per-tensor kernel run eagerly vs the foreach path vs compiled")
+    parser.add_argument("--path-job", choices=["ema", "ma"], help=argparse.SUPPRESS)  # one job of --paths
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.paths:
+        return compare_paths(args)
+    if args.path_job:
+        print(json.dumps(path_job(args.path_job, args.steps, args.repeats, args.warmup)))
+        return
     alpha, gain = 0.98, 2.0
     tags = ["foreach"] + ([] if args.no_compile else ["compiled"])
 

@@ -36,7 +36,8 @@ def run(code: Path, out: Path, steps: int, data_cache: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "hlb_gpt", *SWEEP, "--max-steps", str(steps), "--data-cache", str(data_cache),
                "--out", str(out)]
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    # From `code`: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH.
+    subprocess.run(command, env=env, cwd=code, check=True, stdout=subprocess.DEVNULL)
 
 
 def without_machine(value):
@@ -87,7 +88,7 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="train into this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.keep or Path(tmp)
+        work = (args.keep or Path(tmp)).resolve()
         old_code = work / "old-code"
         old_code.mkdir(parents=True, exist_ok=True)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.against], check=True, capture_output=True)

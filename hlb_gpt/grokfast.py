@@ -3,9 +3,10 @@
 Shaped like a `torch.optim` optimizer (lazy `state`, `step()`, `state_dict()`) but not a subclass, so that no
 learning-rate scheduler accepts a filter by mistake. A step runs as `torch._foreach_*` ops over all gradients,
 or with `compile=True` as one torch.compile'd function of the tensor lists whose hyperparameters are 0-dim
-tensors, so one graph serves every alpha, gain and window of a sweep. Step counters are 0-dim device tensors:
-skipping a non-finite step (`found_inf`) needs no host sync. One eager path serves steps with and without
-`found_inf` (without it, nothing is skipped).
+tensors, so one graph serves every alpha, gain and window of a sweep (`foreach=False` runs that function
+eagerly, which on the CPU is slower than the foreach ops: `bench/filter.py --paths`). Step counters are 0-dim
+device tensors: skipping a non-finite step (`found_inf`) needs no host sync. One eager path serves steps with
+and without `found_inf` (without it, nothing is skipped).
 
 Semantics, dtypes, state and checkpoints: see docs/DESIGN.md, section 5 (Grokfast filters).
 """
@@ -82,7 +83,8 @@ class GradFilter:
     _buffers: tuple[str, ...] = ()  # names of the parameter-sized state tensors
 
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
-                 dtype: torch.dtype | None = torch.float32, compile: bool = False, kind: str | None = None) -> None:
+                 dtype: torch.dtype | None = torch.float32, compile: bool = False, foreach: bool = True,
+                 kind: str | None = None) -> None:
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"--filter-dtype must be a floating dtype (got {dtype})")
         self.kind = kind or type(self).__name__
@@ -91,8 +93,10 @@ class GradFilter:
         self.state: dict[Tensor, dict[str, Any]] = {}
         # torch.compile is lazy: nothing is traced until the first step. Every filter shares one kernel
         # function, so its graph must not depend on the hyperparameters: they enter as 0-dim tensors.
-        self._fused = (FallbackCompiled(self._kernel, f"the {self.kind.upper()} filter", fullgraph=True, dynamic=False)
-                       if compile else None)
+        # Uncompiled, `foreach=False` runs that same kernel eagerly (bench/filter.py compares the two paths).
+        self._fused: Callable[..., None] | None = (
+            FallbackCompiled(self._kernel, f"the {self.kind.upper()} filter", fullgraph=True, dynamic=False)
+            if compile else None if foreach else self._kernel)
         self._scalars: dict[torch.device, tuple[Tensor, ...]] = {}
 
     # -- public API -------------------------------------------------------------------------------
@@ -170,7 +174,7 @@ class GradFilter:
     @property
     def compile_error(self) -> str | None:
         """Why the compiled step fell back to eager (None: it compiled, or was never asked to)."""
-        return None if self._fused is None else self._fused.error
+        return self._fused.error if isinstance(self._fused, FallbackCompiled) else None
 
     def _kernel_scalars(self, device: torch.device) -> tuple[Tensor, ...]:
         """The hyperparameters as the compiled kernel takes them: 0-dim tensors, made once per device."""
@@ -255,12 +259,12 @@ class EMAFilter(GradFilter):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]], alpha: float = 0.98,
                  gain: float = 2.0, dtype: torch.dtype | None = torch.float32, compile: bool = False,
-                 kind: str | None = None) -> None:
+                 foreach: bool = True, kind: str | None = None) -> None:
         if not 0 <= alpha < 1:
             raise ValueError(f"--alpha must be in [0, 1) for the EMA filter (got {alpha})")
         self.alpha = float(alpha)
         self.gain = _check_gain(gain)
-        super().__init__(params, dtype, compile, kind)
+        super().__init__(params, dtype, compile, foreach, kind)
 
     def _hyper(self) -> dict:
         return {"alpha": self.alpha, "gain": self.gain}
@@ -346,7 +350,7 @@ class MAFilter(GradFilter):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]], window: int = 100,
                  gain: float = 5.0, dtype: torch.dtype | None = torch.float32, compile: bool = False,
-                 resum_every: int | None = None, kind: str | None = None) -> None:
+                 resum_every: int | None = None, foreach: bool = True, kind: str | None = None) -> None:
         if isinstance(window, bool) or not isinstance(window, int):
             raise ValueError(f"--window must be an integer >= 1 (got {window!r})")
         if window < 1:
@@ -356,7 +360,7 @@ class MAFilter(GradFilter):
         self.window = window
         self.gain = _check_gain(gain)
         self.resum_every = min(window, self.MAX_RESUM_EVERY) if resum_every is None else resum_every
-        super().__init__(params, dtype, compile, kind)
+        super().__init__(params, dtype, compile, foreach, kind)
 
     def _hyper(self) -> dict:
         return {"window": self.window, "gain": self.gain}

@@ -425,16 +425,17 @@ def test_no_filter_leaves_gradients_untouched_and_costs_nothing():
     filt.load_state_dict(filt.state_dict())
 
 
-# -- compiled path --------------------------------------------------------------------------------------
-@pytest.mark.slow
+# -- compiled path, and the per-tensor kernel it compiles run eagerly --------------------------------------
+@pytest.mark.parametrize("path", [pytest.param("compiled", marks=pytest.mark.slow), "per-tensor eager"])
 @pytest.mark.parametrize("kind", ["ema", "ma"])
-def test_compiled_step_equals_eager_step(kind):
+def test_compiled_and_per_tensor_steps_equal_the_foreach_step(kind, path):
     schedule = random_schedule(9, holes=False)
 
-    def build(ps, compile):
+    def build(ps, other):
+        options = dict(compile=path == "compiled", foreach=False) if other else {}
         if kind == "ema":
-            return EMAFilter(ps, alpha=0.9, gain=2.0, compile=compile)
-        return MAFilter(ps, window=3, gain=2.0, compile=compile)
+            return EMAFilter(ps, alpha=0.9, gain=2.0, **options)
+        return MAFilter(ps, window=3, gain=2.0, **options)
 
     skip = 5  # with window 3 this is also an MA re-summation step (the 6th attempt)
 
@@ -443,6 +444,7 @@ def test_compiled_step_equals_eager_step(kind):
 
     eager_params, compiled_params = make_params(), make_params()
     eager, compiled = build(eager_params, False), build(compiled_params, True)
+    assert compiled.compile_error is None
     for t, grads in enumerate(schedule):
         if t == skip:
             for g in grads.values():
