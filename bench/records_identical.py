@@ -68,6 +68,13 @@ def shared(old, new, added: set[str], where: str = ""):
     return new
 
 
+def _pairs(old, new) -> list[tuple[dict, dict]]:
+    """A record's dicts side by side: the file itself, or its rows (a row one of them lacks: empty)."""
+    if isinstance(old, dict):
+        return [(old, new)]
+    return [(o, n) for o, n in zip(old + [{}] * (len(new) - len(old)), new + [{}] * (len(old) - len(new)))]
+
+
 def differences(a: Path, b: Path, added: set[str]) -> list[str]:
     runs_a = sorted(p.name for p in a.iterdir() if (p / "config.json").exists())
     runs_b = sorted(p.name for p in b.iterdir() if (p / "config.json").exists())
@@ -77,8 +84,14 @@ def differences(a: Path, b: Path, added: set[str]) -> list[str]:
     for name in runs_a:
         ra, rb = records(a / name), records(b / name)
         for file in sorted(set(ra) | set(rb)):
-            if file not in ra or file not in rb or ra[file] != shared(ra[file], rb[file], added, f"{file}: "):
-                found.append(f"{name}/{file} differs")
+            if file not in ra or file not in rb:
+                found.append(f"{name}/{file} is in one of them only")
+                continue
+            new = shared(ra[file], rb[file], added, f"{file}: ")
+            if ra[file] != new:
+                keys = sorted({k for old_row, new_row in _pairs(ra[file], new) for k in old_row
+                               if old_row[k] != new_row.get(k)})
+                found.append(f"{name}/{file} differs in {', '.join(keys)}")
     return found
 
 

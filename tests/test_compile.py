@@ -188,6 +188,37 @@ def test_a_compiled_sweep_of_ten_gains_and_two_ma_windows_completes_every_run_wi
 
 
 @pytest.mark.slow
+def test_a_compiled_sweep_using_every_end_of_run_and_bookkeeping_flag_completes_each_run_with_its_own_records(
+        tmp_path, monkeypatch):
+    # The workload: many compiled runs in one process, each with a training-text cut, a target, a profiled window,
+    # the test split at its end and its own offline wandb run.
+    from hlb_gpt.data import load_split_texts
+
+    texts = load_split_texts("mini")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, text in (("train", texts["train"]), ("valid", texts["valid"][:20_000]),
+                       ("test", texts["valid"][20_000:30_000])):
+        (data / f"wiki.{name}.raw").write_text(text, encoding="utf-8", newline="")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_DIR", str(tmp_path))):
+        monkeypatch.setenv(name, value)
+    res, summaries = sweep(tmp_path, "--data-dir", str(data), "--train-tokens", "512,1024", "--grokfast", "--baseline",
+                           "--alpha", "0.9", "--gain", "0.1", "--target-loss", "0.01", "--profile", "2",
+                           "--eval-test", "--wandb", "--wandb-project", "compiled-sweep", "--max-steps", "5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(summaries) == ["baseline-train1024-s0", "baseline-train512-s0", "ema-a0.9-g0.1-train1024-s0",
+                                 "ema-a0.9-g0.1-train512-s0"]
+    for name, s in summaries.items():
+        assert s["status"] == "completed" and s["compiled"] and s["steps"] == 5, (name, s)
+        assert s["steps_to_target"] is None and math.isfinite(s["test_loss"]), (name, s)
+        json.loads((tmp_path / "runs" / name / "profile.json").read_text())
+    ids = {(tmp_path / "runs" / name / "wandb-run-id").read_text().strip() for name in summaries}
+    assert len(ids) == 4
+    assert "recompile_limit" not in res.stderr and "recompile limit" not in res.stderr
+    assert "torch.compile failed" not in res.stderr
+
+
+@pytest.mark.slow
 def test_a_compiled_width_sweep_compiles_every_run_a_few_times_over_the_sequence_warmup(tmp_path):
     # --seq-len 64: the warm-up goes 32 then 64 tokens (from step 80) at 128 tokens a step; 90 steps cover both.
     res, summaries = sweep(tmp_path, "--width", "16,24,32,40", "--seq-len", "64", "--eval-tokens", str(2 * 64 + 1),
