@@ -713,7 +713,7 @@ def test_every_setting_but_the_seed_and_the_bookkeeping_separates_configurations
              "resolved_precision": "bf16", "world_size": 2, "n_params": 7, "train_tokens": 7,
              "text_sha256": CUSTOM_SHA, "versions": {"torch": "9.9"}, "attention": "flex", "init_from": "/x",
              "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "in", "train_only": "norms",
-             "eval_at_start": False, "eval_test": True, "train_tokens_limit": 4096}
+             "eval_at_start": False, "eval_test": True, "train_tokens_limit": 4096, "profile": 3}
     assert set(RunConfig.__dataclass_fields__) <= set(other)  # a new setting must be added here
     # Neither what the run records but does not use (the window of an EMA run, GrokAdamW's settings), nor the
     # request that the recorded result stands for (--device auto, resolved; --data-dir and --dataset, read
