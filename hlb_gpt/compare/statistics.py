@@ -143,15 +143,21 @@ def parse_metric(text: str) -> Metric:
         return Metric("best", int(n))
     kind, sep, target = text.partition(":")
     if kind in ("steps_to", "time_to") and sep:
-        try:
-            loss = float(target)
-        except ValueError:
-            loss = math.nan
-        if not (loss > 0 and math.isfinite(loss)):
+        loss = _positive(target)
+        if loss is None:
             raise ValueError(f"--metric {kind}:X needs a validation loss X > 0, e.g. {kind}:3.5 (got {text!r})")
         return Metric(kind, target=loss)
     raise ValueError(f"--metric must be final, best, best:N, mean, steps_to_target, steps_to:X or time_to:X "
                      f"(got {text!r})")
+
+
+def _positive(text: str) -> float | None:
+    """The number `text` spells if it is finite and above 0, else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value > 0 and math.isfinite(value) else None
 
 
 def parse_span(text: str) -> Span:
@@ -160,11 +166,8 @@ def parse_span(text: str) -> Span:
         return Span("all")
     kind, sep, k = text.partition(":")
     if kind in ("first", "last") and sep:
-        try:
-            value = float(k)
-        except ValueError:
-            value = math.nan
-        if not (value > 0 and math.isfinite(value)):
+        value = _positive(k)
+        if value is None:
             raise ValueError(f"--span {kind}:K needs a number of epochs K > 0 (got {text!r})")
         return Span(kind, value)
     raise ValueError(f"--span must be all, first:K or last:K with K in epochs (got {text!r})")
