@@ -43,13 +43,6 @@ def test_only_n_a_and_passing_checks_exit_zero(gpu_check, monkeypatch):
     assert gpu_check.main(["--device", "cpu"]) == 0
 
 
-@pytest.mark.slow
-def test_on_the_cpu_the_refusal_check_runs_ranks_that_pretend_to_have_one_gpu_and_passes(gpu_check, tmp_path):
-    row = gpu_check.check_torchrun_refusal(gpu_check.make_plan(torch.device("cpu"), tmp_path))
-    assert row.ok is True, row
-    assert row.numbers["ranks refused"] == "2/2"
-
-
 REFUSAL = "Error: torchrun started 3 ranks on this node but it has 2 CUDA devices: use --nproc_per_node=2 or fewer\n"
 TORCHRUN_REPORT = "Traceback (most recent call last):\n  File \"/x/torch/distributed/run.py\"\nChildFailedError:\n"
 
@@ -93,8 +86,16 @@ def test_the_filter_grid_has_ten_settings_with_distinct_run_folders(gpu_check, t
     assert len(gpu_check.FILTER_GRID) == len(names) == 10 and plan.grid_base.compile is True
 
 
+def test_on_cuda_the_grid_is_all_ten_settings_and_on_the_cpu_one_of_each_filter(gpu_check, tmp_path):
+    assert gpu_check.make_plan(torch.device("cuda"), tmp_path).grid == gpu_check.FILTER_GRID
+    cpu = gpu_check.make_plan(torch.device("cpu"), tmp_path).grid
+    assert set(map(str, cpu)) <= set(map(str, gpu_check.FILTER_GRID))
+    assert sorted(c.get("filter", "none") for c in cpu) == ["ema", "ma", "none"]
+
+
 @pytest.mark.slow
 def test_the_gpu_check_passes_on_the_cpu_and_prints_its_table(tmp_path):
+    # Its refusal row is the CPU's: 2 ranks that pretend to have one GPU, both refused.
     out = subprocess.run([sys.executable, str(BENCH), "--device", "cpu"], capture_output=True, text=True,
                          timeout=1800, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -103,4 +104,5 @@ def test_the_gpu_check_passes_on_the_cpu_and_prints_its_table(tmp_path):
     results = dict(re.split(r"\s{2,}", line)[:2] for line in lines[2:-1])
     assert results == {"default run (tiny, bytes)": "ok", "attention T=32": "ok", "attention T=1024": "ok",
                        "filter grid (compiled)": "ok", "torchrun refusal": "ok"}
-    assert "10/10 compiled and completed" in out.stdout and "5/5 checks passed or n/a" in lines[-1]
+    assert "ranks 2 on 1 GPU(s) (pretended on the CPU), ranks refused 2/2" in out.stdout
+    assert "3/3 compiled and completed" in out.stdout and "5/5 checks passed or n/a" in lines[-1]
