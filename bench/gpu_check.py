@@ -134,11 +134,10 @@ def check_default_run(plan: Plan) -> Row:
     return Row(f"default run ({cfg.preset}, {cfg.tokenizer})", ok, numbers, note)
 
 
-def attention_agreement(T: int, batch: int, width: int, device: torch.device, grads: bool, compile_: bool,
-                        dtype: torch.dtype, iters: int = 5) -> dict[str, Any]:
-    """FlexAttention against SDPA on one block's attention at length T: the largest output difference over the
-    largest SDPA output, the same for each gradient (q, k, v, position bias), whether all are finite, and ms per
-    call of each."""
+def attention_timing(T: int, batch: int, width: int, device: torch.device, grads: bool, compile_: bool,
+                     dtype: torch.dtype, iters: int = 5) -> dict[str, float]:
+    """ms per call of one block's attention at length T with SDPA and with FlexAttention (forward, and backward
+    with `grads`). Their agreement is `compare_attention`'s, on the whole model."""
     gen = torch.Generator().manual_seed(0)
     qk = width // GPTConfig.qk_div
     make = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)  # noqa: E731
@@ -146,7 +145,7 @@ def attention_agreement(T: int, batch: int, width: int, device: torch.device, gr
     grad_out = make(batch, T, width)
     pos = torch.arange(T, dtype=torch.int32, device=device)
     distance = pos[:, None] - pos[None, :]
-    results = {}
+    ms = {}
     for kind in ("sdpa", "flex"):
         block = Block(GPTConfig(width=width, attention=kind)).to(device)
         with torch.no_grad():
@@ -154,32 +153,24 @@ def attention_agreement(T: int, batch: int, width: int, device: torch.device, gr
         fn = torch.compile(block.attend, dynamic=False) if compile_ else block.attend
         q, k, v = (t.detach().clone().requires_grad_(grads) for t in inputs)
         def call():
+            for t in (q, k, v, block.position_bias):
+                t.grad = None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16), \
                     torch.set_grad_enabled(grads):
                 out = fn(q, k, v, distance)
                 if grads:
                     out.backward(grad_out)
-            return out
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "flex_attention called without torch.compile": eager on purpose here
-            out = call()
-            tensors = [out.detach().float()]
-            if grads:
-                tensors += [t.grad.detach().float().clone() for t in (q, k, v, block.position_bias)]
+            call()  # the compile, if any, and the first call's allocations stay out of the time
             synchronize(device)
             start = time.perf_counter()
             for _ in range(iters):
-                for t in (q, k, v, block.position_bias):
-                    t.grad = None
                 call()
             synchronize(device)
-        results[kind] = (tensors, 1e3 * (time.perf_counter() - start) / iters)
-    (ref, sdpa_ms), (got, flex_ms) = results["sdpa"], results["flex"]
-    rel = [((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, ref)]
-    finite = all(bool(torch.isfinite(t).all()) for t in got + ref)
-    return {"out_rel": rel[0], "grad_rel": max(rel[1:]) if grads else None, "finite": finite,
-            "sdpa_ms": sdpa_ms, "flex_ms": flex_ms}
+        ms[f"{kind}_ms"] = 1e3 * (time.perf_counter() - start) / iters
+    return ms
 
 
 def check_attention(plan: Plan, T: int) -> Row:
@@ -192,15 +183,15 @@ def check_attention(plan: Plan, T: int) -> Row:
     model = compare_attention(T, plan.device, precision="bf16" if cuda else "fp32", compiled=cuda,
                               batch=plan.attention_batch, width=plan.attention_width)
     # ...and the speed of one block's attention (forward and backward on CUDA, forward only on the CPU).
-    r = attention_agreement(T, plan.attention_batch, plan.attention_width, plan.device, grads=cuda,
-                            compile_=cuda, dtype=dtype)
+    r = attention_timing(T, plan.attention_batch, plan.attention_width, plan.device, grads=cuda, compile_=cuda,
+                         dtype=dtype)
     worst_name, worst = model.worst
     loss_rel = model.loss_error / max(abs(model.sdpa_loss), 1e-30)
-    finite = r["finite"] and not model.nonfinite and math.isfinite(model.flex_loss)
+    finite = not model.nonfinite and math.isfinite(model.flex_loss)
     numbers = {"loss rel": f"{loss_rel:.1e}", "worst grad": f"{worst_name} {worst:.1e}",
-               "out rel": f"{r['out_rel']:.1e}", "sdpa ms": f"{r['sdpa_ms']:.2f}", "flex ms": f"{r['flex_ms']:.2f}"}
+               "sdpa ms": f"{r['sdpa_ms']:.2f}", "flex ms": f"{r['flex_ms']:.2f}"}
     note = "" if finite else f"non-finite values{': ' + ', '.join(model.nonfinite) if model.nonfinite else ''}"
-    ok = finite and max(loss_rel, worst, r["out_rel"]) <= tolerance
+    ok = finite and max(loss_rel, worst) <= tolerance
     return Row(f"attention T={T}", ok, numbers, note)
 
 

@@ -71,11 +71,28 @@ def test_on_cuda_the_refusal_check_wants_every_rank_refused_in_one_line_naming_n
     assert asked == [(3, None)] and row.ok is ok
 
 
-def test_flex_and_sdpa_agree_on_the_cpu_forward_at_the_lengths_checked(gpu_check):
-    for T in (32, 1024):
-        r = gpu_check.attention_agreement(T, batch=1, width=128, device=torch.device("cpu"), grads=False,
-                                          compile_=False, dtype=torch.float32, iters=1)
-        assert r["finite"] and r["out_rel"] <= 1e-4 and r["grad_rel"] is None
+def test_the_attention_check_times_each_kernel_at_the_lengths_checked_and_compares_them_once(gpu_check, monkeypatch,
+                                                                                            tmp_path):
+    for T in (32, 1024):  # the times of one block's attention, forward only on the CPU
+        r = gpu_check.attention_timing(T, batch=1, width=128, device=torch.device("cpu"), grads=False,
+                                       compile_=False, dtype=torch.float32, iters=1)
+        assert set(r) == {"sdpa_ms", "flex_ms"} and min(r.values()) > 0
+    # Their agreement is compare_attention's (on the whole model, every gradient): a disagreement there fails
+    # the row, and nothing compares the two kernels a second time.
+    import dataclasses
+
+    from hlb_gpt.attention_check import compare_attention
+
+    def off(*args, **kwargs):
+        agreement = compare_attention(*args, **kwargs)
+        return dataclasses.replace(agreement, flex_loss=1.5 * agreement.sdpa_loss)
+
+    plan = gpu_check.make_plan(torch.device("cpu"), tmp_path)
+    monkeypatch.setattr(gpu_check, "attention_timing", lambda *a, **k: {"sdpa_ms": 1.0, "flex_ms": 2.0})
+    assert gpu_check.check_attention(plan, 32).ok is True
+    monkeypatch.setattr(gpu_check, "compare_attention", off)
+    row = gpu_check.check_attention(plan, 32)
+    assert row.ok is False and row.numbers["loss rel"] == "5.0e-01" and "out rel" not in row.numbers
 
 
 def test_the_filter_grid_has_ten_settings_with_distinct_run_folders(gpu_check, tmp_path):
