@@ -176,12 +176,13 @@ def test_a_compiled_sweep_of_ten_alphas_completes_every_run_without_hitting_the_
 
 
 @pytest.mark.slow
-def test_a_compiled_sweep_of_ten_gains_and_two_ma_windows_completes_every_run_without_hitting_the_limit(tmp_path):
-    gains = ",".join(str(g) for g in range(1, 11))
+def test_a_compiled_sweep_of_five_gains_and_two_ma_windows_completes_every_run_without_hitting_the_limit(tmp_path):
+    # 10 runs in one process: past dynamo's recompile limit of 8, were a run's graphs carried over to the next.
+    gains = ",".join(str(g) for g in range(1, 6))
     res, summaries = sweep(tmp_path, "--grokfast", "--filter", "ma", "--window", "5,10", "--gain", gains,
                            "--max-steps", "1")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert len(summaries) == 20
+    assert len(summaries) == 10
     assert all(s["status"] == "completed" and s["compiled"] for s in summaries.values()), summaries
     assert "recompile_limit" not in res.stderr and "recompile limit" not in res.stderr
     assert "torch.compile failed" not in res.stderr

@@ -43,13 +43,6 @@ def test_only_n_a_and_passing_checks_exit_zero(gpu_check, monkeypatch):
     assert gpu_check.main(["--device", "cpu"]) == 0
 
 
-@pytest.mark.slow
-def test_on_the_cpu_the_refusal_check_runs_ranks_that_pretend_to_have_one_gpu_and_passes(gpu_check, tmp_path):
-    row = gpu_check.check_torchrun_refusal(gpu_check.make_plan(torch.device("cpu"), tmp_path))
-    assert row.ok is True, row
-    assert row.numbers["ranks refused"] == "2/2"
-
-
 REFUSAL = "Error: torchrun started 3 ranks on this node but it has 2 CUDA devices: use --nproc_per_node=2 or fewer\n"
 TORCHRUN_REPORT = "Traceback (most recent call last):\n  File \"/x/torch/distributed/run.py\"\nChildFailedError:\n"
 
@@ -78,11 +71,28 @@ def test_on_cuda_the_refusal_check_wants_every_rank_refused_in_one_line_naming_n
     assert asked == [(3, None)] and row.ok is ok
 
 
-def test_flex_and_sdpa_agree_on_the_cpu_forward_at_the_lengths_checked(gpu_check):
-    for T in (32, 1024):
-        r = gpu_check.attention_agreement(T, batch=1, width=128, device=torch.device("cpu"), grads=False,
-                                          compile_=False, dtype=torch.float32, iters=1)
-        assert r["finite"] and r["out_rel"] <= 1e-4 and r["grad_rel"] is None
+def test_the_attention_check_times_each_kernel_at_the_lengths_checked_and_compares_them_once(gpu_check, monkeypatch,
+                                                                                            tmp_path):
+    for T in (32, 1024):  # the times of one block's attention, forward only on the CPU
+        r = gpu_check.attention_timing(T, batch=1, width=128, device=torch.device("cpu"), grads=False,
+                                       compile_=False, dtype=torch.float32, iters=1)
+        assert set(r) == {"sdpa_ms", "flex_ms"} and min(r.values()) > 0
+    # Their agreement is compare_attention's (on the whole model, every gradient): a disagreement there fails
+    # the row, and nothing compares the two kernels a second time.
+    import dataclasses
+
+    from hlb_gpt.attention_check import compare_attention
+
+    def off(*args, **kwargs):
+        agreement = compare_attention(*args, **kwargs)
+        return dataclasses.replace(agreement, flex_loss=1.5 * agreement.sdpa_loss)
+
+    plan = gpu_check.make_plan(torch.device("cpu"), tmp_path)
+    monkeypatch.setattr(gpu_check, "attention_timing", lambda *a, **k: {"sdpa_ms": 1.0, "flex_ms": 2.0})
+    assert gpu_check.check_attention(plan, 32).ok is True
+    monkeypatch.setattr(gpu_check, "compare_attention", off)
+    row = gpu_check.check_attention(plan, 32)
+    assert row.ok is False and row.numbers["loss rel"] == "5.0e-01" and "out rel" not in row.numbers
 
 
 def test_the_filter_grid_has_ten_settings_with_distinct_run_folders(gpu_check, tmp_path):
@@ -93,8 +103,16 @@ def test_the_filter_grid_has_ten_settings_with_distinct_run_folders(gpu_check, t
     assert len(gpu_check.FILTER_GRID) == len(names) == 10 and plan.grid_base.compile is True
 
 
+def test_on_cuda_the_grid_is_all_ten_settings_and_on_the_cpu_one_of_each_filter(gpu_check, tmp_path):
+    assert gpu_check.make_plan(torch.device("cuda"), tmp_path).grid == gpu_check.FILTER_GRID
+    cpu = gpu_check.make_plan(torch.device("cpu"), tmp_path).grid
+    assert set(map(str, cpu)) <= set(map(str, gpu_check.FILTER_GRID))
+    assert sorted(c.get("filter", "none") for c in cpu) == ["ema", "ma", "none"]
+
+
 @pytest.mark.slow
 def test_the_gpu_check_passes_on_the_cpu_and_prints_its_table(tmp_path):
+    # Its refusal row is the CPU's: 2 ranks that pretend to have one GPU, both refused.
     out = subprocess.run([sys.executable, str(BENCH), "--device", "cpu"], capture_output=True, text=True,
                          timeout=1800, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -103,4 +121,5 @@ def test_the_gpu_check_passes_on_the_cpu_and_prints_its_table(tmp_path):
     results = dict(re.split(r"\s{2,}", line)[:2] for line in lines[2:-1])
     assert results == {"default run (tiny, bytes)": "ok", "attention T=32": "ok", "attention T=1024": "ok",
                        "filter grid (compiled)": "ok", "torchrun refusal": "ok"}
-    assert "10/10 compiled and completed" in out.stdout and "5/5 checks passed or n/a" in lines[-1]
+    assert "ranks 2 on 1 GPU(s) (pretended on the CPU), ranks refused 2/2" in out.stdout
+    assert "3/3 compiled and completed" in out.stdout and "5/5 checks passed or n/a" in lines[-1]
