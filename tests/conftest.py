@@ -47,9 +47,3 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: one worker more than there are cores (pytest.ini caps it at 4). Many tests wait on the processes
-    they start (a worker's heartbeat running out, a paused worker, torchrun ranks); the extra worker runs a test on
-    the core such a wait leaves idle."""
-    return (os.cpu_count() or 1) + 1
