@@ -22,7 +22,8 @@ from hlb_gpt.config import DEVICES, GRID_KEYS, MAY_CHANGE_ON_RESUME, ConfigError
 
 
 class RegisteredChoice(click.Choice):
-    """A choice among registered components (`hlb_gpt.components`): those registered after import count too."""
+    """A choice among names read when the flag is parsed or its help shown: registered components (those registered
+    after import count too), compare's columns (without importing compare's statistics for every command)."""
 
     def __init__(self, names: Callable[[], tuple[str, ...]]) -> None:
         super().__init__(())
@@ -269,6 +270,12 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
     click.echo(format_status(sweep_states(sweep, lock_timeout)))
 
 
+def _columns() -> dict:
+    from hlb_gpt.compare.statistics import COLUMNS
+
+    return COLUMNS
+
+
 @cli.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--metric", default="final", show_default=True,
@@ -279,8 +286,7 @@ def status_command(sweep: Path, lock_timeout: float) -> None:
               help="Epochs the statistic covers: all, first:K or last:K (K in epochs).")
 # The old name of --span, which read as the MA filter's --window (in steps): still accepted, with a note.
 @click.option("--window", "old_span", envvar="HLB_GPT_COMPARE_WINDOW", default=None, hidden=True)
-@click.option("--column", type=click.Choice(["val_loss", "train_loss", "val_acc", "train_acc", "val_ppl", "val_bpb",
-                                            "test_loss", "test_ppl", "test_bpb"]), default=None,
+@click.option("--column", type=RegisteredChoice(lambda: tuple(_columns())), default=None,
               help="The metrics.jsonl column compared and plotted, or summary.json's test_* (--eval-test) "
                    "[val_loss; val_acc for steps_to_target].")
 @click.option("--format", "fmt", envvar="HLB_GPT_COMPARE_FORMAT", type=click.Choice(["markdown", "csv"]),
