@@ -20,7 +20,7 @@ from scipy import stats
 from hlb_gpt import components
 from hlb_gpt.compare.loading import after_training_began, last_epoch, run_rows
 from hlb_gpt.records import Run
-from hlb_gpt.units import LN2, PERPLEXITY_TOKENIZERS, perplexity
+from hlb_gpt.units import PERPLEXITY_TOKENIZERS, bits_per_byte, perplexity
 
 CONFIDENCE = 0.95
 ALPHA = 0.05  # the level of the forest plot's decision, on the Holm-adjusted p-value
@@ -61,7 +61,7 @@ COLUMNS: dict[str, Column] = {
     "val_acc": Column("val_acc", lower_is_better=False),  # --task modular
     "train_acc": Column("train_acc", lower_is_better=False),
     "val_ppl": Column("val_ppl", derived=Derived("val_loss", PERPLEXITY_TOKENIZERS, perplexity)),
-    "val_bpb": Column("val_bpb", derived=Derived("val_loss", ("bytes",), lambda loss: loss / LN2)),
+    "val_bpb": Column("val_bpb", derived=Derived("val_loss", ("bytes",), lambda loss: bits_per_byte(loss, 1, 1))),
     "test_loss": Column("test_loss", at_end=True),  # --eval-test
     "test_ppl": Column("test_ppl", at_end=True),
     "test_bpb": Column("test_bpb", at_end=True),
