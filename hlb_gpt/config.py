@@ -280,8 +280,8 @@ class RunConfig:
         if self.target_loss is not None and not (self.target_loss > 0 and math.isfinite(self.target_loss)):
             raise ConfigError(f"--target-loss must be a positive number (got {self.target_loss})")
         target = components.TASKS[self.task].target  # the one stopping target its task evaluates
-        for other in ("target_acc", "target_loss"):
-            if other != target and getattr(self, other) is not None:
+        for other in {task.target for task in components.TASKS.values() if task.target} - {target}:
+            if getattr(self, other) is not None:
                 raise ConfigError(f"{flag(other)} is not a target of --task {self.task}, which stops at its "
                                   f"{flag(target)}: use that")
         self._validate_finetune()
