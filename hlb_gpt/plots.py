@@ -96,7 +96,6 @@ def curves_figure(comparison: Comparison, log_x: bool = False, zoom: float | Non
     """Value against epoch: one line per configuration (mean over seeds) with a min–max band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
 
     c = comparison
     fig = Figure(figsize=(11, 6.5), layout="constrained")
@@ -104,18 +103,18 @@ def curves_figure(comparison: Comparison, log_x: bool = False, zoom: float | Non
     ax = fig.add_subplot()
     styles = line_styles(c.groups)
     y_seen: list[np.ndarray] = []
+    x_seen: list[np.ndarray] = []
     for g in c.groups:
         s = styles[g.label]
         x, mean, low, high = mean_curve(g.runs, c.column)
+        x_seen.append(x)
         ax.plot(x, mean, label=f"{g.label} (n={len(g.runs)})", color=s.color, linestyle=s.linestyle,
                 marker=s.marker, markevery=max(1, len(x) // 12), markersize=4, linewidth=s.linewidth,
                 zorder=3 if g.is_baseline else 2)
         ax.fill_between(x, low, high, color=s.color, alpha=0.12 if g.is_baseline else 0.08, linewidth=0)
         keep = (x <= zoom) if zoom is not None else np.ones_like(x, dtype=bool)
         y_seen += [low[keep], high[keep]]
-    if log_x:
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    linear_to = _log_axis(ax, np.concatenate(x_seen) if x_seen else np.empty(0)) if log_x else None
     if zoom is not None:
         ys = np.concatenate(y_seen) if y_seen else np.empty(0)
         left = ax.get_xlim()[0] if log_x else 0.0
@@ -123,7 +122,8 @@ def curves_figure(comparison: Comparison, log_x: bool = False, zoom: float | Non
         if ys.size:
             pad = 0.05 * (ys.max() - ys.min()) or 0.05 * abs(ys.max()) or 0.1
             ax.set_ylim(ys.min() - pad, ys.max() + pad)
-    ax.set_xlabel("epoch" + (" (log scale)" if log_x else ""))
+    ax.set_xlabel("epoch" + ("" if not log_x else " (log scale)" if linear_to is None
+                             else f" (linear to {linear_to:g}, log scale after)"))
     ax.set_ylabel(c.column.name)
     ax.set_title(f"{c.column.name} against epoch" + (f", first {zoom:g} epochs" if zoom is not None else "")
                  + ": mean over seeds, band min–max")
@@ -131,6 +131,24 @@ def curves_figure(comparison: Comparison, log_x: bool = False, zoom: float | Non
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False,
               ncols=1 if len(c.groups) <= 24 else 2)
     return fig
+
+
+def _log_axis(ax, epochs: np.ndarray) -> float | None:
+    """A log epoch axis. The evaluation at epoch 0 (the untrained model) has no place on a log axis: matplotlib
+    would put it at an invisible 1e-300 and draw the first segment as a flat line at the next value. So when a
+    curve starts at 0 the axis is linear from 0 to the first later evaluation (symlog) and logarithmic after;
+    returns where the linear stretch ends (None: a plain log axis)."""
+    from matplotlib.ticker import FuncFormatter
+
+    positive = epochs[epochs > 0]
+    if positive.size and (epochs <= 0).any():
+        linear_to = float(positive.min())
+        ax.set_xscale("symlog", linthresh=linear_to, linscale=0.5)
+    else:
+        linear_to = None
+        ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    return linear_to
 
 
 def gain_figure(comparison: Comparison):

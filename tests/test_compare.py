@@ -874,6 +874,23 @@ def test_log_x_sets_a_logarithmic_epoch_axis(grid):
     assert curves_figure(grid).axes[0].get_xscale() == "linear"
 
 
+def test_log_x_keeps_the_evaluation_at_epoch_0_on_a_linear_stretch_to_the_first_later_one(tmp_path):
+    # A real run evaluates the untrained model at epoch 0. On a plain log axis that point sat at 1e-300 and the
+    # first segment showed as a flat line at the epoch-1 value, hiding the fall from the untrained loss.
+    for seed in (0, 1):
+        write_run(tmp_path / "g" / f"baseline-s{seed}", {}, [5.5, 4.0, 3.0, 2.5], seed, epochs=[0.0, 1.0, 10.0, 100.0])
+    ax = curves_figure(compare(load_runs([tmp_path / "g"])[0], "final", "all"), log_x=True).axes[0]
+    assert ax.get_xscale() == "symlog" and ax.xaxis.get_transform().linthresh == 1.0
+    assert "linear to 1, log scale after" in ax.get_xlabel()
+    line = ax.get_lines()[0]
+    assert list(line.get_xdata()) == [0.0, 1.0, 10.0, 100.0] and line.get_ydata()[0] == 5.5
+    left, right = ax.get_xlim()
+    assert left <= 0.0 < 100.0 <= right
+    # Log after the linear stretch: 1, 10 and 100 equally spaced on the screen.
+    at = [ax.transData.transform((x, 3.0))[0] for x in (1.0, 10.0, 100.0)]
+    assert at[2] - at[1] == pytest.approx(at[1] - at[0])
+
+
 def test_zoom_limits_the_epoch_axis_to_the_first_k_epochs(grid):
     low, high = curves_figure(grid, zoom=1.0).axes[0].get_xlim()
     assert low >= 0 and high == 1.0
