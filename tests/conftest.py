@@ -1,3 +1,4 @@
+import gc
 import os
 
 # One thread per test process, and the processes the tests start inherit it (set before torch is imported, so
@@ -19,6 +20,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 def pytest_configure(config):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
+
+
+def pytest_collection_finish(session):
+    """Every run starts with a full gc.collect() (device.PeakMemory: cycles left by earlier runs are not the new
+    run's memory), which walks every object the process holds: in a test process, with pytest, torch and every
+    test module imported, ~0.17 s a run, over hundreds of runs. Freezing what exists once the tests are collected
+    (imported modules: alive for the whole session anyway) leaves those collections only the objects the tests
+    make; what a test leaves in cycles is still collected."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(session, config, items):

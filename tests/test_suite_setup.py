@@ -1,8 +1,10 @@
 """How the test suite itself runs: one torch thread per process, and the slow tests collected first."""
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import torch
 
@@ -27,3 +29,17 @@ def test_slow_tests_come_first_and_each_module_s_tests_stay_together(request):
     for module in with_slow:
         flags = [s for m, s in zip(modules, slow) if m == module]
         assert flags == sorted(flags, reverse=True), module  # and within each, its slow tests
+
+
+def test_what_the_session_imported_is_frozen_and_a_cycle_a_test_makes_is_still_collected():
+    assert gc.get_freeze_count() > 100_000  # torch and the test modules: a run's gc.collect() skips them
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+    del a, b
+    gc.collect()
+    assert gone() is None
