@@ -5,6 +5,7 @@ holds in its memory. Nothing hard-codes a device: CUDA, then MPS, then the CPU, 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import gc
 import logging
@@ -123,6 +124,7 @@ class PeakMemory:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             return cls(device, "cuda_max_memory_allocated")
+        _return_freed_heap()
         if _reset_high_water_mark():
             return cls(device, "vm_hwm_since_run_start")
         return cls(device, "process_peak_rss")
@@ -145,6 +147,23 @@ def _high_water_mark() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise OSError(f"{_STATUS} has no VmHWM line")
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; the process's own C library
+    except (OSError, AttributeError):
+        return None  # musl, macOS, Windows: no such call
+
+
+def _return_freed_heap() -> None:
+    """Hand the heap pages earlier runs freed back to the OS. glibc keeps them resident: after a width-1024 run a
+    process held 454 MB, 316 MB once trimmed, and the next run's high-water mark, reset to the resident set,
+    would have started from the 138 MB it never used."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _reset_high_water_mark() -> bool:
