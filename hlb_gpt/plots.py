@@ -114,7 +114,7 @@ def curves_figure(comparison: Comparison, log_x: bool = False, zoom: float | Non
         ax.fill_between(x, low, high, color=s.color, alpha=0.12 if g.is_baseline else 0.08, linewidth=0)
         keep = (x <= zoom) if zoom is not None else np.ones_like(x, dtype=bool)
         y_seen += [low[keep], high[keep]]
-    linear_to = _log_axis(ax, np.concatenate(x_seen) if x_seen else np.empty(0)) if log_x else None
+    scale = _log_axis(ax, np.concatenate(x_seen) if x_seen else np.empty(0)) if log_x else ""
     if zoom is not None:
         ys = np.concatenate(y_seen) if y_seen else np.empty(0)
         left = ax.get_xlim()[0] if log_x else 0.0
@@ -122,8 +122,7 @@ def curves_figure(comparison: Comparison, log_x: bool = False, zoom: float | Non
         if ys.size:
             pad = 0.05 * (ys.max() - ys.min()) or 0.05 * abs(ys.max()) or 0.1
             ax.set_ylim(ys.min() - pad, ys.max() + pad)
-    ax.set_xlabel("epoch" + ("" if not log_x else " (log scale)" if linear_to is None
-                             else f" (linear to {linear_to:g}, log scale after)"))
+    ax.set_xlabel("epoch" + scale)
     ax.set_ylabel(c.column.name)
     ax.set_title(f"{c.column.name} against epoch" + (f", first {zoom:g} epochs" if zoom is not None else "")
                  + ": mean over seeds, band min–max")
@@ -133,22 +132,23 @@ def curves_figure(comparison: Comparison, log_x: bool = False, zoom: float | Non
     return fig
 
 
-def _log_axis(ax, epochs: np.ndarray) -> float | None:
+def _log_axis(ax, epochs: np.ndarray) -> str:
     """A log epoch axis. The evaluation at epoch 0 (the untrained model) has no place on a log axis: matplotlib
     would put it at an invisible 1e-300 and draw the first segment as a flat line at the next value. So when a
-    curve starts at 0 the axis is linear from 0 to the first later evaluation (symlog) and logarithmic after;
-    returns where the linear stretch ends (None: a plain log axis)."""
+    curve starts at 0 the axis is linear from 0 to the first later evaluation (symlog) and logarithmic after.
+    Returns what the axis label adds to say so."""
     from matplotlib.ticker import FuncFormatter
 
     positive = epochs[epochs > 0]
     if positive.size and (epochs <= 0).any():
         linear_to = float(positive.min())
         ax.set_xscale("symlog", linthresh=linear_to, linscale=0.5)
+        label = f" (linear to {linear_to:g}, log scale after)"
     else:
-        linear_to = None
         ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    return linear_to
+        label = " (log scale)"
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # after the scale, which sets its own
+    return label
 
 
 def gain_figure(comparison: Comparison):

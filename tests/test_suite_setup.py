@@ -1,4 +1,5 @@
-"""How the test suite itself runs: one torch thread per process, and the slow tests collected first."""
+"""How the test suite itself runs: one torch thread per process, the slow tests collected first, and what was
+imported by then frozen out of the garbage collector's walks."""
 
 import gc
 import os
